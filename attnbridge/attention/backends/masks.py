@@ -1,0 +1,25 @@
+"""Small mask helpers shared by the dense kernels."""
+
+from __future__ import annotations
+
+import torch
+
+#: Ascend's compressed causal mask for ``sparse_mode`` 2/3/4 is always 2048 x 2048.
+NPU_COMPRESSED_MASK_SIZE = 2048
+
+
+def bottom_right_causal_mask(s_q: int, s_kv: int, device: torch.device) -> torch.Tensor:
+    """Bool ``[s_q, s_kv]``, True where query ``i`` may see key ``j`` (``j <= i + s_kv - s_q``).
+
+    Bottom-right alignment is what flash attention and Ascend's ``sparse_mode=3`` do, and what a
+    prefill with a cached prefix needs; torch SDPA's ``is_causal`` aligns top-left instead.
+    """
+    rows = torch.arange(s_q, device=device)[:, None] + (s_kv - s_q)
+    cols = torch.arange(s_kv, device=device)[None, :]
+    return cols <= rows
+
+
+def npu_compressed_causal_mask(device: torch.device) -> torch.Tensor:
+    """The 2048 x 2048 upper-triangular bool mask (True = masked) that ``sparse_mode=3`` requires."""
+    size = NPU_COMPRESSED_MASK_SIZE
+    return torch.triu(torch.ones(size, size, dtype=torch.bool, device=device), diagonal=1)

@@ -1,0 +1,48 @@
+"""The named backends users ask for, independent of the platform that will run them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """What a backend name means to the user; platforms decide which kernel serves it."""
+
+    name: str
+    sparse: bool
+    summary: str
+    #: Config keys ``enable_npu_attention(..., **config)`` accepts for this backend.
+    options: tuple[str, ...] = ()
+
+
+_SPARSE_OPTIONS = ("sparsity", "skip_first_steps")
+
+BACKENDS: dict[str, BackendSpec] = {
+    spec.name: spec
+    for spec in (
+        BackendSpec("sdpa", False, "torch scaled_dot_product_attention (npu_fusion_attention on Ascend)"),
+        BackendSpec("fa", False, "flash attention that can return the softmax LSE (for ring attention)"),
+        BackendSpec("sage", False, "SageAttention int8 QK (CUDA/MUSA); falls back to fa unless strict"),
+        BackendSpec("laser", False, "Ascend Laser Attention (BNSD, padded to 256); fa elsewhere"),
+        BackendSpec("block_sparse", True, "top-k 128-token block-sparse attention", _SPARSE_OPTIONS),
+        BackendSpec(
+            "rain_fusion", True, "RainFusion adaptive spatial/temporal/textural sparsity", _SPARSE_OPTIONS
+        ),
+        BackendSpec("vsa", True, "video sparse attention over 4x4x4 tiles", ("sparsity", "VSA_sparsity")),
+    )
+}
+
+
+def get_backend_spec(name: str) -> BackendSpec:
+    """Look a backend up by name; an unknown name is a ValueError listing the known ones."""
+    try:
+        return BACKENDS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown attention backend {name!r}; known backends: {', '.join(BACKENDS)}"
+        ) from None
+
+
+def backend_names(*, sparse: bool | None = None) -> list[str]:
+    return [n for n, s in BACKENDS.items() if sparse is None or s.sparse == sparse]

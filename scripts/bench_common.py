@@ -1,0 +1,65 @@
+"""Timing and reporting helpers shared by the benchmark scripts (GPU via the device tool, CPU smoke)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def median_ms(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 10) -> float:
+    """Median wall time of ``fn`` in ms; CUDA work is timed with events, after warm-up."""
+    if torch.cuda.is_available():
+        try:
+            import triton.testing
+
+            return float(triton.testing.do_bench(fn, warmup=100, rep=400, return_mode="median"))
+        except ImportError:
+            pass
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm())
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if not path:
+        return
+    payload = {
+        "device": device_name(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        **payload,
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2))
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    print(" | ".join(c.ljust(widths[c]) for c in columns))
+    print("-+-".join("-" * widths[c] for c in columns))
+    for row in rows:
+        print(" | ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))

@@ -1,0 +1,153 @@
+"""Every dense backend equals a float64 reference on random shapes, with and without LSE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnbridge import attend
+from attnbridge.errors import BackendUnavailableError
+from tests.emulation.reference import dense_reference, rel_l2
+
+# Relative L2 error bounds vs the float64 reference: fp32 kernels are exact up to rounding; bf16
+# inputs carry ~3 significant digits, so their outputs land between 1e-3 and 1e-2.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
+
+SHAPES = [
+    # (batch, s_q, s_kv, heads_q, heads_kv, head_dim)
+    (1, 33, 33, 4, 4, 64),  # odd self-attention length
+    (2, 17, 45, 6, 2, 32),  # cross-attention with GQA
+    (2, 128, 128, 8, 1, 128),  # MQA
+    (1, 1, 257, 2, 2, 16),  # single query (decode-like)
+]
+
+
+def _qkv(shape, dtype):
+    b, s_q, s_kv, h_q, h_kv, d = shape
+    return (
+        torch.randn(b, s_q, h_q, d, dtype=dtype),
+        torch.randn(b, s_kv, h_kv, d, dtype=dtype),
+        torch.randn(b, s_kv, h_kv, d, dtype=dtype),
+    )
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "fa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_backend_matches_reference(backend, dtype, shape, causal):
+    q, k, v = _qkv(shape, dtype)
+    ref_out, _ = dense_reference(q, k, v, causal=causal)
+    out = attend(q, k, v, backend=backend, causal=causal)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert rel_l2(out, ref_out) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_fa_returns_lse(dtype, shape, causal):
+    q, k, v = _qkv(shape, dtype)
+    ref_out, ref_lse = dense_reference(q, k, v, causal=causal)
+    out, lse = attend(q, k, v, backend="fa", causal=causal, return_lse=True)
+    assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == torch.float32
+    assert rel_l2(out, ref_out) < TOLERANCE[dtype]
+    # LSE is computed in float32 from the (rounded) inputs, so it is tight even for bf16.
+    assert torch.allclose(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
+
+
+def test_custom_scale_is_used():
+    q, k, v = _qkv((1, 20, 20, 2, 2, 8), torch.float32)
+    ref_out, _ = dense_reference(q, k, v, scale=0.05)
+    for backend in ("sdpa", "fa"):
+        assert rel_l2(attend(q, k, v, backend=backend, scale=0.05), ref_out) < 1e-5
+
+
+def test_sage_falls_back_to_fa_with_warning_on_cpu(caplog):
+    q, k, v = _qkv((1, 9, 9, 2, 2, 64), torch.float32)
+    with caplog.at_level("WARNING", logger="attnbridge"):
+        out = attend(q, k, v, backend="sage")
+    assert "using 'fa' instead" in caplog.text
+    assert rel_l2(out, dense_reference(q, k, v)[0]) < 1e-5
+
+
+def test_sage_strict_raises_naming_the_cause():
+    q, k, v = _qkv((1, 9, 9, 2, 2, 64), torch.float32)
+    with pytest.raises(BackendUnavailableError, match="sage.*CUDA or MUSA"):
+        attend(q, k, v, backend="sage", strict=True)
+
+
+def test_unknown_backend_lists_known_ones():
+    q, k, v = _qkv((1, 4, 4, 1, 1, 8), torch.float32)
+    with pytest.raises(ValueError, match="unknown attention backend 'flash3'.*sdpa, fa, sage"):
+        attend(q, k, v, backend="flash3")
+
+
+def test_sdpa_refuses_lse_and_names_fa():
+    q, k, v = _qkv((1, 4, 4, 1, 1, 8), torch.float32)
+    with pytest.raises(ValueError, match="'sdpa'.*cannot return the softmax LSE; use backend 'fa'"):
+        attend(q, k, v, backend="sdpa", return_lse=True)
+
+
+@pytest.mark.parametrize(
+    ("q_shape", "k_shape", "match"),
+    [
+        ((1, 4, 2, 8), (1, 4, 2, 16), "head_dim of q \\(8\\) and k \\(16\\) differ"),
+        ((1, 4, 3, 8), (1, 4, 2, 8), "q heads \\(3\\) must be a multiple of kv heads \\(2\\)"),
+        ((2, 4, 2, 8), (1, 4, 2, 8), "batch of q \\(2\\) and k \\(1\\) differ"),
+        ((4, 2, 8), (4, 2, 8), "4-D \\[batch, seq, heads, head_dim\\]"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["sdpa", "fa"])
+def test_bad_shapes_name_backend_and_cause(backend, q_shape, k_shape, match):
+    q, k = torch.randn(q_shape), torch.randn(k_shape)
+    with pytest.raises(ValueError, match=f"'{backend}'.*{match}"):
+        attend(q, k, k.clone(), backend=backend)
+
+
+def test_unsupported_dtype_names_allowed_values():
+    from attnbridge.attention.backends.sage import SageImpl
+
+    impl = SageImpl.__new__(SageImpl)
+    impl.backend_name = "sage"
+    q = torch.randn(1, 4, 2, 64)
+    with pytest.raises(ValueError, match="'sage' does not support dtype float32; allowed: float16, bfloat16"):
+        impl.check_inputs(q, q, q, causal=False, return_lse=False)
+    q16 = q[..., :48].half()
+    with pytest.raises(ValueError, match="'sage' does not support head size 48; allowed: \\[64, 96, 128\\]"):
+        impl.check_inputs(q16, q16, q16, causal=False, return_lse=False)
+
+
+def test_layer_resolves_backend_once(monkeypatch):
+    from attnbridge import AttentionLayer
+    from attnbridge.platforms.cpu import CpuPlatform
+
+    calls = []
+    original = CpuPlatform.resolve.__func__
+
+    def counting_resolve(cls, backend, *, strict=False):
+        calls.append(backend)
+        return original(cls, backend, strict=strict)
+
+    monkeypatch.setattr(CpuPlatform, "resolve", classmethod(counting_resolve))
+    layer = AttentionLayer("fa")
+    q, k, v = _qkv((1, 8, 8, 2, 2, 8), torch.float32)
+    for _ in range(3):
+        layer(q, k, v)
+    assert calls == ["fa"]
+
+
+def test_unknown_device_type_is_refused():
+    from attnbridge.platforms import platform_name_for_device
+
+    with pytest.raises(ValueError, match="no attnbridge platform serves device type 'meta'"):
+        platform_name_for_device(torch.device("meta"))
+
+
+def test_missing_torch_npu_names_the_package(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch_npu", None)  # makes `import torch_npu` fail
+    q, k, v = _qkv((1, 8, 8, 2, 2, 8), torch.float32)
+    with pytest.raises(BackendUnavailableError, match="torch-npu"):
+        attend(q, k, v, backend="fa", platform="npu")
