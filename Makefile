@@ -4,6 +4,12 @@ PIP ?= $(PYTHON) -m pip
 BENCH_OUT ?= docs/bench_results
 
 .PHONY: install test lint format demo bench matrix backends
+STAMP := .install.stamp
+
+# `make demo` and `make test` install first on a fresh machine (once; again when pyproject changes).
+$(STAMP): pyproject.toml
+	$(MAKE) install
+	touch $(STAMP)
 
 install:
 	# On machines without CUDA take the local CPU wheel first: an unpinned torch pulls GBs of CUDA.
@@ -13,10 +19,10 @@ install:
 	fi
 	$(PIP) install -e ".[diffusers,transformers,dev]"
 
-test:
+test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
-lint:
+lint: $(STAMP)
 	ruff check attnbridge tests scripts
 	ruff format --check attnbridge tests scripts
 
@@ -24,13 +30,13 @@ format:
 	ruff format attnbridge tests scripts
 	ruff check --fix attnbridge tests scripts
 
-demo:
+demo: $(STAMP)
 	$(PYTHON) -m attnbridge generate --model wan-tiny --backend sdpa
 
-backends:
+backends: $(STAMP)
 	$(PYTHON) -m attnbridge backends
 
-matrix:
+matrix: $(STAMP)
 	$(PYTHON) -m attnbridge matrix
 
 bench:

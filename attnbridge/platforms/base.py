@@ -70,5 +70,9 @@ class Platform:
         try:
             impl_cls = cls.resolve(backend, strict=True)
         except BackendUnavailableError as error:
-            return f"no: {error.reason}" + (f" ({error.install})" if error.install else "")
+            why = error.reason + (f"; install: {error.install}" if error.install else "")
+            fallback = cls.kernels.get(backend, Kernel(None)).fallback
+            if fallback is None:
+                return f"no: {why}"
+            return f"falls back to {fallback!r} ({cls.describe(fallback)}): {why}"
         return f"yes: {impl_cls.kernel}"

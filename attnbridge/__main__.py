@@ -1,0 +1,5 @@
+import sys
+
+from attnbridge.cli import main
+
+sys.exit(main())
