@@ -162,6 +162,8 @@ class NpuFIAImpl(AttentionImpl):
     """Ascend ``npu_fused_infer_attention_score`` (BSND in and out); LSE via ``softmax_lse_flag``."""
 
     kernel = "torch_npu.npu_fused_infer_attention_score (BSND, softmax_lse_flag)"
+    # The documented FIA kernel takes float16/bfloat16 only: float32 is refused by name, not cast.
+    supported_dtypes = HALF_DTYPES
 
     @classmethod
     def check_available(cls, platform: str) -> None:
