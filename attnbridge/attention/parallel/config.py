@@ -1,0 +1,98 @@
+"""Sequence-parallel degrees and the process groups that realise them.
+
+Ranks are laid out ``rank = ring_rank * ulysses_degree + ulysses_rank``: the Ulysses all-to-all,
+which moves the most data, runs between contiguous ranks (one NVLink/HCCS island), and the ring,
+which overlaps its transfers with compute, runs between strided ranks. With that layout rank ``g``
+holds chunk ``g`` of the (padded) sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """``ring_degree`` x ``ulysses_degree`` ranks share one sequence; their product is the world."""
+
+    ring_degree: int = 1
+    ulysses_degree: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("ring_degree", "ulysses_degree"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.ring_degree * self.ulysses_degree
+
+    def check_world_size(self, world_size: int) -> None:
+        if self.world_size != world_size:
+            raise ValueError(
+                f"ring_degree ({self.ring_degree}) x ulysses_degree ({self.ulysses_degree}) = "
+                f"{self.world_size} must equal the world size ({world_size})"
+            )
+
+    def ulysses_ranks(self, ring_rank: int) -> list[int]:
+        """The contiguous ranks that exchange heads with each other."""
+        start = ring_rank * self.ulysses_degree
+        return list(range(start, start + self.ulysses_degree))
+
+    def ring_ranks(self, ulysses_rank: int) -> list[int]:
+        """The strided ranks that pass key/value chunks around one ring."""
+        return [ulysses_rank + i * self.ulysses_degree for i in range(self.ring_degree)]
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """This rank's view of a :class:`ParallelConfig`: its groups (``None`` where a degree is 1)."""
+
+    config: ParallelConfig
+    rank: int
+    ring_group: dist.ProcessGroup | None
+    ulysses_group: dist.ProcessGroup | None
+    #: The group spanning all sequence-parallel ranks (the world), ``None`` without parallelism.
+    sequence_group: dist.ProcessGroup | None
+
+    @property
+    def world_size(self) -> int:
+        return self.config.world_size
+
+    @property
+    def ring_rank(self) -> int:
+        return self.rank // self.config.ulysses_degree
+
+    @property
+    def ulysses_rank(self) -> int:
+        return self.rank % self.config.ulysses_degree
+
+
+def build_parallel_groups(config: ParallelConfig) -> ParallelGroups:
+    """Create the Ulysses and ring process groups; a collective call, made once on every rank.
+
+    ``torch.distributed.new_group`` must be entered by all ranks for every group, in the same
+    order, so every rank builds all groups and keeps its own.
+    """
+    initialized = dist.is_available() and dist.is_initialized()
+    world_size = dist.get_world_size() if initialized else 1
+    config.check_world_size(world_size)
+    if world_size == 1:
+        return ParallelGroups(config, 0, None, None, None)
+    rank = dist.get_rank()
+    ring_rank, ulysses_rank = divmod(rank, config.ulysses_degree)
+    ulysses_group = ring_group = None
+    if config.ulysses_degree > 1:
+        for r in range(config.ring_degree):
+            group = dist.new_group(config.ulysses_ranks(r))
+            if r == ring_rank:
+                ulysses_group = group
+    if config.ring_degree > 1:
+        for u in range(config.ulysses_degree):
+            group = dist.new_group(config.ring_ranks(u))
+            if u == ulysses_rank:
+                ring_group = group
+    return ParallelGroups(config, rank, ring_group, ulysses_group, dist.group.WORLD)

@@ -1,0 +1,113 @@
+"""Causal prefill attention of a rank's zigzag queries over the gathered keys of their sequences.
+
+The prev and next query halves each attend bottom-right causally to the first ``kv_len_prev[s]``
+resp. ``kv_len_next[s]`` keys of their sequence ``s``: the last query of a block sees exactly the
+keys up to its own position.
+
+* Ascend: two ``torch_npu.npu_fused_infer_attention_score`` calls in ``TND`` layout with
+  ``sparse_mode=3`` (right-down causal, 2048x2048 compressed mask). The torch_npu documentation says
+  that for TND both ``actual_seq_lengths`` and ``actual_seq_lengths_kv`` are cumulative (each entry
+  is the sum over the batch so far); only with paged K/V (``block_table``) is the kv list
+  per-sequence. K/V here are packed tensors, so each half gets a compacted K/V holding just the keys
+  it sees, with cumulative kv ends.
+* CUDA / MUSA / CPU: the same semantics as a loop over sequences with ``attend(..., causal=True)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from attnbridge.attention.api import attend, platform_name_for
+from attnbridge.attention.backends.masks import npu_compressed_causal_mask
+from attnbridge.attention.contract import default_scale
+from attnbridge.attention.parallel.zigzag import ZigzagMetadata
+
+
+def zigzag_cp_attention(
+    q_local: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: ZigzagMetadata,
+    *,
+    scale: float | None = None,
+    platform: str | None = None,
+    backend: str = "fa",
+) -> torch.Tensor:
+    """Attention output ``[local_tokens, H_q, D]`` for this rank's zigzag-ordered queries.
+
+    ``q_local``: TND ``[meta.local_tokens, H_q, D]`` (from :func:`zigzag_split`). ``k``, ``v``: TND
+    ``[sum(prefix_lens + seq_lens), H_kv, D]`` in natural order, each sequence's cached prefix
+    first (:func:`gather_kv` gives this when there is no prefix). ``backend`` serves non-Ascend
+    platforms.
+    """
+    _check(q_local, k, v, meta)
+    platform = platform_name_for(q_local.device, platform)
+    split = meta.total_q_prev_tokens
+    halves = (
+        (q_local[:split], meta.actual_seq_q_prev, meta.kv_len_prev, "kv_prev"),
+        (q_local[split:], meta.actual_seq_q_next, meta.kv_len_next, "kv_next"),
+    )
+    outs = []
+    for q_half, q_lens, kv_lens, kv_key in halves:
+        if platform == "npu":
+            kv_rows = meta.index_tensor(kv_key, k.device)
+            k_half, v_half = k.index_select(0, kv_rows), v.index_select(0, kv_rows)
+            outs.append(_npu_fia_half(q_half, k_half, v_half, q_lens, kv_lens, meta, scale))
+        else:
+            outs.append(_varlen_half(q_half, k, v, q_lens, kv_lens, meta, scale, platform, backend))
+    return torch.cat(outs)
+
+
+def _check(q_local, k, v, meta: ZigzagMetadata) -> None:
+    if q_local.dim() != 3 or k.dim() != 3 or k.shape != v.shape:
+        raise ValueError(
+            "CP attention expects TND tensors: q [tokens, H_q, D], k and v [tokens, H_kv, D]; got "
+            f"{tuple(q_local.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q_local.shape[0] != meta.local_tokens:
+        raise ValueError(
+            f"rank {meta.cp_rank} holds {meta.local_tokens} query tokens; q has {q_local.shape[0]}"
+        )
+    kv_tokens = sum(meta.prefix_lens) + sum(meta.seq_lens)
+    if k.shape[0] != kv_tokens:
+        raise ValueError(f"k/v must hold all {kv_tokens} tokens (prefixes included); got {k.shape[0]}")
+    if q_local.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"q heads ({q_local.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
+
+
+def _npu_fia_half(q, k, v, q_lens, kv_lens, meta: ZigzagMetadata, scale):
+    from attnbridge.platforms.npu import load_torch_npu
+
+    torch_npu = load_torch_npu("fa")
+    mask = meta.cached("npu_causal_mask", q.device, lambda: npu_compressed_causal_mask(q.device))
+    out, _ = torch_npu.npu_fused_infer_attention_score(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        num_heads=q.shape[1],
+        num_key_value_heads=k.shape[1],
+        input_layout="TND",
+        atten_mask=mask,
+        sparse_mode=3,
+        next_tokens=0,
+        scale=default_scale(q.shape[-1], scale),
+        # Python int lists: the op takes host-side lengths.
+        actual_seq_lengths=list(itertools.accumulate(q_lens)),
+        actual_seq_lengths_kv=list(itertools.accumulate(kv_lens)),
+    )
+    return out
+
+
+def _varlen_half(q, k, v, q_lens, kv_lens, meta: ZigzagMetadata, scale, platform, backend):
+    outs = []
+    q_start = 0
+    for kv_start, q_len, kv_len in zip(meta.kv_starts, q_lens, kv_lens):
+        q_seq = q[q_start : q_start + q_len].unsqueeze(0)
+        k_seq = k[kv_start : kv_start + kv_len].unsqueeze(0)
+        v_seq = v[kv_start : kv_start + kv_len].unsqueeze(0)
+        out = attend(q_seq, k_seq, v_seq, backend=backend, causal=True, scale=scale, platform=platform)
+        outs.append(out.squeeze(0))
+        q_start += q_len
+    return torch.cat(outs)

@@ -1,0 +1,104 @@
+"""Starting torch.distributed with the right collective library for the accelerator, and small
+collective helpers that work on every backend (HCCL, NCCL, gloo)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+#: The collective library each platform's devices talk through.
+COLLECTIVE_BACKENDS = {"npu": "hccl", "cuda": "nccl", "musa": "mccl", "cpu": "gloo"}
+
+
+@dataclass(frozen=True)
+class DistributedInfo:
+    """Where this process sits: its rank, the world size, and the device it should compute on."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str | None
+    device: torch.device
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return int(value)
+    return default
+
+
+def init_distributed(
+    backend: str | None = None,
+    *,
+    platform: str | None = None,
+    init_method: str | None = None,
+    timeout: timedelta | None = None,
+) -> DistributedInfo:
+    """Initialise the default process group from the launcher's environment, once.
+
+    Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (set by torchrun and by ``accelerate launch``;
+    ``MASTER_ADDR``/``MASTER_PORT`` are read by torch's ``env://``). The collective backend follows
+    the platform: HCCL on Ascend, NCCL on CUDA, MCCL on MUSA, gloo on CPU. The local device is
+    selected so that collectives and kernels land on the same card. Without a launcher
+    (``WORLD_SIZE`` unset or 1, no ``init_method``) nothing is initialised and a one-process
+    :class:`DistributedInfo` is returned.
+    """
+    from attnbridge.platforms import detect_platform, get_platform
+
+    platform_cls = get_platform(platform) if platform else detect_platform()
+    local_rank = _env_int("LOCAL_RANK", default=0)
+    device = _select_device(platform_cls.name, platform_cls.device_type, local_rank)
+    if dist.is_available() and dist.is_initialized():
+        return DistributedInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), device)
+    rank = _env_int("RANK", default=0)
+    world_size = _env_int("WORLD_SIZE", default=1)
+    if world_size == 1 and init_method is None:
+        return DistributedInfo(0, 1, local_rank, None, device)
+    backend = backend or COLLECTIVE_BACKENDS[platform_cls.name]
+    dist.init_process_group(
+        backend,
+        init_method=init_method or "env://",
+        rank=rank,
+        world_size=world_size,
+        timeout=timeout,
+    )
+    return DistributedInfo(rank, world_size, local_rank, backend, device)
+
+
+def _select_device(platform: str, device_type: str, local_rank: int) -> torch.device:
+    if platform == "cpu":
+        return torch.device("cpu")
+    if platform == "npu":
+        from attnbridge.platforms.npu import load_torch_npu
+
+        load_torch_npu()  # registers torch.npu and the HCCL backend
+    getattr(torch, device_type).set_device(local_rank)
+    return torch.device(device_type, local_rank)
+
+
+def group_size(group: dist.ProcessGroup | None) -> int:
+    """Size of ``group``; ``None`` stands for "no parallelism here" (size 1), not the world."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: dist.ProcessGroup | None) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def all_gather_rows(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Concatenate every rank's equally shaped ``x`` along dim 0, in group-rank order."""
+    size = group_size(group)
+    if size == 1:
+        return x
+    x = x.contiguous()
+    out = torch.empty((size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    # all_gather_single replaces all_gather_into_tensor from torch 2.13 on; older torch lacks it.
+    gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather_single(out, x, group=group)
+    return out

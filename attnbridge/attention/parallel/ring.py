@@ -1,0 +1,104 @@
+"""Ring attention: each rank keeps its queries and passes its key/value chunk around the ring.
+
+At hop ``s`` rank ``r`` holds the chunk of rank ``(r - s) mod R``; the transfer for hop ``s + 1`` is
+posted (``batch_isend_irecv``) before hop ``s`` is computed, so communication hides behind compute.
+Partial outputs are merged exactly through their softmax LSE, in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from attnbridge.attention.api import AttentionLayer
+from attnbridge.attention.lse import merge_partials
+from attnbridge.attention.parallel.distributed import group_rank, group_size
+
+
+def valid_keys(real_len: int | None, src: int, chunk: int) -> int:
+    """Real (non-padding) keys in chunk ``src`` of a sequence of ``real_len`` tokens."""
+    if real_len is None:
+        return chunk
+    return min(max(real_len - src * chunk, 0), chunk)
+
+
+def check_lse_support(layer: AttentionLayer, device: torch.device) -> None:
+    """Ring merging needs the softmax LSE; say which backend provides it when this one does not."""
+    impl = layer.impl_for(device)
+    if not impl.supports_lse:
+        raise ValueError(
+            f"ring attention needs a backend that returns the softmax LSE; backend {layer.backend!r} "
+            f"({impl.kernel}) does not: use backend 'fa' (or ring_degree=1 with Ulysses only)"
+        )
+
+
+def _partial(layer, q, k, v, *, causal, scale):
+    return layer(q, k, v, causal=causal, scale=scale, return_lse=True)
+
+
+def _diagonal_partial(layer, q, k, v, *, valid, scale):
+    """Causal attention of a chunk to itself when only its first ``valid`` tokens are real."""
+    if valid == q.shape[1]:
+        return _partial(layer, q, k, v, causal=True, scale=scale)
+    out, lse = _partial(layer, q[:, :valid], k[:, :valid], v[:, :valid], causal=True, scale=scale)
+    # Padded query rows see no key in this chunk: out 0, lse -inf (merge_partials ignores them).
+    pad = q.shape[1] - valid
+    out = torch.cat([out, out.new_zeros(out.shape[0], pad, *out.shape[2:])], dim=1)
+    lse = torch.cat([lse, lse.new_full((*lse.shape[:2], pad), float("-inf"))], dim=2)
+    return out, lse
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    layer: AttentionLayer,
+    group: dist.ProcessGroup | None,
+    real_len: int | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of this rank's query chunk over the keys of every rank in ``group``.
+
+    ``q``, ``k``, ``v``: BSHD chunks of equal length ``C`` (rank ``i`` of the group holds tokens
+    ``[i*C, (i+1)*C)`` of a sequence right-padded to ``R*C``). ``real_len``: tokens that are real;
+    only ``clamp(real_len - src*C, 0, C)`` keys of chunk ``src`` are attended. ``causal``: global
+    positions, top-left aligned (the ring covers the whole self-attention sequence).
+    """
+    check_lse_support(layer, q.device)
+    size, rank = group_size(group), group_rank(group)
+    chunk = k.shape[1]
+    buffers = [torch.stack([k, v]).contiguous(), None]
+    if size > 1:
+        buffers[1] = torch.empty_like(buffers[0])
+        send_to = dist.get_global_rank(group, (rank + 1) % size)
+        recv_from = dist.get_global_rank(group, (rank - 1) % size)
+    out = lse = None
+    for hop in range(size):
+        current = buffers[hop % 2]
+        requests = []
+        if hop + 1 < size:
+            incoming = buffers[(hop + 1) % 2]
+            requests = dist.batch_isend_irecv(
+                [
+                    dist.P2POp(dist.isend, current, send_to, group),
+                    dist.P2POp(dist.irecv, incoming, recv_from, group),
+                ]
+            )
+        src = (rank - hop) % size
+        valid = valid_keys(real_len, src, chunk)
+        part = None
+        if valid == 0 or (causal and src > rank):
+            pass  # only padding, or keys after every query of this rank
+        elif causal and src == rank:
+            part = _diagonal_partial(layer, q, current[0], current[1], valid=valid, scale=scale)
+        else:
+            part = _partial(layer, q, current[0, :, :valid], current[1, :, :valid], causal=False, scale=scale)
+        if part is not None:
+            out, lse = part if out is None else merge_partials(out, lse, *part)
+        for request in requests:
+            request.wait()
+    if out is None:  # unreachable while real_len >= 1 (chunk 0 always has a real key)
+        return torch.zeros_like(q)
+    return out.to(q.dtype)

@@ -1,0 +1,134 @@
+"""Unified sequence parallelism: Ulysses all-to-all inside contiguous ranks, ring across them."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from attnbridge.attention.api import AttentionLayer
+from attnbridge.attention.contract import AttentionContext
+from attnbridge.attention.parallel.config import ParallelConfig, ParallelGroups, build_parallel_groups
+from attnbridge.attention.parallel.ring import check_lse_support, ring_attention
+from attnbridge.attention.parallel.ulysses import (
+    check_heads_divisible,
+    heads_to_sequence,
+    sequence_to_heads,
+)
+
+
+def _ring_backend_error(layer: AttentionLayer) -> ValueError | None:
+    """Fail at construction, not at the first forward, when the backend cannot feed a ring."""
+    from attnbridge.attention.api import PLATFORM_ENV
+    from attnbridge.platforms import detect_platform, get_platform
+
+    platform = layer.platform or os.environ.get(PLATFORM_ENV) or detect_platform().name
+    try:
+        impl_cls = get_platform(platform).resolve(layer.backend, strict=layer.strict)
+    except ImportError:
+        return None  # the backend cannot run here at all; the first call reports that
+    if impl_cls.supports_lse:
+        return None
+    return ValueError(
+        f"ring attention (ring_degree > 1) needs a backend that returns the softmax LSE; backend "
+        f"{layer.backend!r} does not on platform {platform!r}: use backend 'fa'"
+    )
+
+
+class ParallelAttention:
+    """Self-attention over a sequence sharded across ``ring_degree x ulysses_degree`` ranks.
+
+    Made once per model (it builds process groups when given a config) and called with this rank's
+    BSHD chunks; returns this rank's output chunk. ``layer`` is the backend that runs on each rank:
+    any backend for Ulysses only, one that returns the LSE (``"fa"``) when ``ring_degree > 1``.
+    """
+
+    def __init__(
+        self,
+        layer: AttentionLayer | str = "fa",
+        parallel: ParallelConfig | ParallelGroups | None = None,
+    ) -> None:
+        self.layer = AttentionLayer(layer) if isinstance(layer, str) else layer
+        config = parallel.config if isinstance(parallel, ParallelGroups) else (parallel or ParallelConfig())
+        if config.ring_degree > 1:
+            error = _ring_backend_error(self.layer)
+            if error is not None:
+                raise error
+        self.groups = parallel if isinstance(parallel, ParallelGroups) else build_parallel_groups(config)
+
+    @property
+    def config(self) -> ParallelConfig:
+        return self.groups.config
+
+    def __call__(
+        self,
+        q_local: torch.Tensor,
+        k_local: torch.Tensor,
+        v_local: torch.Tensor,
+        *,
+        real_len: int | None = None,
+        causal: bool = False,
+        scale: float | None = None,
+        context: AttentionContext | None = None,
+    ) -> torch.Tensor:
+        """Attention for this rank's chunk ``[B, S_local, H, D]`` of a sequence of ``real_len``
+        real tokens (the rest is right padding; ``None``: no padding). Every rank must pass the same
+        ``S_local`` and ``real_len``. ``context`` reaches the backend only without a ring (no
+        metadata exists for a key chunk), and then with the Ulysses head shard's q/k/v."""
+        self._check(q_local, k_local, v_local, real_len)
+        ulysses = self.groups.ulysses_group
+        degree = self.config.ulysses_degree
+        if degree > 1 and k_local.shape[2] % degree != 0:
+            # GQA with fewer kv heads than ranks: give every query head its own kv head first.
+            groups = q_local.shape[2] // k_local.shape[2]
+            k_local = k_local.repeat_interleave(groups, dim=2)
+            v_local = v_local.repeat_interleave(groups, dim=2)
+        q, k, v = self._to_heads(q_local, k_local, v_local, ulysses)
+        if self.config.ring_degree > 1:
+            ring = self.groups.ring_group
+            out = ring_attention(
+                q, k, v, layer=self.layer, group=ring, real_len=real_len, causal=causal, scale=scale
+            )
+        else:
+            out = self._full_sequence(q, k, v, real_len, causal, scale, context)
+        return heads_to_sequence(out, ulysses)
+
+    def cross(self, q_local: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Cross-attention of a query shard to keys every rank holds in full (text): no exchange."""
+        return self.layer(q_local, k, v, **kwargs)
+
+    def _check(self, q, k, v, real_len) -> None:
+        if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2]:
+            raise ValueError(
+                "ParallelAttention expects self-attention chunks q [B, S_local, H, D] and k, v "
+                f"[B, S_local, H_kv, D] of the same length; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                f"{tuple(v.shape)} (use .cross() when k/v are the full, replicated sequence)"
+            )
+        if q.shape[1] == 0:
+            raise ValueError("ParallelAttention got an empty sequence chunk; every rank needs tokens")
+        check_heads_divisible(q.shape[2], self.config.ulysses_degree)
+        total = q.shape[1] * self.config.world_size
+        if real_len is not None and not 1 <= real_len <= total:
+            raise ValueError(f"real_len={real_len} must be in [1, {total}] (chunk length x ranks)")
+        if self.config.ring_degree > 1:
+            check_lse_support(self.layer, q.device)
+
+    @staticmethod
+    def _to_heads(q, k, v, group):
+        if group is None:
+            return q, k, v
+        if q.shape == k.shape:  # one all-to-all for q, k and v together
+            q, k, v = sequence_to_heads(torch.cat([q, k, v]), group).chunk(3)
+            return q, k, v
+        k, v = sequence_to_heads(torch.cat([k, v]), group).chunk(2)
+        return sequence_to_heads(q, group), k, v
+
+    def _full_sequence(self, q, k, v, real_len, causal, scale, context):
+        """Ulysses only: this rank now has the whole (padded) sequence; drop the padding around
+        the kernel so that sparse backends see exactly the real tokens."""
+        if real_len is None or real_len == q.shape[1]:
+            return self.layer(q, k, v, causal=causal, scale=scale, context=context)
+        out = self.layer(
+            q[:, :real_len], k[:, :real_len], v[:, :real_len], causal=causal, scale=scale, context=context
+        )
+        return torch.cat([out, out.new_zeros(out.shape[0], q.shape[1] - real_len, *out.shape[2:])], dim=1)

@@ -1,0 +1,219 @@
+"""Zigzag context-parallel layout for causal prefill of a packed (varlen) batch.
+
+Each sequence is cut into ``2 * cp_size`` blocks and rank ``r`` owns blocks ``r`` ("prev") and
+``2 * cp_size - 1 - r`` ("next") of every sequence, so causal work is balanced across ranks. A
+rank's local tokens are ``[s0.b_r, s1.b_r, ..., s0.b_{2cp-1-r}, s1.b_{2cp-1-r}, ...]``: all prev
+blocks first, which is why its queries split at ``total_q_prev_tokens``, not at the midpoint.
+
+Tensors here are packed over tokens (dim 0), e.g. TND ``[tokens, heads, head_dim]`` or hidden
+states ``[tokens, hidden]``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from attnbridge.attention.parallel.distributed import all_gather_rows
+
+
+def _cumulative(lengths: Sequence[int]) -> list[int]:
+    return [0, *itertools.accumulate(lengths)]
+
+
+def _ranges(starts: Sequence[int], lengths: Sequence[int]) -> list[int]:
+    return [i for start, n in zip(starts, lengths) for i in range(start, start + n)]
+
+
+@dataclass
+class ZigzagMetadata:
+    """Where every block of every sequence lives, seen from rank ``cp_rank``.
+
+    Per block (all ranks): ``split_list`` (block sizes, sequence-major), ``zigzag_index`` (this
+    rank's blocks in local order), ``reverse_split_len`` and ``cp_reverse_index`` (piece sizes of
+    the rank-ordered all-gather stream, and the stream pieces in natural order).
+    Per sequence (this rank): ``actual_seq_q_prev/next`` (query tokens), ``kv_len_prev/next`` (keys
+    each half sees: its own prefix cache plus blocks ``0..r`` resp. ``0..2cp-1-r``).
+    """
+
+    cp_size: int
+    cp_rank: int
+    seq_lens: list[int]
+    prefix_lens: list[int]
+    block_lens: list[list[int]]
+    split_list: list[int]
+    zigzag_index: list[int]
+    reverse_split_len: list[int]
+    cp_reverse_index: list[int]
+    per_rank_actual_token: list[int]
+    max_rank_len: int
+    actual_seq_q_prev: list[int]
+    actual_seq_q_next: list[int]
+    kv_len_prev: list[int]
+    kv_len_next: list[int]
+    cu_seqlens_q_prev: list[int]
+    cu_seqlens_q_next: list[int]
+    total_q_prev_tokens: int
+    total_q_next_tokens: int
+    _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def bs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def local_tokens(self) -> int:
+        return self.per_rank_actual_token[self.cp_rank]
+
+    @property
+    def kv_starts(self) -> list[int]:
+        """Offset of each sequence (its prefix first) in the natural-order packed K/V."""
+        return _cumulative([p + n for p, n in zip(self.prefix_lens, self.seq_lens)])[:-1]
+
+    def natural_index(self) -> list[int]:
+        """For each token in natural order, its row in the all-gathered buffer in which rank ``q``
+        occupies rows ``[q * max_rank_len, q * max_rank_len + per_rank_actual_token[q])``."""
+        pieces_per_rank = 2 * self.bs
+        starts = []
+        for q in range(self.cp_size):
+            lens = self.reverse_split_len[q * pieces_per_rank : (q + 1) * pieces_per_rank]
+            starts += [q * self.max_rank_len + offset for offset in _cumulative(lens)[:-1]]
+        order = self.cp_reverse_index
+        return _ranges([starts[j] for j in order], [self.reverse_split_len[j] for j in order])
+
+    def kv_index(self, half: str) -> list[int]:
+        """Rows of the natural K/V that the ``"prev"`` or ``"next"`` queries see, sequence by sequence."""
+        lens = self.kv_len_prev if half == "prev" else self.kv_len_next
+        return _ranges(self.kv_starts, lens)
+
+    def cached(self, key: str, device: torch.device, make) -> torch.Tensor:
+        """A per-device tensor built once (index lists are reused by every layer)."""
+        tensor = self._device_cache.get((key, device))
+        if tensor is None:
+            tensor = make()
+            self._device_cache[(key, device)] = tensor
+        return tensor
+
+    def index_tensor(self, key: str, device: torch.device) -> torch.Tensor:
+        build = {
+            "natural": self.natural_index,
+            "kv_prev": lambda: self.kv_index("prev"),
+            "kv_next": lambda: self.kv_index("next"),
+        }[key]
+        return self.cached(key, device, lambda: torch.tensor(build(), dtype=torch.long, device=device))
+
+
+def _block_sizes(length: int, blocks: int) -> list[int]:
+    base, rem = divmod(length, blocks)
+    return [base + 1 if i < rem else base for i in range(blocks)]
+
+
+def build_zigzag_metadata(
+    seq_lens: Sequence[int],
+    cp_rank: int,
+    cp_size: int,
+    prefix_lens: Sequence[int] | None = None,
+) -> ZigzagMetadata:
+    """The zigzag layout of a packed batch with ``seq_lens`` new tokens per sequence.
+
+    ``prefix_lens``: tokens already cached before each sequence's new tokens (radix-cache hits);
+    they only lengthen the keys. Every sequence needs at least ``2 * cp_size`` new tokens.
+    """
+    if cp_size < 1 or not 0 <= cp_rank < cp_size:
+        raise ValueError(f"cp_rank must be in [0, cp_size); got cp_rank={cp_rank}, cp_size={cp_size}")
+    seq_lens = [int(n) for n in seq_lens]
+    if not seq_lens:
+        raise ValueError("zigzag context parallelism needs at least one sequence")
+    blocks = 2 * cp_size
+    short = [n for n in seq_lens if n < blocks]
+    if short:
+        raise ValueError(
+            f"zigzag context parallelism with cp_size={cp_size} cuts every sequence into {blocks} "
+            f"blocks, so each needs at least {blocks} tokens; got lengths {seq_lens}"
+        )
+    prefix_lens = [0] * len(seq_lens) if prefix_lens is None else [int(n) for n in prefix_lens]
+    if len(prefix_lens) != len(seq_lens) or min(prefix_lens) < 0:
+        raise ValueError(f"prefix_lens {prefix_lens} must give one non-negative length per sequence")
+    bs, r = len(seq_lens), cp_rank
+    block_lens = [_block_sizes(n, blocks) for n in seq_lens]
+
+    def prev_of(q: int) -> list[int]:
+        return [b[q] for b in block_lens]
+
+    def next_of(q: int) -> list[int]:
+        return [b[blocks - 1 - q] for b in block_lens]
+
+    def stream_piece(seq: int, block: int) -> int:
+        """Index of (seq, block) in the all-gather stream [r0 prevs, r0 nexts, r1 prevs, ...]."""
+        owner, is_next = (block, 0) if block < cp_size else (blocks - 1 - block, 1)
+        return owner * 2 * bs + is_next * bs + seq
+
+    per_rank = [sum(prev_of(q)) + sum(next_of(q)) for q in range(cp_size)]
+    actual_prev, actual_next = prev_of(r), next_of(r)
+    return ZigzagMetadata(
+        cp_size=cp_size,
+        cp_rank=cp_rank,
+        seq_lens=seq_lens,
+        prefix_lens=prefix_lens,
+        block_lens=block_lens,
+        split_list=[n for b in block_lens for n in b],
+        zigzag_index=list(range(r, bs * blocks, blocks)) + list(range(blocks - 1 - r, bs * blocks, blocks)),
+        reverse_split_len=[n for q in range(cp_size) for n in prev_of(q) + next_of(q)],
+        cp_reverse_index=[stream_piece(s, b) for s in range(bs) for b in range(blocks)],
+        per_rank_actual_token=per_rank,
+        max_rank_len=max(per_rank),
+        actual_seq_q_prev=actual_prev,
+        actual_seq_q_next=actual_next,
+        kv_len_prev=[p + sum(b[: r + 1]) for p, b in zip(prefix_lens, block_lens)],
+        kv_len_next=[p + sum(b[: blocks - r]) for p, b in zip(prefix_lens, block_lens)],
+        cu_seqlens_q_prev=_cumulative(actual_prev),
+        cu_seqlens_q_next=_cumulative(actual_next),
+        total_q_prev_tokens=sum(actual_prev),
+        total_q_next_tokens=sum(actual_next),
+    )
+
+
+def zigzag_split(x: torch.Tensor, meta: ZigzagMetadata) -> torch.Tensor:
+    """This rank's tokens of a natural-order packed tensor (new tokens only), in zigzag order."""
+    if x.shape[0] != sum(meta.seq_lens):
+        raise ValueError(f"expected {sum(meta.seq_lens)} packed tokens (dim 0); got {x.shape[0]}")
+    pieces = torch.split(x, meta.split_list)
+    return torch.cat([pieces[i] for i in meta.zigzag_index])
+
+
+def restore_natural_order(gathered: torch.Tensor, meta: ZigzagMetadata) -> torch.Tensor:
+    """Natural order ``[s0 b0..b_{2cp-1}, s1 b0.., ...]`` from the rank-ordered gathered buffer
+    (rank ``q``'s zigzag-local tokens at rows ``q * max_rank_len``, padded to ``max_rank_len``)."""
+    return gathered.index_select(0, meta.index_tensor("natural", gathered.device))
+
+
+def zigzag_all_gather(
+    x_local: torch.Tensor, meta: ZigzagMetadata, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """Every rank's zigzag-local tokens, gathered and put back in natural order.
+
+    One collective: each rank pads its tokens to ``max_rank_len`` so the gather is equal-sized.
+    Used for K/V before attention, and to reassemble outputs.
+    """
+    if x_local.shape[0] != meta.local_tokens:
+        raise ValueError(f"rank {meta.cp_rank} holds {meta.local_tokens} tokens; got {x_local.shape[0]}")
+    if group is None and meta.cp_size > 1:
+        group = dist.group.WORLD
+    padded = F.pad(x_local, [0, 0] * (x_local.dim() - 1) + [0, meta.max_rank_len - x_local.shape[0]])
+    return restore_natural_order(all_gather_rows(padded, group), meta)
+
+
+def gather_kv(
+    k_local: torch.Tensor,
+    v_local: torch.Tensor,
+    meta: ZigzagMetadata,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full K and V of every sequence in natural order, from each rank's local K/V (one gather)."""
+    kv = zigzag_all_gather(torch.stack([k_local, v_local], dim=1), meta, group)
+    return kv[:, 0], kv[:, 1]
