@@ -1,0 +1,109 @@
+"""attnbridge's attention processor for Qwen-Image's joint (text + image) attention.
+
+Same math as diffusers' ``QwenDoubleStreamAttnProcessor2_0`` (separate text/image projections,
+per-head RMS norms, complex rotary embedding, ``[text, image]`` concatenation, split output
+projections), with the attention kernel call replaced by the module's :class:`AttentionLayer`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnbridge.adapters.forward_state import ForwardState
+from attnbridge.adapters.masked import masked_sdpa
+from attnbridge.attention.api import AttentionLayer
+
+
+def _qwen_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, S, H, D] by complex ``freqs`` [S, D/2] (pairs are (real, imag))."""
+    x_complex = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(x_complex * freqs.unsqueeze(1)).flatten(3).type_as(x)
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return x.unflatten(-1, (-1, head_dim))
+
+
+class QwenImageAttnBridgeProcessor:
+    """Replaces ``QwenDoubleStreamAttnProcessor2_0`` on one ``transformer_blocks.N.attn``."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, layer: AttentionLayer, *, layer_name: str, kind: str, state: ForwardState) -> None:
+        self.layer = layer
+        self.layer_name = layer_name
+        self.kind = kind
+        self.state = state
+
+    def _text_mask_is_trivial(self, mask: torch.Tensor | None) -> bool:
+        if mask is None:
+            return True
+        if self.state.text_mask_all_valid is not None:
+            return self.state.text_mask_all_valid
+        return bool(mask.all())
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if encoder_hidden_states is None:
+            raise ValueError(
+                f"{self.layer_name}: Qwen-Image joint attention needs encoder_hidden_states (text)"
+            )
+        if attention_mask is not None:
+            raise ValueError(
+                f"{self.layer_name}: Qwen-Image attention takes no attention_mask; pass encoder_hidden_states_mask"
+            )
+        if self._parallel_config is not None:
+            raise NotImplementedError(
+                f"{self.layer_name}: diffusers context parallelism is not supported with attnbridge "
+                "processors; disable_npu_attention first or use attnbridge's own parallel attention"
+            )
+        seq_txt = encoder_hidden_states.shape[1]
+        head_dim = attn.inner_dim // attn.heads
+
+        img_q = _heads(attn.to_q(hidden_states), head_dim)
+        img_k = _heads(attn.to_k(hidden_states), head_dim)
+        img_v = _heads(attn.to_v(hidden_states), head_dim)
+        txt_q = _heads(attn.add_q_proj(encoder_hidden_states), head_dim)
+        txt_k = _heads(attn.add_k_proj(encoder_hidden_states), head_dim)
+        txt_v = _heads(attn.add_v_proj(encoder_hidden_states), head_dim)
+        if attn.norm_q is not None:
+            img_q = attn.norm_q(img_q)
+        if attn.norm_k is not None:
+            img_k = attn.norm_k(img_k)
+        if attn.norm_added_q is not None:
+            txt_q = attn.norm_added_q(txt_q)
+        if attn.norm_added_k is not None:
+            txt_k = attn.norm_added_k(txt_k)
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb
+            img_q, img_k = _qwen_rotary(img_q, img_freqs), _qwen_rotary(img_k, img_freqs)
+            txt_q, txt_k = _qwen_rotary(txt_q, txt_freqs), _qwen_rotary(txt_k, txt_freqs)
+
+        # Text first, then image: the order upstream uses and the contract assumes.
+        query = torch.cat([txt_q, img_q], dim=1)
+        key = torch.cat([txt_k, img_k], dim=1)
+        value = torch.cat([txt_v, img_v], dim=1)
+
+        if self._text_mask_is_trivial(encoder_hidden_states_mask):
+            context = self.state.context(self.kind, self.layer_name, num_text_tokens=seq_txt)
+            joint = self.layer(query, key, value, context=context)
+        else:
+            image_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+            mask = torch.cat([encoder_hidden_states_mask.to(torch.bool), image_mask], dim=1)[:, None, None, :]
+            joint = masked_sdpa(query, key, value, mask, backend=self.layer.backend, where=self.layer_name)
+
+        joint = joint.flatten(2, 3).to(query.dtype)
+        txt_out, img_out = joint[:, :seq_txt], joint[:, seq_txt:]
+        img_out = attn.to_out[0](img_out.contiguous())
+        if len(attn.to_out) > 1:
+            img_out = attn.to_out[1](img_out)
+        txt_out = attn.to_add_out(txt_out.contiguous())
+        return img_out, txt_out

@@ -1,0 +1,74 @@
+"""What attnbridge needs to know about a model family, independent of how it gets patched.
+
+A :class:`ModelFamily` says how to recognise the model, which of its modules are attention and of
+which kind, and how to read the latent token grid from the model's forward inputs. Adapters
+(``attnbridge.adapters``) turn that description into patched processors or attention functions.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+#: ``(grid, extra)`` read from a forward call: the ``(T, H, W)`` token grid (or ``None``) and facts
+#: that go into ``AttentionContext.extra``.
+GridInfo = tuple[tuple[int, int, int] | None, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """Attention modules whose dotted path matches ``pattern`` (searched, not anchored at 0)."""
+
+    pattern: str
+    kind: str  # "self" | "cross" | "joint"
+    causal: bool = False
+
+    def matches(self, path: str) -> bool:
+        return re.search(self.pattern, path) is not None
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One supported model family.
+
+    ``library`` is ``"diffusers"`` (patched through attention processors) or ``"transformers"``
+    (patched through ``AttentionInterface``). A model belongs to the family when a class in its MRO
+    is named in ``class_names`` or, for transformers, its ``config.model_type`` is in ``model_types``
+    (class names avoid importing either library just to recognise an object).
+    """
+
+    name: str
+    library: str
+    class_names: tuple[str, ...]
+    attention_sites: tuple[AttentionSite, ...]
+    model_types: tuple[str, ...] = ()
+    #: diffusers processor classes we know how to replace (anything else is a user customisation).
+    processor_names: tuple[str, ...] = ()
+    #: Reads the token grid from the bound forward arguments of the model.
+    grid_from_inputs: Callable[[torch.nn.Module, Mapping[str, Any]], GridInfo] | None = None
+    #: Forward argument carrying the diffusion timestep (the step counter watches it).
+    timestep_arg: str | None = None
+    #: Forward argument carrying the text padding mask of a joint sequence, if any.
+    text_mask_arg: str | None = None
+    #: Pipeline attributes that hold models of this family (Wan 2.2 A14B has two).
+    pipeline_components: tuple[str, ...] = ()
+    notes: str = field(default="", compare=False)
+
+    def matches(self, obj: Any) -> bool:
+        if any(cls.__name__ in self.class_names for cls in type(obj).__mro__):
+            return True
+        model_type = getattr(getattr(obj, "config", None), "model_type", None)
+        return isinstance(obj, torch.nn.Module) and model_type is not None and model_type in self.model_types
+
+    def attention_modules(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, AttentionSite]]:
+        """``(dotted path, module, site)`` for every attention module of ``model``, in module order."""
+        found = []
+        for path, module in model.named_modules():
+            site = next((s for s in self.attention_sites if s.matches(path)), None)
+            if site is not None:
+                found.append((path, module, site))
+        return found
