@@ -12,6 +12,8 @@ from attnbridge.attention.registry import get_backend_spec
 from attnbridge.errors import BackendUnavailableError
 
 logger = logging.getLogger("attnbridge")
+#: (platform, backend) pairs whose fallback was already logged: once per process, not once per layer.
+_fallbacks_logged: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -53,14 +55,15 @@ class Platform:
         except BackendUnavailableError:
             if strict or kernel.fallback is None:
                 raise
-            logger.warning(
-                "attention backend %r: its package is missing on %s, using %r instead "
-                "(pass strict=True to make this an error)",
-                backend,
-                cls.name,
-                kernel.fallback,
-                exc_info=False,
-            )
+            if (cls.name, backend) not in _fallbacks_logged:
+                _fallbacks_logged.add((cls.name, backend))
+                logger.warning(
+                    "attention backend %r: its package is missing on %s, using %r instead "
+                    "(pass strict=True to make this an error)",
+                    backend,
+                    cls.name,
+                    kernel.fallback,
+                )
             return cls.resolve(kernel.fallback, strict=True)
         return impl_cls
 
