@@ -29,7 +29,12 @@ BACKENDS: dict[str, BackendSpec] = {
         BackendSpec(
             "rain_fusion", True, "RainFusion adaptive spatial/temporal/textural sparsity", _SPARSE_OPTIONS
         ),
-        BackendSpec("vsa", True, "video sparse attention over 4x4x4 tiles", ("sparsity", "VSA_sparsity")),
+        BackendSpec(
+            "vsa",
+            True,
+            "video sparse attention over 4x4x4 tiles",
+            ("sparsity", "VSA_sparsity", "fastvideo_kernel"),
+        ),
     )
 }
 
