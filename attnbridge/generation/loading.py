@@ -1,0 +1,137 @@
+"""What ``--model`` names: an embedded tiny random model, or a local checkpoint folder.
+
+A folder with ``model_index.json`` is a diffusers pipeline (``DiffusionPipeline.from_pretrained``);
+one with ``config.json`` is a transformers causal LM (``AutoModelForCausalLM`` + ``AutoTokenizer``).
+Nothing is downloaded: a name that is neither a tiny model nor an existing folder is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attnbridge import tiny_models
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: ``kind`` is ``"diffusion"`` (a pipeline) or ``"text"`` (an LLM + tokenizer).
+
+    ``call_defaults`` are the tiny models' small sizes (a real checkpoint uses its pipeline's own).
+    """
+
+    name: str
+    kind: str
+    obj: Any
+    tokenizer: Any = None
+    call_defaults: dict[str, Any] = field(default_factory=dict)
+    random_weights: bool = False
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    kind: str
+    build: Callable[[int], Any]
+    call_defaults: dict[str, Any]
+    summary: str
+
+
+def _tiny_llm(seed: int):
+    model = tiny_models.tiny_qwen3_moe(seed=seed, vocab_size=tiny_models.tiny_vocab_size())
+    return model, tiny_models.tiny_tokenizer()
+
+
+TINY_MODELS: dict[str, TinyModel] = {
+    "wan-tiny": TinyModel(
+        "diffusion",
+        lambda seed: tiny_models.tiny_wan_pipeline(seed=seed, complete=True),
+        # 5 frames of 32x32 -> latent grid (3, 4, 4) after the transformer's 2x2 patches.
+        {
+            "height": 32,
+            "width": 32,
+            "num_frames": 5,
+            "max_sequence_length": 16,
+            "guidance_scale": 5.0,
+            "negative_prompt": "blurry",
+        },
+        "WanPipeline: UMT5 text encoder, 2-block Wan transformer, Wan VAE",
+    ),
+    "qwen-image-tiny": TinyModel(
+        "diffusion",
+        lambda seed: tiny_models.tiny_qwen_image_pipeline(seed=seed, complete=True),
+        {"height": 32, "width": 32, "true_cfg_scale": 4.0, "negative_prompt": "blurry"},
+        "QwenImagePipeline: Qwen2.5-VL text encoder, 2-block Qwen-Image transformer, Qwen-Image VAE",
+    ),
+    "qwen3-moe-tiny": TinyModel(
+        "text", _tiny_llm, {}, "Qwen3MoeForCausalLM: 2 layers, 4 experts, byte-level tokenizer"
+    ),
+}
+
+
+def load_model(spec: str, *, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LoadedModel:
+    """The tiny model named ``spec`` or the checkpoint in folder ``spec``, on ``device`` in ``dtype``."""
+    tiny = TINY_MODELS.get(spec)
+    if tiny is not None:
+        return _load_tiny(spec, tiny, device, dtype, seed)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ValueError(
+            f"unknown model {spec!r}: not an embedded tiny model ({', '.join(TINY_MODELS)}) and no such "
+            "folder (a local checkpoint folder is needed: nothing is downloaded)"
+        )
+    if not path.is_dir():
+        raise ValueError(f"model path {spec!r} is a file; pass the checkpoint folder")
+    if (path / "model_index.json").is_file():
+        return _load_pipeline(path, device, dtype)
+    if (path / "config.json").is_file():
+        return _load_causal_lm(path, device, dtype)
+    raise ValueError(
+        f"model folder {spec!r} has neither model_index.json (a diffusers pipeline) nor config.json "
+        "(a transformers model); pass the folder save_pretrained wrote"
+    )
+
+
+def _load_tiny(name: str, tiny: TinyModel, device, dtype, seed: int) -> LoadedModel:
+    built = tiny.build(seed)
+    obj, tokenizer = built if tiny.kind == "text" else (built, None)
+    # Built in float32: cast only when asked for another dtype (diffusers warns on every cast).
+    obj = obj.to(device) if dtype == torch.float32 else obj.to(device=device, dtype=dtype)
+    if hasattr(obj, "set_progress_bar_config"):
+        obj.set_progress_bar_config(disable=True)
+    return LoadedModel(name, tiny.kind, obj, tokenizer, dict(tiny.call_defaults), random_weights=True)
+
+
+def _load_pipeline(path: Path, device, dtype) -> LoadedModel:
+    from diffusers import DiffusionPipeline
+
+    with warnings.catch_warnings():
+        # Newer diffusers renamed torch_dtype to dtype (and warn); older ones only know torch_dtype.
+        warnings.simplefilter("ignore", FutureWarning)
+        pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype)
+    return LoadedModel(_name_of(path), "diffusion", pipe.to(device))
+
+
+def _load_causal_lm(path: Path, device, dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except (ValueError, OSError, KeyError) as error:
+        raise ValueError(f"model folder {str(path)!r} is not a transformers causal LM: {error}") from error
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (ValueError, OSError, TypeError) as error:
+        raise ValueError(
+            f"model folder {str(path)!r} has no usable tokenizer (save it next to the model): {error}"
+        ) from error
+    return LoadedModel(_name_of(path), "text", model.to(device).eval(), tokenizer)
+
+
+def _name_of(path: Path) -> str:
+    return os.path.basename(os.path.normpath(str(path))) or "model"

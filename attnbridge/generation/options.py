@@ -1,0 +1,61 @@
+"""Splitting ``--option key=value`` pairs: generation settings, enable keywords, backend options.
+
+Keys the generate command uses itself (sizes, guidance, output settings) never reach the backend;
+``strict`` / ``platform`` are keywords of ``enable_npu_attention``; everything else (``sparsity``,
+``ring_degree``, ``ulysses_degree``...) goes to ``enable_npu_attention`` as well, which checks it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Arguments of the pipeline call (checked against its signature) or of ``generate`` for LLMs.
+CALL_OPTIONS = (
+    "height",
+    "width",
+    "num_frames",
+    "guidance_scale",
+    "true_cfg_scale",
+    "negative_prompt",
+    "max_sequence_length",
+    "max_new_tokens",
+)
+#: Settings of the run itself.
+RUN_OPTIONS = ("dtype", "fps")
+ENABLE_OPTIONS = ("strict", "platform")
+#: Parallel degrees: keywords of ``enable_npu_attention``, passed through with the backend options.
+PARALLEL_OPTIONS = ("ring_degree", "ulysses_degree", "cp_size")
+
+
+@dataclass
+class GenerateOptions:
+    call: dict[str, Any] = field(default_factory=dict)
+    run: dict[str, Any] = field(default_factory=dict)
+    enable: dict[str, Any] = field(default_factory=dict)
+    backend: dict[str, Any] = field(default_factory=dict)
+
+    def backend_without_parallel(self) -> dict[str, Any]:
+        return {k: v for k, v in self.backend.items() if k not in PARALLEL_OPTIONS}
+
+    def backend_for(self, kind: str, world_size: int) -> dict[str, Any]:
+        """Backend options for the run; several diffusion processes default to Ulysses over all of
+        them (each rank would otherwise repeat the whole computation)."""
+        config = dict(self.backend)
+        if world_size > 1 and kind == "diffusion" and not any(k in config for k in PARALLEL_OPTIONS):
+            config["ulysses_degree"] = world_size
+        return config
+
+
+def split_options(config: dict[str, Any]) -> GenerateOptions:
+    options = GenerateOptions()
+    for key, value in config.items():
+        if key in CALL_OPTIONS:
+            options.call[key] = value
+        elif key in RUN_OPTIONS:
+            options.run[key] = value
+        elif key in ENABLE_OPTIONS:
+            options.enable[key] = value
+        else:
+            options.backend[key] = value
+    return options

@@ -1,0 +1,315 @@
+"""Tiny random-weight instances of the real diffusers / transformers classes, built on the CPU
+without downloads, and inputs for them.
+
+Used by the tests and by ``attnbridge generate --model wan-tiny|qwen-image-tiny|qwen3-moe-tiny``
+(a whole pipeline anywhere, no checkpoint needed). By default the pipelines carry only a scheduler
+and tiny transformers (tokenizer, text encoder and VAE ``None``: the calls pass ``prompt_embeds`` and
+``output_type="latent"``); ``complete=True`` adds a byte-level tokenizer built in code, a tiny text
+encoder of the real class and a tiny VAE, so ``pipe(prompt)`` runs prompt -> pixels. Weights are
+random: the pixels and text are noise, only the shapes and the code path are real.
+"""
+
+from __future__ import annotations
+
+import torch
+
+WAN_TEXT_DIM = 16
+QWEN_TEXT_DIM = 16
+
+
+#: Special tokens of :func:`tiny_tokenizer`, at ids 0..3 (the tiny configs' pad/eos/bos ids).
+TINY_SPECIAL_TOKENS = ("<pad>", "</s>", "<s>", "<unk>")
+PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
+
+
+def _seeded(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer made in code (4 special tokens + 256 bytes, no merges): every prompt
+    tokenizes, nothing is downloaded, and it saves/loads with ``save_pretrained`` like a real one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate((*TINY_SPECIAL_TOKENS, *alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    pad, eos, bos, unk = TINY_SPECIAL_TOKENS
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=pad, eos_token=eos, bos_token=bos, unk_token=unk
+    )
+
+
+def tiny_vocab_size() -> int:
+    return len(TINY_SPECIAL_TOKENS) + 256
+
+
+def tiny_umt5_encoder(*, seed: int = 0):
+    """``UMT5EncoderModel`` (Wan's text encoder class), 1 layer of width ``WAN_TEXT_DIM``."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=tiny_vocab_size(),
+        d_model=WAN_TEXT_DIM,
+        d_kv=8,
+        d_ff=32,
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=PAD_ID,
+    )
+    _seeded(seed)
+    return UMT5EncoderModel(config).eval()
+
+
+def tiny_wan_vae(*, seed: int = 0):
+    """``AutoencoderKLWan`` with 4 latent channels, 4x spatial and 2x temporal compression."""
+    from diffusers import AutoencoderKLWan
+
+    _seeded(seed)
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+        scale_factor_temporal=2,
+        scale_factor_spatial=4,
+    )
+    return vae.eval()
+
+
+def tiny_qwen_vl_encoder(*, seed: int = 0):
+    """``Qwen2_5_VLForConditionalGeneration`` (Qwen-Image's text encoder class): a 1-layer text model
+    of width ``QWEN_TEXT_DIM`` with multimodal rotary sections (1, 1, 2) and a 1-block vision tower
+    the text-only prompt encoding never runs."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = {"pad_token_id": PAD_ID, "eos_token_id": EOS_ID, "bos_token_id": BOS_ID}
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": tiny_vocab_size(),
+            "hidden_size": QWEN_TEXT_DIM,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 2048,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
+            **ids,
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": QWEN_TEXT_DIM,
+            "fullatt_block_indexes": [0],
+        },
+        vocab_size=tiny_vocab_size(),
+        **ids,
+    )
+    _seeded(seed)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def tiny_qwen_image_vae(*, seed: int = 0):
+    """``AutoencoderKLQwenImage`` with 4 latent channels and 4x spatial compression."""
+    from diffusers import AutoencoderKLQwenImage
+
+    _seeded(seed)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+    return vae.eval()
+
+
+def tiny_wan_transformer(*, image_dim: int | None = None, layers: int = 2, seed: int = 0):
+    """``WanTransformer3DModel`` with 2 heads of 12 (rotary needs head_dim divisible by 6);
+    ``image_dim`` makes it an I2V model (image cross-attention through ``add_k_proj``)."""
+    from diffusers import WanTransformer3DModel
+
+    _seeded(seed)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=WAN_TEXT_DIM,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=layers,
+        rope_max_seq_len=32,
+        image_dim=image_dim,
+        added_kv_proj_dim=None if image_dim is None else 24,
+    )
+    return model.eval()
+
+
+def wan_inputs(
+    *,
+    frames: int = 2,
+    height: int = 8,
+    width: int = 6,
+    text_tokens: int = 7,
+    image_tokens: int = 0,
+    seed: int = 1,
+):
+    """Keyword inputs of a Wan transformer call; the patched grid is (frames, height/2, width/2).
+
+    I2V models read the last 512 text tokens as text and the rest as image tokens, so with
+    ``image_tokens`` the text is padded to 512 the way the pipeline does.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    inputs = {
+        "hidden_states": torch.randn(1, 4, frames, height, width, generator=gen),
+        "timestep": torch.tensor([700.0]),
+        "encoder_hidden_states": torch.randn(
+            1, 512 if image_tokens else text_tokens, WAN_TEXT_DIM, generator=gen
+        ),
+    }
+    if image_tokens:
+        inputs["encoder_hidden_states_image"] = torch.randn(1, image_tokens, 8, generator=gen)
+    return inputs
+
+
+def tiny_wan_pipeline(*, two_stage: bool = False, seed: int = 0, complete: bool = False):
+    """``WanPipeline``; ``two_stage`` adds ``transformer_2`` with boundary_ratio 0.5 (Wan 2.2 A14B);
+    ``complete`` adds tokenizer, UMT5 text encoder and VAE (frames: 1 + 2k, sides: multiples of 8)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    return WanPipeline(
+        tokenizer=tiny_tokenizer() if complete else None,
+        text_encoder=tiny_umt5_encoder(seed=seed) if complete else None,
+        vae=tiny_wan_vae(seed=seed) if complete else None,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=tiny_wan_transformer(seed=seed),
+        transformer_2=tiny_wan_transformer(seed=seed + 1) if two_stage else None,
+        boundary_ratio=0.5 if two_stage else None,
+    )
+
+
+def wan_pipeline_kwargs(*, steps: int = 3, cfg: bool = True, seed: int = 2):
+    """Call arguments: 5 frames of 32x32 -> latents 2 x 4 x 4 -> patched grid (2, 2, 2)."""
+    gen = torch.Generator().manual_seed(seed)
+    kwargs = {
+        "prompt_embeds": torch.randn(1, 7, WAN_TEXT_DIM, generator=gen),
+        "height": 32,
+        "width": 32,
+        "num_frames": 5,
+        "num_inference_steps": steps,
+        "guidance_scale": 5.0 if cfg else 1.0,
+        "output_type": "latent",
+        "generator": torch.Generator().manual_seed(seed + 1),
+    }
+    if cfg:
+        kwargs["negative_prompt_embeds"] = torch.randn(1, 7, WAN_TEXT_DIM, generator=gen)
+    return kwargs
+
+
+def tiny_qwen_image_transformer(*, layers: int = 2, seed: int = 0):
+    """``QwenImageTransformer2DModel``: 2 heads of 16, rotary axes (4, 6, 6); in_channels 16 is
+    4 latent channels packed 2x2."""
+    from diffusers import QwenImageTransformer2DModel
+
+    _seeded(seed)
+    model = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=layers,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=QWEN_TEXT_DIM,
+        axes_dims_rope=(4, 6, 6),
+    )
+    return model.eval()
+
+
+def qwen_image_inputs(
+    *, batch: int = 1, grid_h: int = 3, grid_w: int = 4, text_tokens: int = 5, text_mask=None, seed: int = 1
+):
+    """Keyword inputs of a Qwen-Image transformer call with a packed (1, grid_h, grid_w) image."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(batch, grid_h * grid_w, 16, generator=gen),
+        "encoder_hidden_states": torch.randn(batch, text_tokens, QWEN_TEXT_DIM, generator=gen),
+        "encoder_hidden_states_mask": text_mask,
+        "timestep": torch.full((batch,), 0.7),
+        "img_shapes": [[(1, grid_h, grid_w)]] * batch,
+    }
+
+
+def tiny_qwen_image_pipeline(*, seed: int = 0, complete: bool = False):
+    """``QwenImagePipeline``; ``complete`` adds tokenizer, Qwen2.5-VL text encoder and VAE (sides:
+    multiples of 8)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    return QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=tiny_qwen_image_vae(seed=seed) if complete else None,
+        text_encoder=tiny_qwen_vl_encoder(seed=seed) if complete else None,
+        tokenizer=tiny_tokenizer() if complete else None,
+        transformer=tiny_qwen_image_transformer(seed=seed),
+    )
+
+
+def qwen_image_pipeline_kwargs(*, steps: int = 3, cfg: bool = True, seed: int = 2):
+    """64x64 pixels -> 8x8 latents -> packed grid (1, 4, 4) of 16 image tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    kwargs = {
+        "prompt_embeds": torch.randn(1, 5, QWEN_TEXT_DIM, generator=gen),
+        "prompt_embeds_mask": torch.ones(1, 5, dtype=torch.long),
+        "height": 64,
+        "width": 64,
+        "num_inference_steps": steps,
+        "output_type": "latent",
+        "generator": torch.Generator().manual_seed(seed + 1),
+    }
+    if cfg:
+        kwargs["negative_prompt_embeds"] = torch.randn(1, 3, QWEN_TEXT_DIM, generator=gen)
+        kwargs["negative_prompt_embeds_mask"] = torch.ones(1, 3, dtype=torch.long)
+        kwargs["true_cfg_scale"] = 4.0
+    return kwargs
+
+
+def tiny_qwen3_moe(*, seed: int = 0, attn_implementation: str = "sdpa", vocab_size: int = 128):
+    """``Qwen3MoeForCausalLM``: 2 layers, hidden 64, 4 query heads sharing 2 KV heads (GQA),
+    4 experts with top-2 routing. ``vocab_size=tiny_vocab_size()`` pairs it with :func:`tiny_tokenizer`."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=BOS_ID,
+    )
+    _seeded(seed)
+    model = Qwen3MoeForCausalLM(config)
+    model.set_attn_implementation(attn_implementation)
+    return model.eval()

@@ -1,0 +1,211 @@
+"""``attnbridge generate``: whole pipelines (prompt -> tokenizer -> text encoder -> transformer ->
+VAE -> file) on the embedded tiny models and on checkpoints saved to a folder, and their attention
+timing summaries.
+
+Call counts are checked against the tiny configs, not against the timer's own bookkeeping: Wan has
+2 blocks x (self + cross) = 4 attention layers, Qwen-Image 2 joint layers, Qwen3-MoE 2 layers; with
+guidance each denoising step calls the transformer twice, and an LLM runs one forward per new token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageSequence
+
+from attnbridge.attention.api import AttentionLayer
+from attnbridge.cli import main
+from attnbridge.generation.run import run_generate
+from attnbridge.tiny_models import tiny_qwen3_moe, tiny_tokenizer, tiny_vocab_size, tiny_wan_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 2
+PROMPT = "a red fox running through snow"
+
+#: model -> (attention layers, model forward calls for STEPS, output suffix)
+TINY = {
+    "wan-tiny": (4, 2 * STEPS, ".gif"),
+    "qwen-image-tiny": (2, 2 * STEPS, ".png"),
+    "qwen3-moe-tiny": (2, STEPS, ".txt"),
+}
+
+
+def _generate(tmp_path: Path, model: str, *extra: str) -> dict:
+    """Run the CLI in this process; return the timing JSON it wrote."""
+    argv = [
+        "generate",
+        "--model",
+        model,
+        "--backend",
+        "sdpa",
+        "--steps",
+        str(STEPS),
+        "--output",
+        str(tmp_path),
+    ]
+    assert main([*argv, "--prompt", PROMPT, *extra]) == 0
+    name = Path(model).name
+    return json.loads((tmp_path / f"{name}-sdpa.timing.json").read_text())
+
+
+def _frames(path: Path) -> list[np.ndarray]:
+    return [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(Image.open(path))]
+
+
+def _check_output(path: Path, suffix: str) -> None:
+    """The file holds decoded pixels / generated text, not an empty placeholder."""
+    assert path.suffix == suffix and path.is_file()
+    if suffix == ".gif":
+        frames = _frames(path)
+        assert len(frames) == 5 and frames[0].shape == (32, 32, 3)  # 5 frames of 32x32 asked for
+        assert np.std(np.stack(frames)) > 0
+    elif suffix == ".png":
+        image = np.asarray(Image.open(path))
+        assert image.shape == (32, 32, 3) and np.std(image) > 0
+    else:
+        text = path.read_text(encoding="utf-8")
+        assert text.startswith(PROMPT) and len(text.rstrip("\n")) > len(PROMPT)
+
+
+@pytest.mark.parametrize("model", list(TINY))
+def test_tiny_model_writes_output_and_timing(tmp_path, model):
+    layers, forward_calls, suffix = TINY[model]
+    summary = _generate(tmp_path, model)
+
+    _check_output(Path(next(v for k, v in summary["files"].items() if k != "timing")), suffix)
+    assert summary["forward_calls"] and sum(summary["forward_calls"].values()) == forward_calls
+    attention = summary["attention"]
+    assert attention["layers"] == layers
+    assert attention["calls"] == layers * forward_calls > 0
+    assert all(layer["calls"] == forward_calls for layer in summary["layers"].values())
+    assert 0 < attention["seconds"] < summary["pipeline_seconds"]
+    assert sum(row["calls"] for row in summary["by_backend_kind"]) == attention["calls"]
+    assert {row["backend"] for row in summary["by_backend_kind"]} == {"sdpa"}
+    assert summary["device"] == "cpu" and summary["dtype"] == "float32"
+    assert "noise" in summary["notes"][0]  # random weights say so
+
+
+def test_wan_timing_splits_self_and_cross(tmp_path):
+    rows = {row["kind"]: row for row in _generate(tmp_path, "wan-tiny")["by_backend_kind"]}
+    assert set(rows) == {"self", "cross"}
+    assert rows["self"]["calls"] == rows["cross"]["calls"] == 2 * 2 * STEPS
+
+
+def test_timing_measures_time_spent_in_attention(tmp_path, monkeypatch):
+    """A kernel that sleeps 20 ms must show up as >= 20 ms per call, and not in layers' idle time."""
+    original = AttentionLayer.__call__
+
+    def slow(self, q, k, v, **kwargs):
+        time.sleep(0.02)
+        return original(self, q, k, v, **kwargs)
+
+    monkeypatch.setattr(AttentionLayer, "__call__", slow)
+    summary = _generate(tmp_path, "qwen3-moe-tiny")
+    calls = summary["attention"]["calls"]
+    assert calls == 2 * STEPS
+    assert 0.02 * calls <= summary["attention"]["seconds"] < 0.02 * calls + 1.0
+    fraction = summary["attention"]["fraction_of_pipeline"]
+    assert fraction == pytest.approx(summary["attention"]["seconds"] / summary["pipeline_seconds"])
+    assert fraction < 1
+
+
+def test_layers_are_restored_after_the_run(tmp_path):
+    """The timer swaps the layers' class for the run only; a later run times from zero again."""
+    first = run_generate("qwen3-moe-tiny", steps=1, output=tmp_path)
+    second = run_generate("qwen3-moe-tiny", steps=1, output=tmp_path)
+    assert first["attention"]["calls"] == second["attention"]["calls"] == 2
+
+
+def test_saved_diffusers_pipeline_folder_runs(tmp_path):
+    folder = tmp_path / "my-wan"
+    tiny_wan_pipeline(complete=True).save_pretrained(folder)
+    sizes = ["height=32", "width=32", "num_frames=5", "max_sequence_length=16"]
+    summary = _generate(tmp_path / "out", str(folder), *[a for s in sizes for a in ("--option", s)])
+    assert summary["model"] == "my-wan" and summary["notes"] == []
+    _check_output(Path(summary["files"]["video"]), ".gif")
+    assert summary["attention"]["calls"] == 4 * 2 * STEPS
+
+
+def test_saved_transformers_model_folder_runs(tmp_path):
+    folder = tmp_path / "my-llm"
+    tiny_qwen3_moe(vocab_size=tiny_vocab_size()).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    summary = _generate(tmp_path / "out", str(folder))
+    assert summary["model"] == "my-llm"
+    _check_output(Path(summary["files"]["text"]), ".txt")
+    assert summary["attention"]["calls"] == 2 * STEPS
+
+
+@pytest.mark.parametrize(
+    ("model", "options", "message"),
+    [
+        ("wan-huge", [], r"unknown model 'wan-huge'.*wan-tiny, qwen-image-tiny, qwen3-moe-tiny"),
+        ("{empty}", [], r"neither model_index.json .* nor config.json"),
+        ("{file}", [], r"is a file"),
+        ("qwen-image-tiny", ["num_frames=5"], r"\['num_frames'\] are not arguments of QwenImagePipeline"),
+        ("qwen3-moe-tiny", ["height=32"], r"only max_new_tokens"),
+        ("wan-tiny", ["dtype=float8"], r"dtype must be one of float32, bfloat16, float16"),
+        ("wan-tiny", ["sparsity=0.5"], r"backend 'sdpa' does not take option\(s\) \['sparsity'\]"),
+    ],
+)
+def test_errors_name_their_cause(tmp_path, model, options, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("not a model")
+    model = model.format(empty=tmp_path / "empty", file=tmp_path / "file")
+    with pytest.raises(ValueError, match=message):
+        run_generate(model, steps=1, output=tmp_path / "out", config=dict(o.split("=") for o in options))
+    assert not (tmp_path / "out").exists()
+
+
+def test_script_runs_like_the_cli(tmp_path, monkeypatch):
+    argv = ["scripts/generate.py", "--model", "qwen3-moe-tiny", "--steps", "1", "--output", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "scripts" / "generate.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    assert (tmp_path / "qwen3-moe-tiny-sdpa.txt").is_file()
+
+
+def test_demo_command_in_a_fresh_process(tmp_path):
+    """``make demo``'s command, as a new process (no download, no accelerator needed)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "attnbridge", "generate", "--model", "wan-tiny", "--backend", "sdpa"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "attention total" in done.stdout and "sdpa" in done.stdout
+    assert (tmp_path / "outputs" / "wan-tiny-sdpa.gif").is_file()
+    assert (tmp_path / "outputs" / "wan-tiny-sdpa.timing.json").is_file()
+
+
+def test_two_processes_share_the_sequence_and_rank0_writes(tmp_path):
+    """torchrun with 2 gloo processes: Ulysses over both by default, one set of files, same video as
+    one process (GIF palette quantisation allowed: max 8/255)."""
+    single = run_generate("wan-tiny", steps=STEPS, output=tmp_path / "single")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [
+        "scripts/generate.py",
+        "--model",
+        "wan-tiny",
+        "--steps",
+        str(STEPS),
+        "--output",
+        str(tmp_path),
+    ]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("attention total") == 1  # rank 0 reports
+    summary = json.loads((tmp_path / "wan-tiny-sdpa.timing.json").read_text())
+    assert summary["world_size"] == 2 and summary["backend_options"] == {"ulysses_degree": 2}
+    assert summary["attention"]["calls"] == 4 * 2 * STEPS  # Ulysses: one kernel call per attention call
+    ours = np.stack(_frames(tmp_path / "wan-tiny-sdpa.gif")).astype(int)
+    reference = np.stack(_frames(Path(single["files"]["video"]))).astype(int)
+    assert ours.shape == reference.shape and np.abs(ours - reference).max() <= 8
