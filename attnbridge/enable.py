@@ -4,6 +4,10 @@ Accepts a diffusers pipeline (every supported transformer component is patched: 
 ``transformer_2``), a diffusers transformer, or a transformers model. Everything is checked and
 built first (backend name and options, object type, processors, kernels); only then is anything
 changed, so an error leaves the object as it was.
+
+Parallel options (see :mod:`attnbridge.adapters.context_parallel`): ``ring_degree`` /
+``ulysses_degree`` split a DiT's token sequence across ranks; ``cp_size`` enables zigzag context
+parallel prefill of an LLM (:func:`attnbridge.parallel_prefill.cp_prefill`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,12 @@ from typing import Any
 
 import torch
 
+from attnbridge.adapters.context_parallel import (
+    ParallelSettings,
+    build_groups,
+    check_settings,
+    check_world,
+)
 from attnbridge.adapters.diffusers import (
     is_pipeline,
     plan_diffusers_model,
@@ -33,13 +43,21 @@ class AttentionHandle:
     """What ``enable_npu_attention`` changed; ``disable()`` (or leaving a ``with`` block) undoes it."""
 
     def __init__(
-        self, obj: Any, backend: str, config: dict[str, Any], patch: Any, models: list[torch.nn.Module]
+        self,
+        obj: Any,
+        backend: str,
+        config: dict[str, Any],
+        patch: Any,
+        models: list[torch.nn.Module],
+        parallel: ParallelSettings | None = None,
     ):
         self.obj = obj
         self.backend = backend
         self.config = dict(config)
         self._patch = patch
         self._models = models
+        #: The ring / Ulysses degrees or the CP size this object was enabled with.
+        self.parallel = parallel or ParallelSettings()
         self.enabled = False
 
     @property
@@ -83,7 +101,16 @@ class AttentionHandle:
 
     def __repr__(self) -> str:
         state = "enabled" if self.enabled else "disabled"
-        return f"AttentionHandle({type(self.obj).__name__}, backend={self.backend!r}, {state}, {len(self.layers)} layers)"
+        p = self.parallel
+        parallel = (
+            f", ring_degree={p.ring_degree}, ulysses_degree={p.ulysses_degree}"
+            if p.sequence_parallel
+            else (f", cp_size={p.cp_size}" if p.cp_size > 1 else "")
+        )
+        return (
+            f"AttentionHandle({type(self.obj).__name__}, backend={self.backend!r}{parallel}, {state}, "
+            f"{len(self.layers)} layers)"
+        )
 
 
 def _active_handle(obj: Any) -> AttentionHandle | None:
@@ -98,18 +125,26 @@ def _unsupported(obj: Any) -> TypeError:
     )
 
 
-def _plan(obj: Any, spec, config, platform, strict):
-    """(patch, patched models) for ``obj``; raises before changing anything."""
+def _library(obj: Any) -> str:
+    """``"diffusers"`` or ``"transformers"``: how ``obj`` gets patched; ``TypeError`` if it cannot be."""
     if is_pipeline(obj):
-        patch = plan_pipeline(obj, spec, config, platform=platform, strict=strict)
-        return patch, [p.model for p in patch.models]
+        return "diffusers"
     family = find_family(obj) if isinstance(obj, torch.nn.Module) else None
     if family is None:
         raise _unsupported(obj)
+    return family.library
+
+
+def _plan(obj: Any, spec, config, platform, strict, groups):
+    """(patch, patched models) for ``obj``; raises before changing anything."""
+    if is_pipeline(obj):
+        patch = plan_pipeline(obj, spec, config, platform=platform, strict=strict, groups=groups)
+        return patch, [p.model for p in patch.models]
+    family = find_family(obj)
     if family.library == "diffusers":
         tracker = StepTracker()
         patch = plan_diffusers_model(
-            obj, family, spec, config, platform=platform, strict=strict, tracker=tracker
+            obj, family, spec, config, platform=platform, strict=strict, tracker=tracker, groups=groups
         )
     else:
         patch = plan_transformers_model(obj, family, spec, config, platform=platform, strict=strict)
@@ -122,6 +157,9 @@ def enable_npu_attention(
     *,
     strict: bool = False,
     platform: str | None = None,
+    ring_degree: int = 1,
+    ulysses_degree: int = 1,
+    cp_size: int = 1,
     **backend_config: Any,
 ) -> AttentionHandle:
     """Route every attention call of ``obj`` through attnbridge ``backend`` and return the handle.
@@ -130,14 +168,23 @@ def enable_npu_attention(
     ``platform`` forces a platform's kernels (default: the tensors' device); ``strict=True`` makes a
     missing kernel package an error instead of a logged fallback. Enabling an already enabled
     object first disables it.
+
+    Parallelism (every rank calls this the same way, with the same inputs afterwards):
+    ``ring_degree`` x ``ulysses_degree`` ranks share each DiT token sequence (Wan, Qwen-Image; a
+    ring needs ``backend="fa"``); ``cp_size`` ranks share an LLM prefill (Qwen3-MoE, run it with
+    :func:`attnbridge.parallel_prefill.cp_prefill`). The product must equal the world size.
     """
     spec = validate_backend(backend, backend_config, platform)
-    patch, models = _plan(obj, spec, backend_config, platform, strict)
+    settings = ParallelSettings(ring_degree=ring_degree, ulysses_degree=ulysses_degree, cp_size=cp_size)
+    check_settings(settings, spec, _library(obj))
+    check_world(settings, platform)
+    groups = build_groups(settings) if settings.sequence_parallel else None
+    patch, models = _plan(obj, spec, backend_config, platform, strict, groups)
     for target in (obj, *models):
         previous = _active_handle(target)
         if previous is not None:
             previous.disable()
-    handle = AttentionHandle(obj, spec.name, backend_config, patch, models)
+    handle = AttentionHandle(obj, spec.name, backend_config, patch, models, settings)
     handle._apply()
     return handle
 

@@ -4,6 +4,9 @@ For each attention module the family names, the upstream processor is swapped fo
 projections, norms and rotary embedding; the kernel call goes through an :class:`AttentionLayer`
 made here, once). A forward pre-hook on the transformer reads the token grid and the denoising
 step from its inputs into a :class:`ForwardState` its processors share.
+
+With sequence parallelism (``groups`` given) the model also gets the split/gather hooks of its
+``_cp_plan`` (:mod:`attnbridge.adapters.sequence_shards`) and processors that attend across ranks.
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ from typing import Any
 
 import torch
 
+from attnbridge.adapters.context_parallel import check_heads
 from attnbridge.adapters.forward_state import ForwardState
 from attnbridge.adapters.layers import make_layers, model_device
 from attnbridge.adapters.pipeline_call import PipelineCallPatch
 from attnbridge.adapters.qwen_image_processor import QwenImageAttnBridgeProcessor
+from attnbridge.adapters.sequence_shards import SequenceShardPatch, plan_sequence_shards
 from attnbridge.adapters.steps import StepTracker
 from attnbridge.adapters.wan_processor import WanAttnBridgeProcessor
 from attnbridge.attention.api import AttentionLayer
+from attnbridge.attention.parallel import ParallelGroups
 from attnbridge.attention.registry import BackendSpec
 from attnbridge.models import FAMILIES, ModelFamily, find_family
 
@@ -59,6 +65,8 @@ class DiffusersModelPatch:
     processors: dict[str, tuple[torch.nn.Module, Any]]
     #: path -> the processor that was there when the patch was applied (restored by ``remove``)
     originals: dict[str, Any] = field(default_factory=dict)
+    #: Sequence-parallel split/gather hooks, when enabled with ring/Ulysses degrees.
+    sharding: SequenceShardPatch | None = None
     _hooks: list = field(default_factory=list)
     _signature: inspect.Signature | None = None
 
@@ -87,8 +95,12 @@ class DiffusersModelPatch:
             self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             self.model.register_forward_hook(self._after_forward, always_call=True),
         ]
+        if self.sharding is not None:  # after the pre-hook above, which must see the full inputs
+            self.sharding.apply()
 
     def remove(self) -> None:
+        if self.sharding is not None:
+            self.sharding.remove()
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
@@ -107,8 +119,10 @@ def plan_diffusers_model(
     strict: bool,
     tracker: StepTracker,
     component: str = "",
+    groups: ParallelGroups | None = None,
 ) -> DiffusersModelPatch:
-    """Check the model and build its processors and layers, changing nothing yet."""
+    """Check the model and build its processors and layers, changing nothing yet; with ``groups``
+    (sequence parallelism), also its split/gather hooks."""
     sites = family.attention_modules(model)
     if not sites:
         raise ValueError(
@@ -138,12 +152,21 @@ def plan_diffusers_model(
         device=model_device(model),
     )
     state = ForwardState(component=component)
+    sharding = None
+    if groups is not None:
+        for path, module, _ in sites:
+            check_heads(f"{type(model).__name__}.{path}", module.heads, groups.config.ulysses_degree)
+        sharding = plan_sequence_shards(model, groups, family.sequence_replicated)
+    shards = None if sharding is None else sharding.state
     processor_cls = PROCESSORS[family.name]
     processors = {
-        path: (module, processor_cls(layers[path], layer_name=path, kind=site.kind, state=state))
+        path: (
+            module,
+            processor_cls(layers[path], layer_name=path, kind=site.kind, state=state, shards=shards),
+        )
         for path, module, site in sites
     }
-    return DiffusersModelPatch(model, family, state, tracker, layers, processors)
+    return DiffusersModelPatch(model, family, state, tracker, layers, processors, sharding=sharding)
 
 
 def is_pipeline(obj: Any) -> bool:
@@ -198,6 +221,7 @@ def plan_pipeline(
     *,
     platform: str | None,
     strict: bool,
+    groups: ParallelGroups | None = None,
 ) -> DiffusersPipelinePatch:
     components = pipeline_transformers(pipe)
     if not components:
@@ -211,7 +235,15 @@ def plan_pipeline(
     tracker = StepTracker()
     models = [
         plan_diffusers_model(
-            model, family, spec, config, platform=platform, strict=strict, tracker=tracker, component=name
+            model,
+            family,
+            spec,
+            config,
+            platform=platform,
+            strict=strict,
+            tracker=tracker,
+            component=name,
+            groups=groups,
         )
         for name, model, family in components
     ]

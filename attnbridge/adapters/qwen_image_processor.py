@@ -3,6 +3,9 @@
 Same math as diffusers' ``QwenDoubleStreamAttnProcessor2_0`` (separate text/image projections,
 per-head RMS norms, complex rotary embedding, ``[text, image]`` concatenation, split output
 projections), with the attention kernel call replaced by the module's :class:`AttentionLayer`.
+
+With sequence parallelism (``shards`` given) the image stream arrives as this rank's chunk and the
+text stream whole (see :mod:`attnbridge.adapters.joint_parallel`).
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import torch
 
 from attnbridge.adapters.forward_state import ForwardState
+from attnbridge.adapters.joint_parallel import joint_attention_replicated_text
 from attnbridge.adapters.masked import masked_sdpa
+from attnbridge.adapters.sequence_shards import ShardState
 from attnbridge.attention.api import AttentionLayer
 
 
@@ -30,11 +35,20 @@ class QwenImageAttnBridgeProcessor:
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, layer: AttentionLayer, *, layer_name: str, kind: str, state: ForwardState) -> None:
+    def __init__(
+        self,
+        layer: AttentionLayer,
+        *,
+        layer_name: str,
+        kind: str,
+        state: ForwardState,
+        shards: ShardState | None = None,
+    ) -> None:
         self.layer = layer
         self.layer_name = layer_name
         self.kind = kind
         self.state = state
+        self.shards = shards
 
     def _text_mask_is_trivial(self, mask: torch.Tensor | None) -> bool:
         if mask is None:
@@ -87,6 +101,11 @@ class QwenImageAttnBridgeProcessor:
             img_q, img_k = _qwen_rotary(img_q, img_freqs), _qwen_rotary(img_k, img_freqs)
             txt_q, txt_k = _qwen_rotary(txt_q, txt_freqs), _qwen_rotary(txt_k, txt_freqs)
 
+        if self.shards is not None:
+            return self._sharded(
+                attn, (txt_q, txt_k, txt_v), (img_q, img_k, img_v), encoder_hidden_states_mask
+            )
+
         # Text first, then image: the order upstream uses and the contract assumes.
         query = torch.cat([txt_q, img_q], dim=1)
         key = torch.cat([txt_k, img_k], dim=1)
@@ -101,7 +120,24 @@ class QwenImageAttnBridgeProcessor:
             joint = masked_sdpa(query, key, value, mask, backend=self.layer.backend, where=self.layer_name)
 
         joint = joint.flatten(2, 3).to(query.dtype)
-        txt_out, img_out = joint[:, :seq_txt], joint[:, seq_txt:]
+        return self._project(attn, joint[:, :seq_txt], joint[:, seq_txt:])
+
+    def _sharded(self, attn, text, image, text_mask):
+        """Joint attention with this rank's image chunk and the whole (replicated) text."""
+        if not self._text_mask_is_trivial(text_mask):
+            raise ValueError(
+                f"{self.layer_name}: a padded text batch (encoder_hidden_states_mask with zeros) is not "
+                "supported with sequence parallelism; run prompts of one length per batch"
+            )
+        context = self.state.context(self.kind, self.layer_name, num_text_tokens=text[0].shape[1])
+        txt_out, img_out = joint_attention_replicated_text(
+            self.layer, self.shards.groups, text, image, real_len=self.shards.real_len, context=context
+        )
+        dtype = image[0].dtype
+        return self._project(attn, txt_out.flatten(2, 3).to(dtype), img_out.flatten(2, 3).to(dtype))
+
+    @staticmethod
+    def _project(attn, txt_out: torch.Tensor, img_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         img_out = attn.to_out[0](img_out.contiguous())
         if len(attn.to_out) > 1:
             img_out = attn.to_out[1](img_out)

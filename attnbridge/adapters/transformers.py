@@ -12,7 +12,9 @@ attention, exactly what the unpatched model runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +137,20 @@ def _read_implementation(config: Any) -> Any:
 
 def _write_implementation(config: Any, value: Any) -> None:
     config._attn_implementation_internal = value
+
+
+@contextlib.contextmanager
+def attn_implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """Run ``model`` with attention implementation ``name`` (already registered) for one block of
+    code; every config's previous value is restored afterwards, also on error."""
+    saved = [(config, _read_implementation(config)) for config in _configs(model)]
+    try:
+        for config, _ in saved:
+            _write_implementation(config, name)
+        yield
+    finally:
+        for config, value in saved:
+            _write_implementation(config, value)
 
 
 @dataclass

@@ -3,6 +3,10 @@
 Same math as diffusers' ``WanAttnProcessor`` (projections, RMS q/k norms, interleaved rotary
 embedding, I2V image branch, output projection), with each attention kernel call replaced by the
 module's :class:`AttentionLayer`. Tensors stay BSHD throughout, the contract's layout.
+
+With sequence parallelism (``shards`` given) the hidden states and rotary tables arrive as this
+rank's chunk; ``attn1`` then runs :class:`ParallelAttention` over all ranks' chunks, while ``attn2``
+(text / image cross-attention, whose keys every rank holds in full) stays a local call.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ import torch
 
 from attnbridge.adapters.forward_state import ForwardState
 from attnbridge.adapters.masked import masked_sdpa
+from attnbridge.adapters.sequence_shards import ShardState
 from attnbridge.attention.api import AttentionLayer
+from attnbridge.attention.parallel import ParallelAttention
 
 #: Wan's text encoder context length: I2V puts the image tokens in front of these 512.
 WAN_TEXT_TOKENS = 512
@@ -50,16 +56,35 @@ class WanAttnBridgeProcessor:
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, layer: AttentionLayer, *, layer_name: str, kind: str, state: ForwardState) -> None:
+    def __init__(
+        self,
+        layer: AttentionLayer,
+        *,
+        layer_name: str,
+        kind: str,
+        state: ForwardState,
+        shards: ShardState | None = None,
+    ) -> None:
         self.layer = layer
         self.layer_name = layer_name
         self.kind = kind
         self.state = state
+        self.shards = shards
+        # Built at enable time, so that a backend the ring cannot use fails before anything is patched.
+        sharded = shards is not None and kind == "self"
+        self.parallel = ParallelAttention(layer, shards.groups) if sharded else None
 
-    def _attend(self, q, k, v, mask, **extra) -> torch.Tensor:
+    def _attend(self, q, k, v, mask, *, sharded_keys: bool = False, **extra) -> torch.Tensor:
+        sharded_keys = sharded_keys and self.parallel is not None
         if mask is not None:
+            if sharded_keys:
+                raise ValueError(
+                    f"{self.layer_name}: attention_mask is not supported with sequence parallelism"
+                )
             return masked_sdpa(q, k, v, mask, backend=self.layer.backend, where=self.layer_name)
         context = self.state.context(self.kind, self.layer_name, **extra)
+        if sharded_keys:
+            return self.parallel(q, k, v, real_len=self.shards.real_len, context=context)
         return self.layer(q, k, v, context=context)
 
     def __call__(
@@ -99,7 +124,8 @@ class WanAttnBridgeProcessor:
             image_out = self._attend(query, key_img, value_img, None, kv="image")
             image_out = image_out.flatten(2, 3).type_as(query)
 
-        out = self._attend(query, key, value, attention_mask, **({} if is_self else {"kv": "text"}))
+        extra = {"sharded_keys": True} if is_self else {"kv": "text"}
+        out = self._attend(query, key, value, attention_mask, **extra)
         out = out.flatten(2, 3).type_as(query)
         if image_out is not None:
             out = out + image_out

@@ -56,6 +56,9 @@ class ModelFamily:
     text_mask_arg: str | None = None
     #: Pipeline attributes that hold models of this family (Wan 2.2 A14B has two).
     pipeline_components: tuple[str, ...] = ()
+    #: Entries of the diffusers model's ``_cp_plan`` that sequence parallelism keeps replicated on
+    #: every rank instead of splitting, as ``"<module key>/<input name or output index>"``.
+    sequence_replicated: tuple[str, ...] = ()
     notes: str = field(default="", compare=False)
 
     def matches(self, obj: Any) -> bool:

@@ -7,6 +7,8 @@
   rotary embedding places as further frames.
 * A text padding mask (``encoder_hidden_states_mask``) masks keys only; pipelines drop it when every
   token is valid.
+* Sequence parallelism splits the image tokens only; the text stream (a prompt of any length) stays
+  replicated on every rank, so the text entries of diffusers' ``_cp_plan`` are dropped.
 """
 
 from __future__ import annotations
@@ -56,5 +58,10 @@ QWEN_IMAGE = ModelFamily(
     timestep_arg="timestep",
     text_mask_arg="encoder_hidden_states_mask",
     pipeline_components=("transformer",),
+    sequence_replicated=(
+        "transformer_blocks.0/encoder_hidden_states",
+        "transformer_blocks.*/encoder_hidden_states_mask",
+        "pos_embed/1",  # the text rotary table
+    ),
     notes="Qwen-Image text-to-image and edit pipelines",
 )

@@ -58,13 +58,17 @@ def ring_attention(
     real_len: int | None = None,
     causal: bool = False,
     scale: float | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of this rank's query chunk over the keys of every rank in ``group``.
 
     ``q``, ``k``, ``v``: BSHD chunks of equal length ``C`` (rank ``i`` of the group holds tokens
     ``[i*C, (i+1)*C)`` of a sequence right-padded to ``R*C``). ``real_len``: tokens that are real;
     only ``clamp(real_len - src*C, 0, C)`` keys of chunk ``src`` are attended. ``causal``: global
     positions, top-left aligned (the ring covers the whole self-attention sequence).
+    ``return_lse``: also return the float32 LSE ``[B, H, S_q]``, to merge with attention over
+    keys outside the ring (e.g. replicated text keys). Non-causal queries may then be longer or
+    shorter than the key chunk.
     """
     check_lse_support(layer, q.device)
     size, rank = group_size(group), group_rank(group)
@@ -100,5 +104,6 @@ def ring_attention(
         for request in requests:
             request.wait()
     if out is None:  # unreachable while real_len >= 1 (chunk 0 always has a real key)
-        return torch.zeros_like(q)
-    return out.to(q.dtype)
+        out = torch.zeros_like(q)
+        lse = q.new_full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=torch.float32)
+    return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)

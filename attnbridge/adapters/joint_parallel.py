@@ -1,0 +1,91 @@
+"""Joint (text + image) attention when only the image tokens are sharded across ranks.
+
+Qwen-Image's text stream is short (a prompt: tens to hundreds of tokens against thousands of image
+tokens) and its length is arbitrary, so attnbridge keeps it replicated: every rank runs the whole
+text stream and holds the full text q/k/v, and only the image tokens are split (right-padded,
+``real_len`` image tokens real). Each rank computes the joint attention of its queries
+``[all text, its image chunk]`` over all keys ``[all text, all image]``:
+
+* Ulysses (``ulysses_degree`` U): image q/k/v go through the all-to-all (sequence shard -> head
+  shard); the text, already whole, is just sliced to the same heads. Afterwards the image output
+  goes back to a sequence shard and the text output's heads are all-gathered.
+* Ring (``ring_degree`` > 1): the image keys are passed around the ring (:func:`ring_attention`
+  with the LSE), the text keys are attended locally, and the two partials are merged exactly
+  through their LSE. Without a ring, one kernel call sees ``[text, image]`` exactly as on one device
+  (so any backend, sparse ones included, works with Ulysses).
+
+Text query rows are computed on every rank (redundant, but small); their outputs agree across ranks
+up to float rounding (the ring merges partials in a rank-dependent order).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnbridge.attention.api import AttentionLayer
+from attnbridge.attention.contract import AttentionContext
+from attnbridge.attention.parallel import (
+    ParallelGroups,
+    heads_to_sequence,
+    merge_partials,
+    ring_attention,
+    sequence_to_heads,
+)
+from attnbridge.attention.parallel.distributed import all_gather_rows
+from attnbridge.attention.parallel.ulysses import check_heads_divisible
+
+
+def _head_slice(x: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    degree = groups.config.ulysses_degree
+    if degree == 1:
+        return x
+    per_rank = x.shape[2] // degree
+    start = groups.ulysses_rank * per_rank
+    return x[:, :, start : start + per_rank]
+
+
+def _gather_heads(x: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    if groups.ulysses_group is None:
+        return x
+    return all_gather_rows(x.movedim(2, 0), groups.ulysses_group).movedim(0, 2)
+
+
+def joint_attention_replicated_text(
+    layer: AttentionLayer,
+    groups: ParallelGroups,
+    text: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    image: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    *,
+    real_len: int,
+    context: AttentionContext | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(text_out [B, T, H, D], image_out [B, C, H, D])`` for full text q/k/v ``[B, T, H, D]`` and
+    this rank's image chunk q/k/v ``[B, C, H, D]`` of an image sequence of ``real_len`` real tokens."""
+    check_heads_divisible(text[0].shape[2], groups.config.ulysses_degree)
+    txt_q, txt_k, txt_v = (_head_slice(t, groups) for t in text)
+    if groups.ulysses_group is not None:
+        img_q, img_k, img_v = sequence_to_heads(torch.cat(image), groups.ulysses_group).chunk(3)
+    else:
+        img_q, img_k, img_v = image
+    num_text = txt_q.shape[1]
+    if groups.config.ring_degree == 1:
+        # This rank holds the whole (padded) image sequence for its heads: one call, real tokens only.
+        out = layer(
+            torch.cat([txt_q, img_q[:, :real_len]], dim=1),
+            torch.cat([txt_k, img_k[:, :real_len]], dim=1),
+            torch.cat([txt_v, img_v[:, :real_len]], dim=1),
+            context=context,
+        )
+        pad = img_q.shape[1] - real_len
+        out = torch.cat([out, out.new_zeros(out.shape[0], pad, *out.shape[2:])], dim=1)
+    else:
+        q = torch.cat([txt_q, img_q], dim=1)
+        img_part = ring_attention(
+            q, img_k, img_v, layer=layer, group=groups.ring_group, real_len=real_len, return_lse=True
+        )
+        txt_part = layer(q, txt_k, txt_v, return_lse=True)
+        out, _ = merge_partials(*img_part, *txt_part)
+        out = out.to(q.dtype)
+    text_out = _gather_heads(out[:, :num_text], groups)
+    image_out = heads_to_sequence(out[:, num_text:], groups.ulysses_group)
+    return text_out, image_out
