@@ -156,3 +156,19 @@ def test_missing_torch_npu_names_the_package(monkeypatch):
     q, k, v = _qkv((1, 8, 8, 2, 2, 8), torch.float32)
     with pytest.raises(BackendUnavailableError, match="torch-npu"):
         attend(q, k, v, backend="fa", platform="npu")
+
+
+def test_gpu_fa_falls_back_to_the_exact_kernel_when_no_fused_kernel_accepts(caplog):
+    """On CPU tensors every fused aten kernel refuses, which exercises AtenFAImpl's last resort."""
+    from attnbridge.attention.backends.fa import AtenFAImpl
+
+    impl = AtenFAImpl("fa")
+    q, k, v = _qkv((2, 17, 45, 6, 2, 32), torch.float32)
+    ref_out, ref_lse = dense_reference(q, k, v, causal=True)
+    with caplog.at_level("WARNING", logger="attnbridge"):
+        for _ in range(2):
+            out, lse = impl.forward(q, k, v, causal=True, return_lse=True)
+    assert caplog.text.count("using the exact float32 reference kernel") == 1
+    assert rel_l2(out, ref_out) < 1e-5
+    assert torch.allclose(lse.double(), ref_lse, atol=1e-5)
+    assert rel_l2(impl.forward(q, k, v, causal=True), ref_out) < 1e-5  # public SDPA path, no LSE

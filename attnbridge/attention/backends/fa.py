@@ -87,13 +87,18 @@ def _flash(q, k, v, causal, scale):
 
 def _efficient(q, k, v, causal, scale):
     k, v = _expand_kv_heads(q, k, v)
-    bias = None
-    if causal:
-        visible = bottom_right_causal_mask(q.shape[2], k.shape[2], q.device)
-        bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, float("-inf"))
-        bias = bias.expand(q.shape[0], q.shape[1], -1, -1)
+    batch, heads, s_q, s_kv = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    bias, is_causal = None, causal and s_q == s_kv  # equal lengths: top-left == bottom-right
+    if causal and s_q != s_kv:
+        # The raw aten op needs the bias rows 16-element aligned (the public SDPA pads for us):
+        # keep a padded buffer and pass a view of its first s_kv columns.
+        padded = -(-s_kv // 16) * 16
+        storage = torch.zeros(s_q, padded, dtype=q.dtype, device=q.device)
+        visible = bottom_right_causal_mask(s_q, s_kv, q.device)
+        storage[:, :s_kv].masked_fill_(~visible, float("-inf"))
+        bias = storage[:, :s_kv].expand(batch, heads, -1, -1)
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-        q, k, v, bias, True, 0.0, False, scale=scale
+        q, k, v, bias, True, 0.0, is_causal, scale=scale
     )[:2]
     return out, lse
 
@@ -103,7 +108,8 @@ class AtenFAImpl(AttentionImpl):
 
     Without an LSE request the public SDPA call is used with cuDNN ranked first. With one, the first
     kernel that accepts the input wins: cuDNN (half dtypes, top-left causal so only S_q == S_kv),
-    flash (same), then mem-efficient (any dtype, bottom-right causal through a bias).
+    flash (same), then mem-efficient (any dtype, bottom-right causal through a bias); if none does,
+    the exact float32 reference, with a warning logged once per kind of input.
     """
 
     kernel = "cuDNN / flash / mem-efficient SDPA (aten ops, with LSE)"
@@ -111,6 +117,7 @@ class AtenFAImpl(AttentionImpl):
     def __init__(self, backend_name: str = "", **config) -> None:
         super().__init__(backend_name, **config)
         self._failed: set[tuple] = set()
+        self._warned: set[tuple] = set()
 
     def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, metadata=None, context=None):
         scale = default_scale(q.shape[-1], scale)
@@ -131,7 +138,17 @@ class AtenFAImpl(AttentionImpl):
                 self._failed.add(key)
                 continue
             return out.transpose(1, 2), _lse_bhs(lse, qt)
-        raise RuntimeError(f"backend 'fa': no fused SDPA kernel accepted q {tuple(q.shape)} {q.dtype}")
+        key = (q.dtype, q.shape[-1], causal)
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(
+                "fa: no fused SDPA kernel accepts %s head_dim %d (causal=%s) with an LSE; "
+                "using the exact float32 reference kernel (slow)",
+                q.dtype,
+                q.shape[-1],
+                causal,
+            )
+        return reference_attention(q, k, v, causal=causal, scale=scale, return_lse=True)
 
     @staticmethod
     def _forward_public(qt, kt, vt, causal, scale):
