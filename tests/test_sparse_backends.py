@@ -1,0 +1,423 @@
+"""The sparse video backends (block_sparse, rain_fusion) and laser, on the CPU/CUDA FlexAttention path.
+
+What a user relies on, each against an independent float64 reference:
+
+* the block-sparse executor attends exactly the listed blocks, tail blocks and pad keys included
+  (relative L2 <= 1e-5 in float32, <= 1.5e-2 in bfloat16; LSE to 1e-5);
+* sparsity 0 and dense steps (``step < skip_first_steps``) give the dense result, dense steps bit
+  for bit the ``fa`` backend's output; cross-attention and bare calls are dense;
+* selection keeps what it must (first frame, diagonal, text of joint attention) and picks the
+  expected blocks on hand-made scores; RainFusion's 8x8 reordering is the documented one;
+* bad options fail naming the backend and the allowed range.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from attnbridge import AttentionLayer, attend
+from attnbridge.attention.backends.block_select import (
+    indices_to_mask,
+    mask_to_selection,
+    pool_blocks,
+    select_top_blocks,
+    threshold_mask,
+)
+from attnbridge.attention.backends.block_sparse import select_block_sparse
+from attnbridge.attention.backends.flex_block_sparse import block_sparse_attention
+from attnbridge.attention.backends.rain_fusion import rain_fusion_order, select_rain_fusion
+from attnbridge.attention.backends.sparse_common import (
+    SparseMetadataBuilder,
+    SparseStepMetadata,
+    resolve_layout,
+)
+from attnbridge.attention.contract import AttentionContext
+from tests.emulation.reference import dense_reference, rel_l2
+
+FP32_TOL = 1e-5
+BF16_TOL = 1.5e-2
+FP16_TOL = 3e-3  # laser computes from fp16-rounded inputs
+SPARSE_BACKENDS = ["block_sparse", "rain_fusion"]
+GRID = (3, 8, 40)  # 960 tokens: 320 per frame, first frame = 3 blocks, last block half full
+
+
+def _qkv(batch, seq, heads, kv_heads, dim, dtype=torch.float32, device="cpu"):
+    return (
+        torch.randn(batch, seq, heads, dim, dtype=dtype, device=device),
+        torch.randn(batch, seq, kv_heads, dim, dtype=dtype, device=device),
+        torch.randn(batch, seq, kv_heads, dim, dtype=dtype, device=device),
+    )
+
+
+def block_masked_reference(q, k, v, block_mask, block_size, key_valid=None):
+    """float64 attention where query i sees key j iff block (i // bs, j // bs) is kept."""
+    s_q, s_kv = q.shape[1], k.shape[1]
+    group = q.shape[2] // k.shape[2]
+    visible = block_mask.repeat_interleave(block_size, -2)[..., :s_q, :]
+    visible = visible.repeat_interleave(block_size, -1)[..., :s_kv]
+    if key_valid is not None:
+        visible = visible & key_valid
+    q64, k64, v64 = q.double(), k.double().repeat_interleave(group, 2), v.double().repeat_interleave(group, 2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q64, k64) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, -1), v64), torch.logsumexp(scores, -1)
+
+
+def _random_block_mask(batch, heads, nq, nk):
+    mask = torch.rand(batch, heads, nq, nk) < 0.4
+    return mask | torch.eye(nq, nk, dtype=torch.bool)  # every row keeps a block
+
+
+# ---------------------------------------------------------------------------------------------
+# The block-sparse executor (shared with the VSA backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_executor_attends_exactly_the_listed_blocks_with_a_partial_tail(dtype):
+    q, k, v = _qkv(2, 300, 4, 2, 32, dtype)  # 300 = 2 full blocks + a 44-token tail; GQA
+    mask = _random_block_mask(2, 4, 3, 3)
+    selection = mask_to_selection(mask)
+    indices = selection.indices.clone()
+    indices[selection.counts[..., None] <= torch.arange(3)] = 2  # junk past the count is ignored
+    out, lse = block_sparse_attention(q, k, v, indices, selection.counts, block_size=128, return_lse=True)
+    ref_out, ref_lse = block_masked_reference(q, k, v, mask, 128)
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (2, 4, 300)
+    assert rel_l2(out, ref_out) < (FP32_TOL if dtype == torch.float32 else BF16_TOL)
+    assert torch.allclose(lse.double(), ref_lse, atol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_executor_gives_pad_keys_no_weight_with_64_token_blocks():
+    q, k, v = _qkv(1, 200, 2, 2, 16)  # 4 blocks of 64, the last with 8 tokens
+    key_valid = torch.rand(200) < 0.8
+    key_valid[::64] = True
+    mask = _random_block_mask(1, 2, 4, 4)
+    selection = mask_to_selection(mask)
+    out = block_sparse_attention(
+        q, k, v, selection.indices[..., :3], selection.counts.clamp(max=3), block_size=64, key_valid=key_valid
+    )
+    narrowed = indices_to_mask(selection.indices[..., :3], selection.counts.clamp(max=3), 4)
+    ref_out, _ = block_masked_reference(q, k, v, narrowed, 64, key_valid)
+    assert rel_l2(out, ref_out) < FP32_TOL
+
+
+def test_executor_rejects_index_lists_that_do_not_fit():
+    q, k, v = _qkv(1, 256, 2, 2, 16)
+    with pytest.raises(ValueError, match="does not fit q"):
+        block_sparse_attention(
+            q,
+            k,
+            v,
+            torch.zeros(1, 2, 3, 2, dtype=torch.int32),
+            torch.ones(1, 2, 3, dtype=torch.int32),
+            block_size=128,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense where the rules say dense
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_sparsity_zero_equals_dense(backend):
+    q, k, v = _qkv(1, 960, 2, 1, 32)
+    context = AttentionContext(kind="self", grid=GRID, step=3)
+    out, lse = attend(q, k, v, backend=backend, context=context, sparsity=0.0, return_lse=True)
+    ref_out, ref_lse = dense_reference(q, k, v)
+    assert rel_l2(out, ref_out) < FP32_TOL
+    assert torch.allclose(lse.double(), ref_lse, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_dense_steps_are_exactly_the_fa_output_and_later_steps_are_sparse(backend):
+    q, k, v = _qkv(1, 960, 2, 2, 32)
+    layer = AttentionLayer(backend, sparsity=0.75, skip_first_steps=5)
+    dense = attend(q, k, v, backend="fa")
+    for step in (0, 4):
+        out = layer(q, k, v, context=AttentionContext(kind="self", grid=GRID, step=step))
+        assert torch.equal(out, dense)
+    sparse = layer(q, k, v, context=AttentionContext(kind="self", grid=GRID, step=5))
+    assert rel_l2(sparse, dense) > 1e-3  # random inputs: dropping blocks must change the output
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_cross_attention_and_bare_calls_are_dense(backend):
+    q, _, _ = _qkv(1, 960, 2, 2, 32)
+    _, k, v = _qkv(1, 77, 2, 2, 32)
+    cross = AttentionContext(kind="cross", grid=GRID, step=9)
+    out = attend(q, k, v, backend=backend, context=cross, sparsity=0.9)
+    assert torch.equal(out, attend(q, k, v, backend="fa"))
+    q, k, v = _qkv(1, 960, 2, 2, 32)
+    assert torch.equal(attend(q, k, v, backend=backend, sparsity=0.9), attend(q, k, v, backend="fa"))
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_sparse_output_is_exact_attention_over_the_selected_blocks(backend):
+    """End to end (reordering included): the output is the float64 attention over the blocks the
+    selector chose, put back in the caller's token order."""
+    q, k, v = _qkv(1, 960, 2, 2, 32)
+    grid, sparsity = GRID, 0.5
+    out = attend(q, k, v, backend=backend, context=AttentionContext(grid=grid, step=1), sparsity=sparsity)
+    order = rain_fusion_order(grid) if backend == "rain_fusion" else torch.arange(960)
+    metadata = SparseStepMetadata(step=1, sparsity=sparsity, skip_first_steps=0, grid=grid)
+    layout = resolve_layout(backend, q, metadata, None)  # raster layout: reorder by hand below
+    select = select_rain_fusion if backend == "rain_fusion" else select_block_sparse
+    qs, ks, vs = q[:, order], k[:, order], v[:, order]
+    mask = select(qs, ks, 1 / math.sqrt(32), sparsity, layout).mask()
+    ref_sorted, _ = block_masked_reference(qs, ks, vs, mask, 128)
+    ref = torch.empty_like(ref_sorted)
+    ref[:, order] = ref_sorted
+    assert rel_l2(out, ref) < FP32_TOL
+
+
+def test_joint_attention_keeps_text_dense_both_ways():
+    """Qwen-Image style: 150 text tokens first, then a one-frame 16x24 image."""
+    n_text, grid = 150, (1, 16, 24)
+    q, k, v = _qkv(1, n_text + 384, 2, 2, 32)
+    context = AttentionContext(kind="joint", grid=grid, step=2, num_text_tokens=n_text)
+    out = attend(q, k, v, backend="block_sparse", context=context, sparsity=0.75)
+    ref, _ = dense_reference(q, k, v)
+    assert rel_l2(out[:, :n_text], ref[:, :n_text]) < FP32_TOL  # text queries see everything
+    metadata = SparseStepMetadata(step=2, sparsity=0.75, skip_first_steps=0, grid=grid)
+    layout = resolve_layout("block_sparse", q, metadata, context)
+    assert layout.first_frame_blocks == 0  # an image has no first frame to protect
+    mask = select_block_sparse(layout.to_mask_order(q), layout.to_mask_order(k), 0.1, 0.75, layout).mask()
+    text_blocks = slice(384 // 128, None)  # image tokens fill blocks 0-2 exactly; text is 3-4
+    assert mask[..., text_blocks, :].all() and mask[..., :, text_blocks].all()
+    assert not mask.all()  # the image part is sparse
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection
+
+
+def test_pooling_averages_each_block_and_only_the_real_tail_tokens():
+    x = torch.randn(2, 300, 3, 8)
+    pooled = pool_blocks(x, 128)
+    assert pooled.shape == (2, 3, 3, 8) and pooled.dtype == torch.float32
+    assert torch.allclose(pooled[:, 1], x[:, 128:256].mean(1), atol=1e-6)
+    assert torch.allclose(pooled[:, 2], x[:, 256:].mean(1), atol=1e-6)
+
+
+def test_top_k_picks_the_highest_scoring_blocks_plus_forced_ones():
+    scores = torch.tensor(
+        [
+            [0.0, 9.0, 1.0, 5.0, 2.0, 0.0],
+            [8.0, 0.0, 7.0, 1.0, 0.0, 3.0],
+            [0.0, 1.0, 0.0, 2.0, 9.0, 8.0],
+            [4.0, 0.0, 3.0, 0.0, 1.0, 2.0],
+            [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            [6.0, 5.0, 4.0, 3.0, 2.0, 1.0],
+        ]
+    )[None, None]
+    no_dense = torch.zeros(6, dtype=torch.bool)
+    # keep ceil(6 * 0.5) = 3 per row: the diagonal (forced) + the 2 best others
+    mask = select_top_blocks(scores, 0.5, no_dense, 0).mask()[0, 0]
+    expected = [{0, 1, 3}, {0, 1, 2}, {2, 4, 5}, {0, 2, 3}, {4, 5, 3}, {5, 0, 1}]
+    assert [set(torch.nonzero(row).flatten().tolist()) for row in mask] == expected
+    # block 0 dense (a first frame): row 0 keeps all 6 and every row keeps column 0. The budget
+    # is per head: at sparsity 1/3, 24 of 36 pairs, so the other 5 rows keep (24 - 6) // 5 = 3.
+    first = torch.tensor([True, False, False, False, False, False])
+    mask = select_top_blocks(scores, 1 / 3, first, 1).mask()[0, 0]
+    assert mask[0].all() and mask[:, 0].all()
+    assert [set(torch.nonzero(row).flatten().tolist()) for row in mask[1:]] == [
+        {0, 1, 2},
+        {0, 2, 4},
+        {0, 2, 3},
+        {0, 4, 5},
+        {0, 5, 1},
+    ]
+
+
+def test_block_budget_is_one_minus_sparsity_per_head_first_frame_included():
+    nb, first = 64, 4  # as in Wan 480p, where the first frame is 13 of 256 blocks
+    dense = torch.arange(nb) < first
+    for sparsity in (0.5, 0.75):
+        mask = select_top_blocks(torch.randn(2, 3, nb, nb), sparsity, dense, first).mask()
+        kept = mask.float().mean(dim=(-1, -2))
+        assert ((kept <= 1 - sparsity) & (kept > 1 - sparsity - 1 / nb)).all()
+        assert mask[..., :first, :].all() and mask[..., :, :first].all()
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_first_frame_and_diagonal_are_always_kept(backend):
+    q, k, _ = _qkv(2, 960, 4, 2, 32)
+    context = AttentionContext(kind="self", grid=GRID, step=7)
+    metadata = SparseMetadataBuilder(backend).build(context, sparsity=0.9)
+    assert metadata.block_frame_stride == 3  # ceil(8 * 40 / 128)
+    layout = resolve_layout(backend, q, metadata, context)
+    select = select_rain_fusion if backend == "rain_fusion" else select_block_sparse
+    mask = select(q, k, 0.2, 0.9, layout).mask()
+    assert mask[..., :3, :].all() and mask[..., :, :3].all()
+    if backend == "block_sparse":
+        assert mask.diagonal(dim1=-2, dim2=-1).all()
+        # 8 blocks at 90%: the budget is below the forced blocks (3 first-frame + diagonal)
+        assert (mask[..., 3:, :].sum(-1) == 4).all()
+
+
+def test_rain_fusion_threshold_keeps_ties_and_forced_blocks():
+    scores = torch.log(torch.tensor([[0.1, 0.4, 0.4, 0.1], [0.7, 0.1, 0.1, 0.1]]))[None, None]
+    scores = torch.cat([scores, scores], dim=2)  # 4 x 4
+    mask = threshold_mask(scores, 0.75, torch.zeros(4, dtype=torch.bool))[0, 0]
+    assert mask[0].tolist() == [False, True, True, False]  # keep 1, the tie keeps 2
+    assert mask[1].tolist() == [True, False, False, False]
+    forced = threshold_mask(scores, 0.75, torch.tensor([False, False, False, True]))[0, 0]
+    assert forced[3].all() and forced[:, 3].all()
+
+
+def test_rain_fusion_order_tiles_8x8_patches():
+    order = rain_fusion_order((2, 16, 16)).tolist()  # aligned: every frame tiled
+    assert order[:16] == list(range(8)) + list(range(16, 24))  # patch (0, 0): rows 0-1 of it
+    assert order[64:72] == list(range(8, 16))  # patch (0, 1) starts the second 64 tokens
+    assert order[256:264] == list(range(256, 264))  # frame 1, patch (0, 0)
+    order = rain_fusion_order((2, 10, 12)).tolist()  # unaligned: frame 0 raster
+    assert order[:120] == list(range(120))
+    frame1 = [t - 120 for t in order[120:]]
+    tiled = [r * 12 + c for r in range(8) for c in range(8)]
+    bottom = [r * 12 + c for r in range(8, 10) for c in range(12)]
+    right = [r * 12 + c for r in range(8) for c in range(8, 12)]
+    assert frame1 == tiled + bottom + right
+    assert rain_fusion_order((1, 16, 16)) is None and rain_fusion_order((4, 6, 16)) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Options and errors
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"sparsity": 1.0}, r"sparsity must be a number in \[0, 1\)"),
+        ({"sparsity": -0.1}, r"sparsity must be a number in \[0, 1\)"),
+        ({"sparsity": "0.5"}, r"sparsity must be a number in \[0, 1\)"),
+        ({"sparsity": 0.5, "skip_first_steps": -1}, "skip_first_steps must be an integer >= 0"),
+    ],
+)
+def test_bad_options_name_backend_and_range(backend, options, match):
+    q, k, v = _qkv(1, 960, 2, 2, 32)
+    with pytest.raises(ValueError, match=f"'{backend}'.*{match}"):
+        attend(q, k, v, backend=backend, context=AttentionContext(grid=GRID, step=0), **options)
+
+
+def test_sparsity_zero_warns_once_that_dense_is_better(caplog):
+    builder = SparseMetadataBuilder("block_sparse")
+    with caplog.at_level(logging.WARNING, logger="attnbridge"):
+        for step in range(3):
+            builder.build(AttentionContext(grid=GRID, step=step), sparsity=0.0)
+    assert caplog.text.count("dense backend") == 1
+
+
+def test_metadata_is_cached_per_step_and_grid():
+    builder = SparseMetadataBuilder("rain_fusion")
+    first = builder.build(AttentionContext(grid=GRID, step=3), sparsity=0.5, skip_first_steps=5)
+    assert builder.build(AttentionContext(grid=GRID, step=3), sparsity=0.5, skip_first_steps=5) is first
+    assert first.dense and not builder.build(AttentionContext(grid=GRID, step=5), sparsity=0.5).dense
+    assert builder.build(AttentionContext(grid=(3, 8, 41), step=3), sparsity=0.5) is not first
+
+
+def test_grid_that_does_not_match_the_sequence_is_an_error():
+    q, k, v = _qkv(1, 960, 2, 2, 32)
+    with pytest.raises(ValueError, match=r"grid \(3, 8, 41\) holds 984 tokens but the call has 960"):
+        attend(
+            q, k, v, backend="block_sparse", context=AttentionContext(grid=(3, 8, 41), step=1), sparsity=0.5
+        )
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_causal_is_refused(backend):
+    q, k, v = _qkv(1, 256, 2, 2, 32)
+    with pytest.raises(ValueError, match=f"'{backend}' does not support causal"):
+        attend(q, k, v, backend=backend, causal=True, sparsity=0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# laser off Ascend: the Laser contract on the dense kernel
+
+
+def test_laser_reference_pads_and_masks_the_padding():
+    q, k, v = _qkv(1, 2100, 2, 1, 64)  # S -> 2304 (pre_tokens 204), head_dim 64 -> 128, GQA
+    out = attend(q, k, v, backend="laser")
+    assert out.shape == q.shape and out.dtype == torch.float32
+    assert rel_l2(out, dense_reference(q, k, v)[0]) < FP16_TOL
+
+
+def test_laser_reference_is_dense_fa_below_2048_tokens_and_for_cross_attention():
+    q, k, v = _qkv(1, 1000, 2, 2, 64)
+    assert torch.equal(attend(q, k, v, backend="laser"), attend(q, k, v, backend="fa"))
+    q2 = torch.randn(1, 2304, 2, 64)
+    assert torch.equal(attend(q2, k, v, backend="laser"), attend(q2, k, v, backend="fa"))
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: the compiled FlexAttention path
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("block_size", [128, 64])
+def test_cuda_compiled_executor_matches_reference(block_size):
+    q, k, v = _qkv(2, 1000, 4, 2, 64, torch.bfloat16, "cuda")
+    n = math.ceil(1000 / block_size)
+    mask = _random_block_mask(2, 4, n, n).cuda()
+    selection = mask_to_selection(mask)
+    key_valid = torch.rand(1000, device="cuda") < 0.9
+    key_valid[::block_size] = True
+    for valid in (None, key_valid):
+        out, lse = block_sparse_attention(
+            q,
+            k,
+            v,
+            selection.indices,
+            selection.counts,
+            block_size=block_size,
+            key_valid=valid,
+            return_lse=True,
+        )
+        ref_out, ref_lse = block_masked_reference(
+            q.cpu(), k.cpu(), v.cpu(), mask.cpu(), block_size, None if valid is None else valid.cpu()
+        )
+        assert rel_l2(out.cpu(), ref_out) < BF16_TOL
+        assert torch.allclose(lse.cpu().double(), ref_lse, atol=2e-2)
+
+
+@cuda
+def test_cuda_fresh_masks_do_not_recompile():
+    from torch._dynamo.utils import counters
+
+    q, k, v = _qkv(1, 1000, 4, 4, 64, torch.bfloat16, "cuda")
+    layer = AttentionLayer("block_sparse", sparsity=0.75)
+    context = AttentionContext(grid=(1, 20, 50), step=1)
+    layer(q, k, v, context=context)
+    before = counters["stats"]["unique_graphs"]
+    for _ in range(4):
+        q, k, v = _qkv(1, 1000, 4, 4, 64, torch.bfloat16, "cuda")
+        layer(q, k, v, context=context)
+    assert counters["stats"]["unique_graphs"] == before
+
+
+@cuda
+def test_cuda_fresh_pad_masks_do_not_recompile():
+    """The VSA path: key_valid (a mask_mod over pad keys) changes every call."""
+    from torch._dynamo.utils import counters
+
+    q, k, v = _qkv(1, 640, 2, 2, 64, torch.bfloat16, "cuda")
+
+    def call():
+        mask = _random_block_mask(1, 2, 10, 10).cuda()
+        selection = mask_to_selection(mask)
+        key_valid = torch.rand(640, device="cuda") < 0.9
+        return block_sparse_attention(
+            q, k, v, selection.indices, selection.counts, block_size=64, key_valid=key_valid
+        )
+
+    call()
+    before = counters["stats"]["unique_graphs"]
+    for _ in range(3):
+        call()
+    assert counters["stats"]["unique_graphs"] == before

@@ -1,0 +1,254 @@
+"""The Ascend paths of laser, block_sparse and rain_fusion, on the CPU emulation of their kernels.
+
+Two things are checked: the emulated kernels follow their documented semantics (against the
+independent float64 reference), and attnbridge calls them with the right arguments and gets the
+right answer: the same blocks as the CPU/CUDA path, outputs within bfloat16 rounding of it
+(relative L2 <= 1.5e-2 vs float64), Laser within fp16 rounding (3e-3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attnbridge import AttentionLayer, attend
+from attnbridge.attention.backends.block_select import mask_to_selection
+from attnbridge.attention.contract import AttentionContext
+from attnbridge.errors import BackendUnavailableError
+from tests.emulation import fake_attentions_ops as ops
+from tests.emulation.fake_torch_npu_sparse import npu_block_sparse_attention
+from tests.emulation.reference import dense_reference, rel_l2
+
+BF16_TOL = 1.5e-2
+FP16_TOL = 3e-3
+GRID = (3, 8, 40)  # 960 tokens, first frame = 3 blocks
+CONTEXT = AttentionContext(kind="self", grid=GRID, step=7)
+
+
+def _qkv(batch, seq, heads, kv_heads, dim, dtype=torch.bfloat16):
+    return (
+        torch.randn(batch, seq, heads, dim).to(dtype),
+        torch.randn(batch, seq, kv_heads, dim).to(dtype),
+        torch.randn(batch, seq, kv_heads, dim).to(dtype),
+    )
+
+
+def _bnsd(x):
+    return x.transpose(1, 2).contiguous()
+
+
+def _calls(fake, name):
+    return [(args, kwargs) for op, args, kwargs in fake.calls if op == name]
+
+
+def block_masked_reference(q, k, v, block_mask, block_size=128):
+    """float64 BSHD attention over the kept blocks of ``block_mask`` [B, H, nq, nk]."""
+    s = q.shape[1]
+    group = q.shape[2] // k.shape[2]
+    visible = block_mask.repeat_interleave(block_size, -2)[..., :s, :].repeat_interleave(block_size, -1)[
+        ..., :s
+    ]
+    q64, k64, v64 = q.double(), k.double().repeat_interleave(group, 2), v.double().repeat_interleave(group, 2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q64, k64) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, -1), v64)
+
+
+# ---------------------------------------------------------------------------------------------
+# The emulated kernels themselves
+
+
+def test_emulated_la_ignores_the_pre_tokens_padding():
+    q, k, v = _qkv(1, 300, 2, 2, 64, torch.float32)
+    padded = [
+        torch.nn.functional.pad(_bnsd(x), (0, 64, 0, 512 - 300)).half() for x in (q, k, v)
+    ]  # S 300 -> 512, D 64 -> 128
+    lse, out = ops.la(*padded, scale_value=0.125, head_num=2, pre_tokens=212)
+    assert out.dtype == torch.float32 and lse.shape == (1, 2, 512)
+    ref, _ = dense_reference(q, k, v)
+    assert rel_l2(out[:, :, :300, :64].transpose(1, 2), ref) < FP16_TOL
+    with pytest.raises(RuntimeError, match="multiples of 256"):
+        ops.la(*(x[:, :, :300] for x in padded), head_num=2)
+
+
+@pytest.mark.parametrize("op", [ops.block_sparse_attention, ops.ada_block_sparse_attention])
+def test_emulated_block_sparse_kernel_follows_the_mask(op):
+    q, k, v = _qkv(2, 300, 4, 2, 64)
+    mask = torch.rand(2, 4, 3, 3) < 0.5
+    mask[..., 0] = True
+    mask_i8 = torch.nn.functional.pad(mask.to(torch.int8), (0, 29))
+    counts = mask.sum(-1, dtype=torch.int32)
+    out = op(
+        _bnsd(q),
+        _bnsd(k),
+        _bnsd(v),
+        mask_i8,
+        counts,
+        num_heads=4,
+        num_key_value_heads=2,
+        scale_value=0.125,
+        causal=False,
+        pre_tokens=214748647,
+        next_tokens=214748647,
+    )
+    assert rel_l2(out.transpose(1, 2), block_masked_reference(q, k, v, mask)) < BF16_TOL
+    with pytest.raises(RuntimeError, match="sparse_mask must be"):
+        op(_bnsd(q), _bnsd(k), _bnsd(v), mask.to(torch.int8), counts, num_heads=4, num_key_value_heads=2)
+    with pytest.raises(RuntimeError, match="count_table"):
+        op(_bnsd(q), _bnsd(k), _bnsd(v), mask_i8, counts + 1, num_heads=4, num_key_value_heads=2)
+
+
+def test_emulated_rainfusion_and_torch_npu_kernels_follow_the_mask():
+    q, k, v = _qkv(1, 300, 2, 2, 64)
+    mask = torch.rand(1, 2, 3, 3) < 0.5
+    mask[..., 1] = True
+    ref = block_masked_reference(q, k, v, mask)
+    selection = mask_to_selection(mask)
+    listed = torch.arange(3) < selection.counts[..., None]
+    idx = torch.where(listed, selection.indices.long(), -1)[0].transpose(0, 1).contiguous()
+    out, _ = ops.rainfusionattention(
+        q[0], k[0], v[0], idx, selection.counts.long()[0].T.contiguous(), [128, 128],
+        actual_seq_qlen=[300], actual_seq_kvlen=[300], head_num=2, scale=0.125,
+    )  # fmt: skip
+    assert rel_l2(out[None], ref) < BF16_TOL
+    out, lse = npu_block_sparse_attention(
+        _bnsd(q), _bnsd(k), _bnsd(v), mask.to(torch.int8), [128, 128], q_input_layout="BNSD",
+        kv_input_layout="BNSD", num_key_value_heads=2, scale_value=0.125, inner_precise=0, softmax_lse_flag=1,
+    )  # fmt: skip
+    assert rel_l2(out.transpose(1, 2), ref) < BF16_TOL and lse.shape == (1, 2, 300, 1)
+    with pytest.raises(RuntimeError, match="bfloat16 supports only inner_precise=0"):
+        npu_block_sparse_attention(_bnsd(q), _bnsd(k), _bnsd(v), mask.to(torch.int8), [128, 128], q_input_layout="BNSD", kv_input_layout="BNSD", num_key_value_heads=2)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# block_sparse on Ascend
+
+
+def test_block_sparse_npu_passes_our_mask_to_the_attentions_kernel(fake_npu):
+    q, k, v = _qkv(2, 960, 4, 2, 64)
+    out = attend(q, k, v, backend="block_sparse", platform="npu", context=CONTEXT, sparsity=0.75)
+    (args, kwargs), = _calls(fake_npu, "ada_block_sparse_attention")  # fmt: skip
+    assert [a.shape for a in args] == [(2, 4, 960, 64), (2, 2, 960, 64), (2, 2, 960, 64)]
+    assert all(a.is_contiguous() for a in args)
+    mask_i8, counts = kwargs["sparse_mask"], kwargs["sparse_count_table"]
+    assert mask_i8.dtype == torch.int8 and mask_i8.shape == (2, 4, 8, 32)
+    assert kwargs["input_layout"] == "BNSD" and kwargs["sparse_size"] == 128 and kwargs["causal"] is False
+    assert (kwargs["num_heads"], kwargs["num_key_value_heads"]) == (4, 2)
+    assert kwargs["scale_value"] == pytest.approx(1 / 8)
+    assert kwargs["pre_tokens"] == kwargs["next_tokens"] == 214748647
+    mask = mask_i8[..., :8].bool()
+    assert torch.equal(counts, mask.sum(-1, dtype=torch.int32))
+    # The same blocks as the CPU/CUDA path, and the right attention over them.
+    cpu = attend(q, k, v, backend="block_sparse", context=CONTEXT, sparsity=0.75)
+    assert rel_l2(out, cpu) < BF16_TOL
+    assert rel_l2(out, block_masked_reference(q, k, v, mask)) < BF16_TOL
+    assert mask[..., :3, :].all() and mask[..., :, :3].all() and not mask.all()
+
+
+def test_block_sparse_npu_uses_the_older_op_name(fake_npu, monkeypatch):
+    monkeypatch.delattr(torch.ops.attentions, "ada_block_sparse_attention")
+    q, k, v = _qkv(1, 960, 2, 2, 64)
+    out = attend(q, k, v, backend="block_sparse", platform="npu", context=CONTEXT, sparsity=0.5)
+    assert len(_calls(fake_npu, "block_sparse_attention")) == 1
+    assert rel_l2(out, attend(q, k, v, backend="block_sparse", context=CONTEXT, sparsity=0.5)) < BF16_TOL
+
+
+def test_block_sparse_npu_without_either_op_names_them(fake_npu, monkeypatch):
+    monkeypatch.delattr(torch.ops.attentions, "ada_block_sparse_attention")
+    monkeypatch.delattr(torch.ops.attentions, "block_sparse_attention")
+    q, k, v = _qkv(1, 960, 2, 2, 64)
+    with pytest.raises(BackendUnavailableError, match="ada_block_sparse_attention, block_sparse_attention"):
+        attend(q, k, v, backend="block_sparse", platform="npu", strict=True, context=CONTEXT, sparsity=0.5)
+
+
+@pytest.mark.parametrize("backend", ["block_sparse", "rain_fusion"])
+def test_npu_dense_steps_lse_and_cross_attention_run_fia(fake_npu, backend):
+    q, k, v = _qkv(1, 960, 2, 2, 64)
+    layer = AttentionLayer(backend, platform="npu", sparsity=0.75, skip_first_steps=5)
+    dense = layer(q, k, v, context=AttentionContext(grid=GRID, step=4))
+    out, lse = layer(q, k, v, context=CONTEXT, return_lse=True)
+    _, k_text, v_text = _qkv(1, 77, 2, 2, 64)
+    layer(q, k_text, v_text, context=AttentionContext(kind="cross", grid=GRID, step=9))
+    assert [op for op, _, _ in fake_npu.calls] == ["npu_fused_infer_attention_score"] * 3
+    ref, ref_lse = dense_reference(q, k, v)
+    assert rel_l2(dense, ref) < BF16_TOL and rel_l2(out, ref) < BF16_TOL
+    assert torch.allclose(lse.double(), ref_lse, atol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# rain_fusion on Ascend
+
+
+def test_rain_fusion_npu_calls_torch_npu_block_sparse_attention(fake_npu):
+    q, k, v = _qkv(2, 960, 4, 2, 64)
+    out = attend(q, k, v, backend="rain_fusion", platform="npu", context=CONTEXT, sparsity=0.75)
+    (args, kwargs), = _calls(fake_npu, "npu_block_sparse_attention")  # fmt: skip
+    assert [a.shape for a in args[:3]] == [(2, 4, 960, 64), (2, 2, 960, 64), (2, 2, 960, 64)]
+    mask, block_shape = args[3], args[4]
+    assert mask.dtype == torch.int8 and mask.shape == (2, 4, 8, 8) and block_shape == [128, 128]
+    assert kwargs["q_input_layout"] == kwargs["kv_input_layout"] == "BNSD"
+    assert kwargs["num_key_value_heads"] == 2 and kwargs["inner_precise"] == 0
+    assert kwargs["actual_seq_lengths"] == kwargs["actual_seq_lengths_kv"] == [960, 960]
+    assert kwargs["softmax_lse_flag"] == 0
+    cpu = attend(q, k, v, backend="rain_fusion", context=CONTEXT, sparsity=0.75)
+    assert rel_l2(out, cpu) < BF16_TOL
+
+
+def test_rain_fusion_npu_passes_inner_precise_4_on_ascend_950(fake_npu, monkeypatch):
+    monkeypatch.setattr(fake_npu.npu, "get_soc_version", lambda: 260)
+    q, k, v = _qkv(1, 960, 2, 2, 64)
+    attend(q, k, v, backend="rain_fusion", platform="npu", context=CONTEXT, sparsity=0.5)
+    (_, kwargs), = _calls(fake_npu, "npu_block_sparse_attention")  # fmt: skip
+    assert kwargs["inner_precise"] == 4
+
+
+def test_rain_fusion_npu_falls_back_to_the_attentions_kernel_per_batch(fake_npu, monkeypatch):
+    monkeypatch.delattr(fake_npu, "npu_block_sparse_attention")
+    q, k, v = _qkv(2, 960, 4, 2, 64)
+    out = attend(q, k, v, backend="rain_fusion", platform="npu", context=CONTEXT, sparsity=0.75)
+    calls = _calls(fake_npu, "rainfusionattention")
+    assert len(calls) == 2  # one per batch element: each gets its own selection
+    args, kwargs = calls[0]
+    assert [a.shape for a in args] == [(960, 4, 64)] * 3  # TND, K/V heads repeated to 4
+    assert kwargs["select_idx"].shape == (8, 4, 8) and kwargs["select_idx"].dtype == torch.int64
+    assert kwargs["select_num_idx"].shape == (8, 4) and kwargs["head_num"] == 4
+    assert kwargs["actual_seq_qlen"] == kwargs["actual_seq_kvlen"] == [960]
+    assert kwargs["blockshape"] == [128, 128] and kwargs["q_input_layout"] == "TND"
+    cpu = attend(q, k, v, backend="rain_fusion", context=CONTEXT, sparsity=0.75)
+    assert rel_l2(out, cpu) < BF16_TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# laser on Ascend
+
+
+@pytest.mark.parametrize(("seq", "pre_tokens"), [(2100, 204), (2304, 2**31 - 1)])
+def test_laser_npu_pads_casts_and_passes_pre_tokens(fake_npu, seq, pre_tokens):
+    q, k, v = _qkv(1, seq, 4, 2, 64)
+    out = attend(q, k, v, backend="laser", platform="npu")
+    (args, kwargs), = _calls(fake_npu, "la")  # fmt: skip
+    padded = math.ceil(seq / 256) * 256
+    assert [a.shape for a in args] == [(1, 4, padded, 128)] * 3  # K/V heads repeated to 4
+    assert all(a.dtype == torch.float16 for a in args)
+    assert kwargs["pre_tokens"] == pre_tokens and kwargs["next_tokens"] == 1
+    assert kwargs["head_num"] == 4 and kwargs["input_layout"] == "BNSD"
+    assert kwargs["scale_value"] == pytest.approx(1 / 8)  # of the real head_dim, not the padded one
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    assert rel_l2(out, dense_reference(q, k, v)[0]) < BF16_TOL
+
+
+def test_laser_npu_short_and_cross_calls_run_fia(fake_npu):
+    q, k, v = _qkv(1, 1000, 2, 2, 64)
+    attend(q, k, v, backend="laser", platform="npu")
+    q_long = torch.randn(1, 4096, 2, 64).bfloat16()
+    attend(q_long, k, v, backend="laser", platform="npu")
+    assert [op for op, _, _ in fake_npu.calls] == ["npu_fused_infer_attention_score"] * 2
+
+
+def test_laser_npu_is_unavailable_on_ascend_950(fake_npu, monkeypatch):
+    monkeypatch.setattr(fake_npu.npu, "get_soc_version", lambda: 260)
+    q, k, v = _qkv(1, 2304, 2, 2, 64)
+    with pytest.raises(BackendUnavailableError, match="Ascend 950"):
+        attend(q, k, v, backend="laser", platform="npu")
