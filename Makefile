@@ -36,8 +36,11 @@ demo: $(STAMP)
 backends: $(STAMP)
 	$(PYTHON) -m attnbridge backends
 
+# Every backend x model family x platform cell on tiny models (NPU through tests/emulation).
 matrix: $(STAMP)
 	$(PYTHON) -m attnbridge matrix
 
+# On a GPU: dense, sparse and VSA benchmarks in one run -> $(BENCH_OUT)/*.json, docs/benchmarks.md, plot.
+# Regenerate the docs from fetched results only: $(PYTHON) scripts/bench_all.py --from-json DIR
 bench:
-	$(PYTHON) scripts/bench_dense.py --out $(BENCH_OUT)/dense.json
+	$(PYTHON) scripts/bench_all.py --out-dir $(BENCH_OUT)

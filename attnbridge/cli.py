@@ -1,4 +1,5 @@
-"""The ``attnbridge`` command: ``backends`` (what runs here), ``generate`` (a whole pipeline), ``matrix``."""
+"""The ``attnbridge`` command: ``backends`` (what runs here), ``generate`` (a whole pipeline), ``matrix``,
+``docs``."""
 
 from __future__ import annotations
 
@@ -57,6 +58,15 @@ def matrix_command(args: argparse.Namespace) -> int:
     return run_matrix(verbose=args.verbose)
 
 
+def docs_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from attnbridge.docs_gen import docs_main
+
+    root = Path(args.root) if args.root else Path(__file__).resolve().parent.parent
+    return docs_main(root, check=args.check)
+
+
 def _parse_option(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep:
@@ -95,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     mat = sub.add_parser("matrix", help="run the backend x model x platform matrix and print it")
     mat.add_argument("--verbose", action="store_true")
     mat.set_defaults(func=matrix_command)
+
+    docs = sub.add_parser("docs", help="regenerate docs/ (compatibility matrix, backends, bench results)")
+    docs.add_argument("--check", action="store_true", help="only report stale files (exit 1 if any)")
+    docs.add_argument("--root", default=None, help="repository root (default: the one attnbridge is in)")
+    docs.set_defaults(func=docs_command)
     return parser
 
 
