@@ -11,6 +11,23 @@ from pathlib import Path
 
 import torch
 
+#: Wan2.1-T2V-1.3B transformer architecture (diffusers WanTransformer3DModel kwargs), for random weights.
+WAN_1_3B = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+
 
 def device_name() -> str:
     if torch.cuda.is_available():

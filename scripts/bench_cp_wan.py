@@ -26,26 +26,11 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import device_name, print_table, rel_l2, write_json  # noqa: E402
+from bench_common import WAN_1_3B, device_name, print_table, rel_l2, write_json  # noqa: E402
 
 from attnbridge import disable_npu_attention, enable_npu_attention  # noqa: E402
 from attnbridge.attention.parallel import init_distributed  # noqa: E402
 
-WAN_1_3B = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=12,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=8960,
-    num_layers=30,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=1024,
-)
 WAN_SMALL = {
     **WAN_1_3B,
     "num_attention_heads": 4,

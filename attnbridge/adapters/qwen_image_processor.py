@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from attnbridge.adapters.forward_state import ForwardState
 from attnbridge.adapters.joint_parallel import joint_attention_replicated_text
 from attnbridge.adapters.masked import masked_sdpa
-from attnbridge.adapters.sequence_shards import ShardState
-from attnbridge.attention.api import AttentionLayer
+from attnbridge.adapters.processor_base import BridgeProcessor
 
 
 def _qwen_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -29,26 +27,8 @@ def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.unflatten(-1, (-1, head_dim))
 
 
-class QwenImageAttnBridgeProcessor:
+class QwenImageAttnBridgeProcessor(BridgeProcessor):
     """Replaces ``QwenDoubleStreamAttnProcessor2_0`` on one ``transformer_blocks.N.attn``."""
-
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(
-        self,
-        layer: AttentionLayer,
-        *,
-        layer_name: str,
-        kind: str,
-        state: ForwardState,
-        shards: ShardState | None = None,
-    ) -> None:
-        self.layer = layer
-        self.layer_name = layer_name
-        self.kind = kind
-        self.state = state
-        self.shards = shards
 
     def _text_mask_is_trivial(self, mask: torch.Tensor | None) -> bool:
         if mask is None:
@@ -74,11 +54,7 @@ class QwenImageAttnBridgeProcessor:
             raise ValueError(
                 f"{self.layer_name}: Qwen-Image attention takes no attention_mask; pass encoder_hidden_states_mask"
             )
-        if self._parallel_config is not None:
-            raise NotImplementedError(
-                f"{self.layer_name}: diffusers context parallelism is not supported with attnbridge "
-                "processors; disable_npu_attention first or use attnbridge's own parallel attention"
-            )
+        self.refuse_diffusers_parallelism()
         seq_txt = encoder_hidden_states.shape[1]
         head_dim = attn.inner_dim // attn.heads
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from attnbridge.adapters.forward_state import ForwardState
 from attnbridge.adapters.masked import masked_sdpa
-from attnbridge.adapters.sequence_shards import ShardState
+from attnbridge.adapters.processor_base import BridgeProcessor
 from attnbridge.attention.api import AttentionLayer
 from attnbridge.attention.parallel import ParallelAttention
 
@@ -49,30 +48,14 @@ def _image_kv(attn, image_states: torch.Tensor):
     return attn.add_k_proj(image_states), attn.add_v_proj(image_states)
 
 
-class WanAttnBridgeProcessor:
+class WanAttnBridgeProcessor(BridgeProcessor):
     """Replaces ``WanAttnProcessor`` on one ``attn1``/``attn2`` module."""
 
-    # diffusers' set_attention_backend / enable_parallelism write these; we honour neither.
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(
-        self,
-        layer: AttentionLayer,
-        *,
-        layer_name: str,
-        kind: str,
-        state: ForwardState,
-        shards: ShardState | None = None,
-    ) -> None:
-        self.layer = layer
-        self.layer_name = layer_name
-        self.kind = kind
-        self.state = state
-        self.shards = shards
+    def __init__(self, layer: AttentionLayer, **kwargs) -> None:
+        super().__init__(layer, **kwargs)
         # Built at enable time, so that a backend the ring cannot use fails before anything is patched.
-        sharded = shards is not None and kind == "self"
-        self.parallel = ParallelAttention(layer, shards.groups) if sharded else None
+        sharded = self.shards is not None and self.kind == "self"
+        self.parallel = ParallelAttention(layer, self.shards.groups) if sharded else None
 
     def _attend(self, q, k, v, mask, *, sharded_keys: bool = False, **extra) -> torch.Tensor:
         sharded_keys = sharded_keys and self.parallel is not None
@@ -95,11 +78,7 @@ class WanAttnBridgeProcessor:
         attention_mask: torch.Tensor | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        if self._parallel_config is not None:
-            raise NotImplementedError(
-                f"{self.layer_name}: diffusers context parallelism is not supported with attnbridge "
-                "processors; disable_npu_attention first or use attnbridge's own parallel attention"
-            )
+        self.refuse_diffusers_parallelism()
         image_states = None
         if attn.add_k_proj is not None:
             image_tokens = encoder_hidden_states.shape[1] - WAN_TEXT_TOKENS
