@@ -134,58 +134,17 @@ def _refused_head_size(allowed: tuple[int, ...]) -> int:
 # Platforms here: native, emulated (NPU) or absent
 
 
-def _attentions_namespace(calls: list) -> types.SimpleNamespace:
-    """``torch.ops.attentions`` stand-in: the public ops of the emulation, each call recorded."""
-    try:
-        module = importlib.import_module("tests.emulation.fake_attentions_ops")
-    except ModuleNotFoundError:
-        return types.SimpleNamespace()
-
-    def recorded(name, fn):
-        def op(*args, **kwargs):
-            calls.append((name, args, kwargs))
-            return fn(*args, **kwargs)
-
-        op.__name__ = name
-        return op
-
-    return types.SimpleNamespace(
-        **{
-            name: recorded(name, fn)
-            for name, fn in inspect.getmembers(module, inspect.isfunction)
-            if not name.startswith("_") and fn.__module__ == module.__name__
-        }
-    )
-
-
-_MISSING = object()
-
-
 @contextlib.contextmanager
 def emulated_npu() -> Iterator[types.ModuleType]:
-    """Install the fake ``torch_npu`` and ``attentions`` ops of ``tests/emulation`` (as the
-    ``fake_npu`` fixture does) and remove them after; yields the fake, whose ``calls`` records ops."""
-    from tests.emulation.fake_torch_npu import make_fake_torch_npu
+    """The emulated Ascend packages of ``tests/emulation`` (as the ``fake_npu`` fixture installs
+    them) for the block, with attnbridge's cached layers cleared on both sides."""
+    from tests.emulation.install import installed_fake_npu
 
-    fake = make_fake_torch_npu()
-    saved_modules = {name: sys.modules.get(name, _MISSING) for name in ("torch_npu", "attentions")}
-    saved_ops = vars(torch.ops).get("attentions", _MISSING)
-    sys.modules["torch_npu"] = fake
-    sys.modules["attentions"] = types.ModuleType("attentions")
-    torch.ops.attentions = _attentions_namespace(fake.calls)
     _shared_layer.cache_clear()
     try:
-        yield fake
+        with installed_fake_npu() as fake:
+            yield fake
     finally:
-        for name, module in saved_modules.items():
-            if module is _MISSING:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
-        if saved_ops is _MISSING:
-            delattr(torch.ops, "attentions")
-        else:
-            torch.ops.attentions = saved_ops
         _shared_layer.cache_clear()
 
 

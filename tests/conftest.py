@@ -3,57 +3,21 @@ paths run on CPU, per-test seeding, and a fresh attnbridge layer cache per test.
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import sys
-import types
 import zlib
 
 import pytest
 import torch
 
-from tests.emulation.fake_torch_npu import make_fake_torch_npu
-
-ATTENTIONS_OPS_MODULE = "tests.emulation.fake_attentions_ops"
-
-
-def _fake_attentions_namespace(calls: list) -> types.SimpleNamespace:
-    """``torch.ops.attentions`` stand-in: the public functions of the attentions-ops emulation
-    (when that module exists), each call recorded in ``calls`` as ``(name, args, kwargs)``."""
-    try:
-        module = importlib.import_module(ATTENTIONS_OPS_MODULE)
-    except ModuleNotFoundError as error:
-        if error.name != ATTENTIONS_OPS_MODULE:
-            raise
-        return types.SimpleNamespace()
-
-    def recorded(name, fn):
-        def op(*args, **kwargs):
-            calls.append((name, args, kwargs))
-            return fn(*args, **kwargs)
-
-        op.__name__ = op.__qualname__ = name
-        op.__doc__ = fn.__doc__
-        return op
-
-    functions = {
-        name: recorded(name, fn)
-        for name, fn in inspect.getmembers(module, inspect.isfunction)
-        if not name.startswith("_") and fn.__module__ == module.__name__
-    }
-    return types.SimpleNamespace(**functions)
+from tests.emulation.install import installed_fake_npu
 
 
 @pytest.fixture
-def fake_npu(monkeypatch):
+def fake_npu():
     """Install the emulated ``torch_npu`` (and an ``attentions`` package whose ops live on
     ``torch.ops.attentions``) for one test; yields the fake module, whose ``calls`` list records
     every op call of both."""
-    fake = make_fake_torch_npu()
-    monkeypatch.setitem(sys.modules, "torch_npu", fake)
-    monkeypatch.setitem(sys.modules, "attentions", types.ModuleType("attentions"))
-    monkeypatch.setattr(torch.ops, "attentions", _fake_attentions_namespace(fake.calls), raising=False)
-    yield fake
+    with installed_fake_npu() as fake:
+        yield fake
 
 
 @pytest.fixture(autouse=True)
