@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--model", default="wan-tiny", help="wan-tiny | qwen-image-tiny | qwen3-moe-tiny | PATH")
     gen.add_argument("--backend", default="sdpa", choices=list(BACKENDS))
-    gen.add_argument("--steps", type=int, default=4)
+    gen.add_argument("--steps", type=int, default=4, help="denoising steps; new tokens for text models")
     gen.add_argument("--prompt", default="a red fox running through snow")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default=None, help="default: the accelerator found, else cpu")
@@ -114,8 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run a subcommand; a bad model, backend or option is one ``error:`` line and exit status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, ImportError) as error:  # BackendUnavailableError is an ImportError
+        print(f"attnbridge {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -209,3 +209,13 @@ def test_two_processes_share_the_sequence_and_rank0_writes(tmp_path):
     ours = np.stack(_frames(tmp_path / "wan-tiny-sdpa.gif")).astype(int)
     reference = np.stack(_frames(Path(single["files"]["video"]))).astype(int)
     assert ours.shape == reference.shape and np.abs(ours - reference).max() <= 8
+
+
+def test_cli_reports_a_bad_option_as_one_error_line(tmp_path, capsys):
+    code = main(
+        ["generate", "--model", "wan-tiny", "--option", "sparsity=0.5", "--output", str(tmp_path / "o")]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnbridge generate: error: backend 'sdpa' does not take option(s) ['sparsity']")
+    assert "Traceback" not in err
