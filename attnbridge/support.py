@@ -77,10 +77,14 @@ PLATFORM_FACTS: dict[str, PlatformFacts] = {
         ),
         PlatformFacts(
             "cuda",
-            "ran on an NVIDIA H200 through the device tool: `scripts/check_gpu_kernels.py` checked the "
-            "dense kernels against a float32 reference; `scripts/bench_*.py` timed them (docs/benchmarks.md)",
+            "ran on an NVIDIA H200 through the device tool: `scripts/check_gpu_kernels.py` checked `sdpa` "
+            "and `fa` (with and without LSE) against a float32 reference, the CUDA-only tests of "
+            "`block_sparse` and `vsa` passed there, and `scripts/bench_*.py` timed `fa`, `sdpa`, "
+            "`block_sparse`, `rain_fusion`, `vsa` and whole Wan steps (docs/benchmarks.md). Not run on "
+            "the GPU: the `sage` kernel itself (sageattention is not on the GPU image, so its logged `fa` "
+            "fallback ran) and `laser`'s CUDA path (`fa` with Laser's padding)",
             "device",
-            "not run here: needs the GPU (checked by scripts/check_gpu_kernels.py on H200)",
+            "not run here: needs the GPU (see 'Where each platform ran')",
             ran_on_hardware=True,
         ),
         PlatformFacts(

@@ -185,6 +185,18 @@ def test_qwen_image_edit_style_shapes_stack_frames(spy):
     assert spy[0][2].extra["img_shapes"] == ((1, 2, 3), (1, 2, 3))
 
 
+def test_qwen_image_mixed_size_images_get_a_raster_grid_sparse_backends_can_use():
+    """Edit-style inputs with images of two sizes have no common spatial grid: the image tokens are
+    one raster row, and block_sparse (sparsity 0 keeps every block) still equals dense."""
+    model = tiny_qwen_image_transformer()
+    inputs = qwen_image_inputs(grid_h=2, grid_w=3)
+    inputs["hidden_states"] = torch.randn(1, 12, 16)
+    inputs["img_shapes"] = [[(1, 2, 3), (1, 3, 2)]]
+    reference = _run(model, inputs)
+    enable_npu_attention(model, "block_sparse", sparsity=0.0, skip_first_steps=0)
+    assert _max_abs(_run(model, inputs), reference) <= TOLERANCE["fa"]
+
+
 def test_wan_pipeline_step_advances_once_per_step_and_resets(spy):
     pipe = tiny_wan_pipeline()
     enable_npu_attention(pipe, "sdpa")
@@ -331,7 +343,7 @@ def test_sparse_backend_keeps_cross_attention_dense():
     model = tiny_wan_transformer(layers=1)
     handle = enable_npu_attention(model, "block_sparse", sparsity=0.5)
     backends = {name: layer.backend for name, layer in handle.layers.items()}
-    assert backends == {"blocks.0.attn1": "block_sparse", "blocks.0.attn2": "sdpa"}
+    assert backends == {"blocks.0.attn1": "block_sparse", "blocks.0.attn2": "fa"}
     assert handle.layers["blocks.0.attn1"].config == {"sparsity": 0.5}
 
 

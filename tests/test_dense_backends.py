@@ -172,3 +172,13 @@ def test_gpu_fa_falls_back_to_the_exact_kernel_when_no_fused_kernel_accepts(capl
     assert rel_l2(out, ref_out) < 1e-5
     assert torch.allclose(lse.double(), ref_lse, atol=1e-5)
     assert rel_l2(impl.forward(q, k, v, causal=True), ref_out) < 1e-5  # public SDPA path, no LSE
+
+
+def test_misspelt_option_is_refused_not_ignored():
+    q, k, v = _qkv((1, 8, 8, 2, 2, 64), torch.float32)
+    with pytest.raises(
+        ValueError, match=r"'block_sparse' does not take option\(s\) \['sparsty'\]; it accepts: sparsity"
+    ):
+        attend(q, k, v, backend="block_sparse", sparsty=0.9)
+    with pytest.raises(ValueError, match=r"'vsa' does not take option\(s\) \['skip_first_steps'\]"):
+        attend(q, k, v, backend="vsa", skip_first_steps=2)

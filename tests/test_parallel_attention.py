@@ -111,9 +111,19 @@ WORLD4_ACCURACY = [
 ]
 
 
+def groups_reused_case(info):
+    """Building the groups of one layout twice must hand back the same communicators."""
+    first = build_parallel_groups(ParallelConfig(ring_degree=2, ulysses_degree=1))
+    second = build_parallel_groups(ParallelConfig(ring_degree=2, ulysses_degree=1))
+    other = build_parallel_groups(ParallelConfig(ring_degree=1, ulysses_degree=2))
+    return [first.ring_group is second.ring_group, other.ulysses_group is not first.ring_group]
+
+
 @pytest.fixture(scope="module")
 def world2():
-    return run_cases(2, [("init", init_case), *WORLD2_ACCURACY, *WORLD2_ERRORS])
+    return run_cases(
+        2, [("init", init_case), ("groups_reused", groups_reused_case), *WORLD2_ACCURACY, *WORLD2_ERRORS]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +133,10 @@ def world4():
 
 # ---------------------------------------------------------------------------------------------
 # Distributed tests.
+
+
+def test_process_groups_are_built_once_per_layout(world2):
+    assert values(world2, "groups_reused") == [[True, True], [True, True]]
 
 
 def test_init_distributed_reads_launcher_env_and_picks_gloo_on_cpu(world2):

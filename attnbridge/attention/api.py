@@ -47,6 +47,10 @@ class AttentionLayer:
         **config: Any,
     ) -> None:
         self.spec: BackendSpec = get_backend_spec(backend)
+        unknown = sorted(set(config) - set(self.spec.options))
+        if unknown:  # a misspelt option must not silently give the default behaviour
+            accepted = ", ".join(self.spec.options) or "no options"
+            raise ValueError(f"backend {backend!r} does not take option(s) {unknown}; it accepts: {accepted}")
         self.platform = platform
         self.strict = strict
         self.name = name

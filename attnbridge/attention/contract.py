@@ -65,6 +65,9 @@ class AttentionImpl(ABC):
     supported_head_sizes: ClassVar[tuple[int, ...] | None] = None
     supports_lse: ClassVar[bool] = True
     supports_causal: ClassVar[bool] = True
+    #: Attention kinds (see :class:`AttentionContext`) this kernel serves; the adapters refuse a model
+    #: with another kind at enable time, before anything is patched.
+    attention_kinds: ClassVar[tuple[str, ...]] = ("self", "cross", "joint")
 
     @classmethod
     def check_available(cls, platform: str) -> None:

@@ -49,5 +49,28 @@ def get_backend_spec(name: str) -> BackendSpec:
         ) from None
 
 
+def check_sparsity(backend: str, sparsity: object, *, key: str = "sparsity") -> float:
+    """``sparsity`` as a float in ``[0, 1)``; anything else is a ValueError naming the backend.
+
+    The one range check every sparse backend and the adapters' option check share.
+    """
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(
+            f"backend {backend!r}: {key} must be a number in [0, 1) (the fraction of attention work "
+            f"skipped); got {sparsity!r}"
+        )
+    return float(sparsity)
+
+
+_PARTS_PER_MILLION = 1_000_000
+
+
+def kept_count(sparsity: float, total: int) -> int:
+    """``ceil((1 - sparsity) * total)`` clamped to ``[1, total]``, in integer parts per million so
+    that float error (``1 - 0.85 = 0.15000000000000002``) cannot keep one block too many."""
+    keep_ppm = _PARTS_PER_MILLION - round(sparsity * _PARTS_PER_MILLION)
+    return max(1, min(total, -(-keep_ppm * total // _PARTS_PER_MILLION)))
+
+
 def backend_names(*, sparse: bool | None = None) -> list[str]:
     return [n for n, s in BACKENDS.items() if sparse is None or s.sparse == sparse]

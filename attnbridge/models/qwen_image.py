@@ -33,8 +33,9 @@ def qwen_image_grid(model: torch.nn.Module, inputs: Mapping[str, Any]) -> GridIn
     """Grid of the image tokens from ``img_shapes``.
 
     Images of one size stack along T (as their rotary frame index does), so ``T*H*W`` equals the
-    image token count; with mixed sizes the grid is the first (generated) image's and
-    ``extra["img_shapes"]`` lists all of them.
+    image token count. Mixed sizes (edit pipelines with reference images of other sizes) have no
+    common spatial grid: the tokens are then one raster row ``(1, 1, N)``, which block masks can
+    still cut into consecutive blocks. ``extra["img_shapes"]`` lists every image either way.
     """
     img_shapes = inputs.get("img_shapes")
     if not img_shapes:
@@ -44,7 +45,7 @@ def qwen_image_grid(model: torch.nn.Module, inputs: Mapping[str, Any]) -> GridIn
     if all((h, w) == (height, width) for _, h, w in shapes):
         grid = (sum(f for f, _, _ in shapes), height, width)
     else:
-        grid = shapes[0]
+        grid = (1, 1, sum(f * h * w for f, h, w in shapes))
     return grid, {"img_shapes": tuple(shapes)}
 
 

@@ -44,6 +44,16 @@ def load_attentions_ops(backend: str) -> object:
     return torch.ops.attentions
 
 
+#: ``torch_npu.npu.get_soc_version()`` of Ascend 950 (A5): no Laser kernel, and the block-sparse
+#: kernel wants ``inner_precise=4`` there.
+ASCEND_A5_SOC = 260
+
+
+def is_ascend_a5(torch_npu: ModuleType) -> bool:
+    """Whether the NPU in use is an Ascend 950 (A5)."""
+    return torch_npu.npu.get_soc_version() == ASCEND_A5_SOC
+
+
 class NpuPlatform(Platform):
     name = "npu"
     device_type = "npu"

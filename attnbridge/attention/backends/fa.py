@@ -127,18 +127,23 @@ class AtenFAImpl(AttentionImpl):
         candidates = [_efficient]
         if q.dtype in HALF_DTYPES and (not causal or q.shape[1] == k.shape[1]):
             candidates = [_cudnn, _flash, _efficient]
+        # A kernel that refused an input is not retried for inputs of the same kind (shapes, dtype,
+        # causal, GQA, device); out-of-memory is not a refusal and propagates.
+        kind = (q.shape, k.shape, q.dtype, causal, q.device)
         for kernel in candidates:
-            key = (kernel.__name__, q.dtype, q.shape[-1], causal)
+            key = (kernel.__name__, *kind)
             if key in self._failed:
                 continue
             try:
                 out, lse = kernel(qt, kt, vt, causal, scale)
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError as error:
                 logger.info("fa: %s kernel rejected this input (%s); trying the next", kernel.__name__, error)
                 self._failed.add(key)
                 continue
             return out.transpose(1, 2), _lse_bhs(lse, qt)
-        key = (q.dtype, q.shape[-1], causal)
+        key = kind
         if key not in self._warned:
             self._warned.add(key)
             logger.warning(

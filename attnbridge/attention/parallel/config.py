@@ -71,8 +71,15 @@ class ParallelGroups:
         return self.rank % self.config.ulysses_degree
 
 
+#: Groups already built, per (ring, ulysses) layout and default process group: enabling and
+#: disabling again (a benchmark over layouts, a user toggling backends) must not create new
+#: communicators each time, which nothing would ever destroy.
+_GROUPS: dict[tuple[int, int, int], ParallelGroups] = {}
+
+
 def build_parallel_groups(config: ParallelConfig) -> ParallelGroups:
-    """Create the Ulysses and ring process groups; a collective call, made once on every rank.
+    """The Ulysses and ring process groups of ``config``; a collective call on every rank the first
+    time for a layout, a cache lookup after.
 
     ``torch.distributed.new_group`` must be entered by all ranks for every group, in the same
     order, so every rank builds all groups and keeps its own.
@@ -82,6 +89,13 @@ def build_parallel_groups(config: ParallelConfig) -> ParallelGroups:
     config.check_world_size(world_size)
     if world_size == 1:
         return ParallelGroups(config, 0, None, None, None)
+    key = (config.ring_degree, config.ulysses_degree, id(dist.group.WORLD))
+    if key not in _GROUPS:
+        _GROUPS[key] = _new_parallel_groups(config)
+    return _GROUPS[key]
+
+
+def _new_parallel_groups(config: ParallelConfig) -> ParallelGroups:
     rank = dist.get_rank()
     ring_rank, ulysses_rank = divmod(rank, config.ulysses_degree)
     ulysses_group = ring_group = None
