@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-from attnbridge.attention.registry import BackendSpec, get_backend_spec
+from attnbridge.attention.registry import BackendSpec, check_sparsity, get_backend_spec
 
 _FRACTION_OPTIONS = ("sparsity", "VSA_sparsity")
 _COUNT_OPTIONS = ("skip_first_steps",)
@@ -25,9 +25,7 @@ def validate_backend(backend: str, config: dict[str, Any], platform: str | None 
         raise ValueError(f"backend {backend!r} does not take option(s) {unknown}; it accepts: {accepted}")
     for key in _FRACTION_OPTIONS:
         if key in config:
-            value = config[key]
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
-                raise ValueError(f"backend {backend!r}: {key} must be a number in [0, 1), got {value!r}")
+            check_sparsity(backend, config[key], key=key)
     for key in _COUNT_OPTIONS:
         if key in config:
             value = config[key]
