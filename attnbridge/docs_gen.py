@@ -145,7 +145,7 @@ def render_compatibility_matrix(table: SupportTable | None = None) -> str:
     out.append("## Backend x model family x platform\n")
     out.append(
         '"yes": `enable_npu_attention(model, backend)` patches every attention module and the output '
-        'matches the unpatched model (sparse backends at sparsity 0; `vsa` matches exact attention plus '
+        "matches the unpatched model (sparse backends at sparsity 0; `vsa` matches exact attention plus "
         'its coarse tile-mean term, which it always adds). "no": the error named in the note is raised (the matrix checks '
         "the error type and that its message contains the reason).\n"
     )

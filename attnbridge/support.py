@@ -162,9 +162,9 @@ STATED_REFUSALS: dict[tuple[str, str], Refusal] = {
     ),
     ("vsa", "joint"): Refusal(
         ValueError,
-        "runs self-attention over video tokens only",
-        "call",
-        "stated: VSA tiles video tokens; a joint call carries text tokens",
+        "does not serve joint attention",
+        "enable",
+        "stated: VSA tiles video tokens, a joint sequence carries text tokens (FlexVSAImpl.attention_kinds)",
     ),
 }
 

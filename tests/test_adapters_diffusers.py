@@ -399,3 +399,11 @@ def test_enabled_model_can_still_be_garbage_collected():
     del model
     gc.collect()
     assert ref() is None
+
+
+def test_vsa_on_joint_attention_is_refused_at_enable_and_changes_nothing():
+    model = tiny_qwen_image_transformer()
+    before = _processors(model)
+    with pytest.raises(ValueError, match=r"backend 'vsa' .* does not serve joint attention"):
+        enable_npu_attention(model, "vsa", sparsity=0.5)
+    assert all(model.attn_processors[k] is before[k] for k in before)

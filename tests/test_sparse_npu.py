@@ -3,7 +3,8 @@
 Two things are checked: the emulated kernels follow their documented semantics (against the
 independent float64 reference), and attnbridge calls them with the right arguments and gets the
 right answer: the same blocks as the CPU/CUDA path, outputs within bfloat16 rounding of it
-(relative L2 <= 1.5e-2 vs float64), Laser within fp16 rounding (3e-3).
+(relative L2 <= 1.5e-2 vs float64), Laser within fp16 rounding (3e-3) for fp16 input and within
+bfloat16 rounding for bfloat16 input, values beyond fp16's range included.
 """
 
 from __future__ import annotations
@@ -71,6 +72,17 @@ def test_emulated_la_ignores_the_pre_tokens_padding():
     assert rel_l2(out[:, :, :300, :64].transpose(1, 2), ref) < FP16_TOL
     with pytest.raises(RuntimeError, match="multiples of 256"):
         ops.la(*(x[:, :, :300] for x in padded), head_num=2)
+
+
+def test_emulated_la_refuses_window_values_it_does_not_model():
+    """Only what sglang passes is given a meaning (the kernel's semantics are inferred, not known)."""
+    padded = [torch.nn.functional.pad(torch.randn(1, 2, 300, 128), (0, 0, 0, 212)).half() for _ in range(3)]
+    with pytest.raises(RuntimeError, match="next_tokens=0 is not emulated"):
+        ops.la(*padded, head_num=2, pre_tokens=212, next_tokens=0)
+    with pytest.raises(RuntimeError, match="pre_tokens=214748647 is not emulated"):
+        ops.la(*padded, head_num=2, pre_tokens=214748647)
+    with pytest.raises(RuntimeError, match="last 250 key/value rows are not zero padding"):
+        ops.la(*padded, head_num=2, pre_tokens=250)  # 212 rows are padding, not 250
 
 
 @pytest.mark.parametrize("op", [ops.block_sparse_attention, ops.ada_block_sparse_attention])
@@ -225,17 +237,39 @@ def test_rain_fusion_npu_falls_back_to_the_attentions_kernel_per_batch(fake_npu,
 
 
 @pytest.mark.parametrize(("seq", "pre_tokens"), [(2100, 204), (2304, 2**31 - 1)])
-def test_laser_npu_pads_casts_and_passes_pre_tokens(fake_npu, seq, pre_tokens):
-    q, k, v = _qkv(1, seq, 4, 2, 64)
+@pytest.mark.parametrize(
+    ("dtype", "shift", "tol"), [(torch.bfloat16, 256, BF16_TOL), (torch.float16, 1, FP16_TOL)]
+)
+def test_laser_npu_pads_casts_and_passes_pre_tokens(fake_npu, seq, pre_tokens, dtype, shift, tol):
+    """bf16 reaches the kernel divided by 256 (fp16 range) with the scale times 256**2; fp16 as is."""
+    q, k, v = _qkv(1, seq, 4, 2, 64, dtype)
     out = attend(q, k, v, backend="laser", platform="npu")
     (args, kwargs), = _calls(fake_npu, "la")  # fmt: skip
     padded = math.ceil(seq / 256) * 256
     assert [a.shape for a in args] == [(1, 4, padded, 128)] * 3  # K/V heads repeated to 4
     assert all(a.dtype == torch.float16 for a in args)
+    assert torch.equal(args[0][:, :, :seq, :64], (q.float() / shift).half().transpose(1, 2))
     assert kwargs["pre_tokens"] == pre_tokens and kwargs["next_tokens"] == 1
     assert kwargs["head_num"] == 4 and kwargs["input_layout"] == "BNSD"
-    assert kwargs["scale_value"] == pytest.approx(1 / 8)  # of the real head_dim, not the padded one
-    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    # 1/sqrt of the real head_dim, not the padded one; times 256**2 for the shifted q and k.
+    assert kwargs["scale_value"] == pytest.approx(shift * shift / 8)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert rel_l2(out, dense_reference(q, k, v)[0]) < tol
+
+
+def test_laser_npu_keeps_bf16_values_beyond_the_fp16_range(fake_npu):
+    """bf16 values around 1e5 (fp16 stops at 65504) give a finite output, right to bf16 rounding.
+
+    Channel 0 of every key is the same 1e5, so it shifts a query's scores equally (softmax ignores
+    it) and the attention stays well conditioned; v is ~1e5 throughout.
+    """
+    q, k, v = _qkv(1, 2100, 2, 2, 64)
+    k[..., 0] = 1e5
+    v = (v.float() * 1e5).bfloat16()
+    assert not torch.isfinite(k.half()).all() and not torch.isfinite(v.half()).all()  # plain cast: inf
+    out = attend(q, k, v, backend="laser", platform="npu")
+    assert len(_calls(fake_npu, "la")) == 1
+    assert torch.isfinite(out).all()
     assert rel_l2(out, dense_reference(q, k, v)[0]) < BF16_TOL
 
 

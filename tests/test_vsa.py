@@ -179,9 +179,10 @@ def test_topk_counts_padded_tiles():
     "config", [{"sparsity": 1.0}, {"sparsity": -0.1}, {"VSA_sparsity": 1.5}, {"sparsity": True}]
 )
 def test_sparsity_outside_unit_interval_is_a_value_error(config):
-    with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\)"):
+    key = next(iter(config))
+    with pytest.raises(ValueError, match=rf"'vsa': {key} must be a number in \[0, 1\)"):
         FlexVSAImpl(**config)
-    with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\)"):
+    with pytest.raises(ValueError, match=rf"'vsa': {key} must be a number in \[0, 1\)"):
         VSAMetadataBuilder().build(AttentionContext(grid=(4, 4, 4)), **config)
 
 

@@ -50,8 +50,12 @@ ASCEND_A5_SOC = 260
 
 
 def is_ascend_a5(torch_npu: ModuleType) -> bool:
-    """Whether the NPU in use is an Ascend 950 (A5)."""
-    return torch_npu.npu.get_soc_version() == ASCEND_A5_SOC
+    """Whether the NPU in use is an Ascend 950 (A5); False where the chip cannot be queried (an old
+    torch_npu, no device), so the kernel call itself decides."""
+    try:
+        return torch_npu.npu.get_soc_version() == ASCEND_A5_SOC
+    except Exception:  # noqa: BLE001 - any failure of the query means "unknown", not an error
+        return False
 
 
 class NpuPlatform(Platform):

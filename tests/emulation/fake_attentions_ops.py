@@ -9,9 +9,15 @@ wrappers and fake (meta) kernels in ``python/attentions/attentions/layers/_custo
 kernel README (mask layout of the block-sparse kernels); the ``la`` plugin (``la.cpp``: returns
 ``(softmax_log_max_sum [B,N,S] float32, out float32 [B,N,S,D])``).
 
-* ``la``: fp16 BNSD, S a multiple of 256, head_dim 128 (what its callers guarantee).
-  ``pre_tokens`` < S means the last ``pre_tokens`` keys are zero padding and get no weight: that is
-  how sglang's and sgl-kernel-npu's callers use it; it is not confirmed from the kernel source.
+* ``la``: fp16 BNSD, S a multiple of 256, head_dim 128 (what its callers guarantee). Its
+  ``pre_tokens`` / ``next_tokens`` semantics are ASSUMED, inferred from how sglang's and
+  sgl-kernel-npu's callers use them, NOT confirmed from the kernel source (which we have not seen):
+  ``pre_tokens`` < S means "the last ``pre_tokens`` keys are zero padding and get no weight"
+  (callers pass ``roundup(S_kv, 256) - S_kv``, else 2**31 - 1), and ``next_tokens=1`` (the only
+  value sglang passes, and the schema default) means "no mask" for this non-causal kernel. Both
+  assumptions are the ones attnbridge's Laser code makes too, so this fake cannot show them wrong;
+  it only refuses every other value, and a ``pre_tokens`` whose "padding" keys are not zero, so that
+  a change in what attnbridge passes is caught rather than silently given some meaning.
 * ``block_sparse_attention`` (older builds) and ``ada_block_sparse_attention`` (newer, same schema):
   int8 mask ``[B, Nq, ceil(Sq/ss), align32(ceil(Skv/ss))]`` with 0/1 entries and zero padding,
   int32 counts ``[B, Nq, ceil(Sq/ss)]`` equal to the row sums; a token pair is visible when its
@@ -32,6 +38,9 @@ import math
 import torch
 
 HALF = (torch.float16, torch.bfloat16)
+#: The only ``la`` window values the emulation models (see the module docstring).
+LA_NEXT_TOKENS = 1
+LA_NO_PAD = 2**31 - 1
 
 
 def _expand_blocks(mask: torch.Tensor, block_q: int, block_kv: int, s_q: int, s_kv: int) -> torch.Tensor:
@@ -89,8 +98,24 @@ def la(
     _require(s_q % 256 == 0 and key.shape[2] % 256 == 0, op, "sequence lengths must be multiples of 256")
     _require(atten_mask is None and alibi_mask is None and drop_mask is None, op, "masks are not emulated")
     _require(keep_prob == 1.0, op, "dropout is not emulated")
+    _require(
+        next_tokens == LA_NEXT_TOKENS,
+        op,
+        f"next_tokens={next_tokens!r} is not emulated: only {LA_NEXT_TOKENS} (what sglang passes) is",
+    )
     s_kv = key.shape[2]
+    _require(
+        pre_tokens == LA_NO_PAD or 0 < pre_tokens < 256,
+        op,
+        f"pre_tokens={pre_tokens!r} is not emulated: only the zero-padded key count (1-255) or "
+        f"{LA_NO_PAD} (no padding), as sglang passes it",
+    )
     valid = s_kv - pre_tokens if pre_tokens < s_kv else s_kv
+    _require(
+        not bool(key[:, :, valid:].any() or value[:, :, valid:].any()),
+        op,
+        f"pre_tokens={pre_tokens} but the last {s_kv - valid} key/value rows are not zero padding",
+    )
     visible = (torch.arange(s_kv) < valid).expand(1, 1, s_q, s_kv)
     out, lse = _attention_bnsd(query, key, value, visible, float(scale_value))
     return lse.float(), out.float()

@@ -6,10 +6,11 @@ next to the attention itself (pooling reads q and k once; the rest works on ``[B
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
+
+from attnbridge.attention.registry import kept_count
 
 
 @dataclass(frozen=True)
@@ -59,11 +60,6 @@ def pooled_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: floa
     return torch.matmul(q_bar, k_bar.transpose(-1, -2)) * scale
 
 
-def kept_blocks(sparsity: float, num_blocks: int) -> int:
-    """``ceil((1 - sparsity) * num_blocks)``, at least 1, robust to ``1 - 0.9 = 0.0999...``."""
-    return max(1, min(num_blocks, math.ceil((1.0 - sparsity) * num_blocks - 1e-9)))
-
-
 def select_top_blocks(
     scores: torch.Tensor, sparsity: float, dense_blocks: torch.Tensor, num_dense: int
 ) -> BlockSelection:
@@ -97,7 +93,7 @@ def select_top_blocks(
 def row_budget(sparsity: float, nq: int, nk: int, num_dense: int) -> int:
     """Blocks each non-dense query row keeps so that all rows together keep ``1 - sparsity`` of
     the ``nq x nk`` pairs (at least the row's forced blocks: dense columns and the diagonal)."""
-    total = kept_blocks(sparsity, nq * nk)
+    total = kept_count(sparsity, nq * nk)
     other_rows = nq - num_dense
     keep = (total - num_dense * nk) // other_rows if other_rows > 0 else nk
     return min(nk, max(keep, num_dense + 1))
@@ -108,7 +104,7 @@ def threshold_mask(scores: torch.Tensor, sparsity: float, dense_blocks: torch.Te
     ``k = ceil(nk * (1 - sparsity))``; ``dense_blocks`` rows and columns are forced True."""
     nk = scores.shape[-1]
     probs = torch.softmax(scores, dim=-1)
-    threshold = probs.topk(kept_blocks(sparsity, nk), dim=-1).values[..., -1:]
+    threshold = probs.topk(kept_count(sparsity, nk), dim=-1).values[..., -1:]
     mask = probs >= threshold
     return mask | dense_blocks[None, None, :, None] | dense_blocks[None, None, None, :]
 

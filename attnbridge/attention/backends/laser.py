@@ -9,10 +9,13 @@ out)``) only takes fp16 BNSD with the sequence a multiple of 256 and head_dim 12
    ``context.kind == "cross"``), shorter than 2048 tokens (the kernel misbehaves there), causal,
    asks for the LSE, or has head_dim > 128;
 2. otherwise is cast to fp16 and zero-padded: sequence to a multiple of 256, head_dim to 128 (K/V
-   heads repeated to the query heads: the kernel takes one head count);
+   heads repeated to the query heads: the kernel takes one head count). bf16 input is first scaled
+   by 1/256 so values past fp16's 65504 stay finite (sglang's ``preserve_bf16_range``); the softmax
+   scale passed is then ``scale * 256 * 256`` and the output is multiplied by 256;
 3. passes ``pre_tokens = roundup(S_kv, 256) - S_kv`` (the zero-padded key rows) when padding was
-   needed, else 2**31 - 1; we read that as "the last ``pre_tokens`` keys get no weight", as
-   sglang's and sgl-kernel-npu's callers use it (not confirmed from the kernel source);
+   needed, else 2**31 - 1, and ``next_tokens=1``; we read that as "the last ``pre_tokens`` keys get
+   no weight" and "no mask", as sglang's and sgl-kernel-npu's callers use them (not confirmed from
+   the kernel source);
 4. slices the (float32) output back to ``[:S_q, :D]`` and casts to the input dtype.
 
 :class:`LaserReferenceImpl` (CPU, CUDA) runs steps 1-4 with the platform's dense ``fa`` kernel in
@@ -35,8 +38,10 @@ LASER_DIM_ALIGN = 128
 LASER_MIN_SEQ = 2048
 #: ``pre_tokens`` meaning "no padded keys".
 LASER_NO_PAD = 2**31 - 1
-#: ``npu.get_soc_version()`` of Ascend 950 (A5), which has no Laser kernel.
-ASCEND_A5_SOC = 260
+#: ``next_tokens`` as sglang passes it (the schema default); the emulation accepts only this value.
+LASER_NEXT_TOKENS = 1
+#: bf16 q, k, v are divided by this before the fp16 cast (bf16 reaches 3.4e38, fp16 only 65504).
+BF16_RANGE_SHIFT = 256.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,11 @@ class LaserInputs:
     key: torch.Tensor
     value: torch.Tensor
     pre_tokens: int
+    #: What q, k, v were divided by before the fp16 cast (256 for bf16, else 1); the output is
+    #: multiplied back by it.
+    range_shift: float
+    #: The softmax scale to pass the kernel: the caller's, times ``range_shift**2`` for q and k.
+    scale_value: float
     seq_len: int
     head_dim: int
     dtype: torch.dtype
@@ -67,15 +77,21 @@ def laser_pre_tokens(seq_kv: int) -> int:
     return pad if pad else LASER_NO_PAD
 
 
-def laser_preprocess(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> LaserInputs:
-    """BSHD inputs -> fp16 BNSD padded to (256, 128), K/V heads repeated to the query heads."""
+def laser_preprocess(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> LaserInputs:
+    """BSHD inputs -> fp16 BNSD padded to (256, 128), K/V heads repeated to the query heads.
+
+    bf16 input is divided by 256 first so that it fits fp16 (``range_shift``, ``scale_value``).
+    """
     groups = q.shape[2] // k.shape[2]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
     seq_pad = -q.shape[1] % LASER_SEQ_ALIGN
     dim_pad = -q.shape[3] % LASER_DIM_ALIGN
+    shift = BF16_RANGE_SHIFT if q.dtype == torch.bfloat16 else 1.0
 
     def prepare(x: torch.Tensor) -> torch.Tensor:
+        if shift != 1.0:
+            x = x / shift  # exact in bf16: a power of two
         x = torch.nn.functional.pad(x.to(torch.float16), (0, dim_pad, 0, 0, 0, seq_pad))
         return x.transpose(1, 2).contiguous()
 
@@ -84,6 +100,8 @@ def laser_preprocess(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Laser
         key=prepare(k),
         value=prepare(v),
         pre_tokens=laser_pre_tokens(k.shape[1]),
+        range_shift=shift,
+        scale_value=scale * shift * shift,
         seq_len=q.shape[1],
         head_dim=q.shape[3],
         dtype=q.dtype,
@@ -91,21 +109,30 @@ def laser_preprocess(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Laser
 
 
 def laser_postprocess(out: torch.Tensor, inputs: LaserInputs) -> torch.Tensor:
-    """Kernel output BNSD (float32, padded) -> BSHD ``[:S, :D]`` in the input dtype (through fp16)."""
-    out = out[:, :, : inputs.seq_len, : inputs.head_dim].to(torch.float16).to(inputs.dtype)
-    return out.transpose(1, 2)
+    """Kernel output BNSD (padded) -> BSHD ``[:S, :D]`` in the input dtype.
+
+    fp16 and float32 input is rounded through fp16, the precision the kernel works in; bf16 output
+    is multiplied back by 256 in float32 (in fp16 that could overflow).
+    """
+    out = out[:, :, : inputs.seq_len, : inputs.head_dim]
+    if inputs.range_shift != 1.0:
+        out = out.float() * inputs.range_shift
+    else:
+        out = out.to(torch.float16)
+    return out.to(inputs.dtype).transpose(1, 2)
 
 
 class LaserReferenceImpl(AttentionImpl):
-    """The Laser contract on the dense ``fa`` kernel: same fallbacks, fp16 cast, padding, pre_tokens."""
+    """The Laser contract on the dense ``fa`` kernel: same fallbacks, fp16 cast (bf16 range shift
+    included), padding, pre_tokens."""
 
     kernel = "Laser contract (fp16, pad to 256/128, pre_tokens) on the dense fa kernel"
 
     def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, metadata=None, context=None):
-        dense = dense_fa_impl(q.device.type)
+        dense = dense_fa_impl(q.device)
         if not uses_laser_kernel(q, k, causal=causal, return_lse=return_lse, context=context):
             return dense.forward(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
-        inputs = laser_preprocess(q, k, v)
+        inputs = laser_preprocess(q, k, v, default_scale(q.shape[-1], scale))
         visible = inputs.key.shape[2]
         if inputs.pre_tokens < visible:
             visible -= inputs.pre_tokens
@@ -113,20 +140,16 @@ class LaserReferenceImpl(AttentionImpl):
             inputs.query.transpose(1, 2),
             inputs.key[:, :, :visible].transpose(1, 2),
             inputs.value[:, :, :visible].transpose(1, 2),
-            scale=default_scale(q.shape[-1], scale),
+            scale=inputs.scale_value,
         )
         return laser_postprocess(out.transpose(1, 2), inputs)
 
 
 def _check_not_a5(backend: str) -> None:
-    from attnbridge.platforms.npu import load_torch_npu
+    from attnbridge.platforms.npu import is_ascend_a5, load_torch_npu
 
     torch_npu = load_torch_npu(backend)
-    try:
-        soc = torch_npu.npu.get_soc_version()
-    except Exception:  # no device query: let the kernel call decide
-        return
-    if soc == ASCEND_A5_SOC:
+    if is_ascend_a5(torch_npu):
         raise BackendUnavailableError(
             backend,
             "npu",
@@ -152,10 +175,10 @@ class NpuLaserImpl(AttentionImpl):
         from attnbridge.platforms.npu import load_attentions_ops
 
         if not uses_laser_kernel(q, k, causal=causal, return_lse=return_lse, context=context):
-            dense = dense_fa_impl(q.device.type, npu=True)
+            dense = dense_fa_impl(q.device, npu=True)
             return dense.forward(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
         ops = load_attentions_ops("laser")
-        inputs = laser_preprocess(q, k, v)
+        inputs = laser_preprocess(q, k, v, default_scale(q.shape[-1], scale))
         _, out = ops.la(
             inputs.query,
             inputs.key,
@@ -163,12 +186,12 @@ class NpuLaserImpl(AttentionImpl):
             atten_mask=None,
             alibi_mask=None,
             drop_mask=None,
-            scale_value=default_scale(q.shape[-1], scale),
+            scale_value=inputs.scale_value,
             head_num=q.shape[2],
             input_layout="BNSD",
             keep_prob=1.0,
             pre_tokens=inputs.pre_tokens,
-            next_tokens=1,
+            next_tokens=LASER_NEXT_TOKENS,
             is_highPrecision=True,
         )
         return laser_postprocess(out, inputs)

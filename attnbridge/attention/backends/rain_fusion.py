@@ -37,8 +37,6 @@ from attnbridge.attention.contract import HALF_DTYPES
 
 #: Side of the square spatial patches tokens are regrouped into.
 TILE = 8
-#: ``npu.get_soc_version()`` of Ascend 950 (A5), whose kernel wants ``inner_precise=4``.
-ASCEND_A5_SOC = 260
 
 
 def rain_fusion_order(grid: tuple[int, int, int]) -> torch.Tensor | None:
@@ -99,11 +97,11 @@ class FlexRainFusionImpl(SparseImplBase):
         return run_flex(q, k, v, selection, scale, return_lse, layout)
 
 
-def _is_ascend_a5(torch_npu) -> bool:
-    try:
-        return torch_npu.npu.get_soc_version() == ASCEND_A5_SOC
-    except Exception:  # no device query available (old torch_npu, or no NPU)
-        return False
+def _inner_precise(torch_npu) -> int:
+    """4 on Ascend 950 (A5), else 0: bf16 needs 0 (fp32 softmax) on the other chips."""
+    from attnbridge.platforms.npu import is_ascend_a5
+
+    return 4 if is_ascend_a5(torch_npu) else 0
 
 
 class NpuRainFusionImpl(SparseImplBase):
@@ -148,7 +146,7 @@ class NpuRainFusionImpl(SparseImplBase):
             kv_input_layout="BNSD",
             num_key_value_heads=k.shape[2],
             scale_value=scale,
-            inner_precise=4 if _is_ascend_a5(torch_npu) else 0,  # bf16 needs 0 (fp32 softmax)
+            inner_precise=_inner_precise(torch_npu),
             actual_seq_lengths=[seq] * batch,
             actual_seq_lengths_kv=[seq] * batch,
             softmax_lse_flag=0,

@@ -37,6 +37,7 @@ from attnbridge.attention.contract import (
     AttentionMetadataBuilder,
     default_scale,
 )
+from attnbridge.attention.registry import check_sparsity
 
 logger = logging.getLogger("attnbridge")
 
@@ -46,17 +47,13 @@ BLOCK_SIZE = 128
 
 def validate_sparse_config(backend: str, sparsity: object, skip_first_steps: object) -> tuple[float, int]:
     """Check the user's options; errors name the backend and the allowed range."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(
-            f"backend {backend!r}: sparsity must be a number in [0, 1) (the fraction of key blocks "
-            f"skipped per query block); got {sparsity!r}"
-        )
+    sparsity = check_sparsity(backend, sparsity)
     if isinstance(skip_first_steps, bool) or not isinstance(skip_first_steps, int) or skip_first_steps < 0:
         raise ValueError(
             f"backend {backend!r}: skip_first_steps must be an integer >= 0 (dense denoising steps "
             f"before sparsity starts); got {skip_first_steps!r}"
         )
-    return float(sparsity), int(skip_first_steps)
+    return sparsity, int(skip_first_steps)
 
 
 @dataclass
@@ -242,21 +239,20 @@ def _layout_permutation(num_text: int, grid: tuple[int, int, int], image_order, 
     return perm.to(device), inverse.to(device)
 
 
-@functools.lru_cache(maxsize=16)
-def _dense_impl(cls_path: str):
-    module_name, _, attr = cls_path.partition(":")
-    import importlib
+def dense_fa_impl(device: torch.device, *, npu: bool = False) -> AttentionImpl:
+    """The dense ``fa`` kernel of ``device``'s platform table, which sparse backends run on dense steps
+    and for the calls they do not make sparse. With ``npu`` it is Ascend's whatever the tensors'
+    device, since the Ascend impls also run on CPU tensors (the emulation). Cached per platform."""
+    from attnbridge.platforms import platform_name_for_device
 
-    return getattr(importlib.import_module(module_name), attr)(backend_name="fa")
+    return _platform_fa("npu" if npu else platform_name_for_device(device))
 
 
-def dense_fa_impl(device_type: str, *, npu: bool = False):
-    """The platform's dense ``fa`` kernel, which sparse backends run on dense steps and dense calls."""
-    if npu:
-        return _dense_impl("attnbridge.attention.backends.fa:NpuFIAImpl")
-    if device_type == "cpu":
-        return _dense_impl("attnbridge.attention.backends.fa:ReferenceFAImpl")
-    return _dense_impl("attnbridge.attention.backends.fa:AtenFAImpl")
+@functools.lru_cache(maxsize=8)
+def _platform_fa(platform: str) -> AttentionImpl:
+    from attnbridge.platforms import get_platform
+
+    return get_platform(platform).resolve("fa", strict=True)(backend_name="fa")
 
 
 def is_dense_call(q: torch.Tensor, k: torch.Tensor, metadata, context: AttentionContext | None) -> bool:
@@ -313,7 +309,7 @@ class SparseImplBase(AttentionImpl):
 
     def dense(self, q, k, v, *, causal=False, scale=None, return_lse=False):
         """The platform's dense ``fa`` kernel: exactly what a dense step computes."""
-        impl = dense_fa_impl(q.device.type, npu=self.npu)
+        impl = dense_fa_impl(q.device, npu=self.npu)
         return impl.forward(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
 
     @abstractmethod

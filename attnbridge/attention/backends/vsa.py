@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
+from attnbridge.attention.backends.sparse_common import dense_fa_impl
 from attnbridge.attention.backends.vsa_tiling import (
     TILE_SIZE,
     TILE_TOKENS,
     TileLayout,
-    check_sparsity,
     tile_counts,
     tile_layout,
     topk_tiles,
@@ -40,6 +40,7 @@ from attnbridge.attention.contract import (
     AttentionMetadataBuilder,
     default_scale,
 )
+from attnbridge.attention.registry import check_sparsity
 
 logger = logging.getLogger("attnbridge")
 
@@ -49,10 +50,9 @@ GATE_KEY = "vsa_gate"
 
 def sparsity_from_config(config: dict[str, Any]) -> float:
     """``VSA_sparsity``, else ``sparsity``, else 0 (sglang's precedence), checked to be in [0, 1)."""
-    value = config.get("VSA_sparsity")
-    if value is None:
-        value = config.get("sparsity")
-    return check_sparsity(0.0 if value is None else value)
+    key = "VSA_sparsity" if config.get("VSA_sparsity") is not None else "sparsity"
+    value = config.get(key)
+    return check_sparsity("vsa", 0.0 if value is None else value, key=key)
 
 
 @dataclass
@@ -217,27 +217,21 @@ class FlexVSAImpl(AttentionImpl):
     supported_head_sizes = (64, 128)
     supports_lse = False
     supports_causal = False
+    # Joint text + video sequences (Qwen-Image) are refused at enable time: VSA tiles video tokens only.
+    attention_kinds = ("self", "cross")
 
     def __init__(self, backend_name: str = "", **config: Any) -> None:
         super().__init__(backend_name or "vsa", **config)
         self.sparsity = sparsity_from_config(config)
         self.use_fastvideo = bool(config.get("fastvideo_kernel", False))
         self._builder = VSAMetadataBuilder()
-        self._dense: dict[str, AttentionImpl] = {}
 
     def make_metadata_builder(self) -> AttentionMetadataBuilder:
         return VSAMetadataBuilder()
 
     def dense_impl(self, device: torch.device) -> AttentionImpl:
         """The platform's ``fa`` kernel, for the calls VSA does not apply to."""
-        from attnbridge.platforms import get_platform, platform_name_for_device
-
-        platform = platform_name_for_device(device)
-        impl = self._dense.get(platform)
-        if impl is None:
-            impl = get_platform(platform).resolve("fa", strict=True)(backend_name="fa")
-            self._dense[platform] = impl
-        return impl
+        return dense_fa_impl(device)
 
     def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, metadata=None, context=None):
         if (context is not None and context.kind == "cross") or q.shape[1] != k.shape[1]:

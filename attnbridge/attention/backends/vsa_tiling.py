@@ -14,32 +14,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from attnbridge.attention.registry import check_sparsity, kept_count
+
 #: Tile extent in (t, h, w) latent tokens.
 TILE_SIZE: tuple[int, int, int] = (4, 4, 4)
 #: Tokens in a full tile; also the block size of the fine (block-sparse) stage.
 TILE_TOKENS: int = math.prod(TILE_SIZE)
 
-_PPM = 1_000_000
-
-
-def check_sparsity(sparsity: float) -> float:
-    """``sparsity`` as a float in ``[0, 1)``; anything else is a ValueError naming the value."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(
-            f"backend 'vsa': sparsity must be a number in [0, 1) (the fraction of key tiles skipped per "
-            f"query tile); got {sparsity!r}"
-        )
-    return float(sparsity)
-
 
 def topk_tiles(sparsity: float, n_tiles: int) -> int:
-    """Key tiles each query tile keeps: ``max(1, min(ceil((1 - s) * n_tiles), n_tiles))``.
-
-    Computed in integer parts per million, because ``1 - 0.85`` in floats is ``0.15000000000000002``
-    and would round 20 tiles' 3 up to 4.
-    """
-    keep_ppm = _PPM - round(check_sparsity(sparsity) * _PPM)
-    return max(1, min(-(-keep_ppm * n_tiles // _PPM), n_tiles))
+    """Key tiles each query tile keeps: ``ceil((1 - sparsity) * n_tiles)``, in ``[1, n_tiles]``."""
+    return kept_count(check_sparsity("vsa", sparsity), n_tiles)
 
 
 def tile_counts(grid: tuple[int, int, int]) -> tuple[int, int, int]:
