@@ -333,3 +333,15 @@ def test_fastvideo_kernel_matches_flex_path():
     flex = AttentionLayer("vsa", sparsity=0.5)(q, k, v, context=context)
     fused = AttentionLayer("vsa", sparsity=0.5, fastvideo_kernel=True)(q, k, v, context=context)
     torch.testing.assert_close(fused.float(), flex.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_fastvideo_kernel_that_cannot_run_is_logged_once_not_silently_dropped(caplog):
+    from attnbridge import AttentionContext, AttentionLayer
+
+    layer = AttentionLayer("vsa", sparsity=0.0, fastvideo_kernel=True)
+    q, k, v = (torch.randn(1, 2 * 4 * 4, 2, 64) for _ in range(3))
+    context = AttentionContext(kind="self", grid=(2, 4, 4))
+    with caplog.at_level("WARNING", logger="attnbridge"):
+        layer(q, k, v, context=context)
+        layer(q, k, v, context=context)
+    assert caplog.text.count("fastvideo_kernel=True but FastVideo's kernel cannot run here") == 1

@@ -224,6 +224,7 @@ class FlexVSAImpl(AttentionImpl):
         super().__init__(backend_name or "vsa", **config)
         self.sparsity = sparsity_from_config(config)
         self.use_fastvideo = bool(config.get("fastvideo_kernel", False))
+        self._fastvideo_refusal_logged = False
         self._builder = VSAMetadataBuilder()
 
     def make_metadata_builder(self) -> AttentionMetadataBuilder:
@@ -255,10 +256,16 @@ class FlexVSAImpl(AttentionImpl):
                 f"backend 'vsa': gate {tuple(gate.shape)} does not broadcast to q {tuple(q.shape)}"
             )
         layout = metadata.layout(q.device)
-        if self.use_fastvideo and q.is_cuda and scale is None:
-            kernel = load_fastvideo_kernel()
+        if self.use_fastvideo:
+            kernel = load_fastvideo_kernel() if q.is_cuda and scale is None else None
             if kernel is not None:
                 return fastvideo_attention(kernel, q, k, v, layout, topk=metadata.topk, gate=gate)
+            if not self._fastvideo_refusal_logged:
+                self._fastvideo_refusal_logged = True
+                logger.warning(
+                    "backend 'vsa': fastvideo_kernel=True but FastVideo's kernel cannot run here "
+                    "(needs CUDA, the default scale and the `vsa` package); using the FlexAttention path"
+                )
         return vsa_attention(
             q, k, v, layout, topk=metadata.topk, scale=default_scale(q.shape[-1], scale), gate=gate
         )
