@@ -35,25 +35,50 @@ def device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()})"
 
 
-def median_ms(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 10) -> float:
-    """Median wall time of ``fn`` in ms; CUDA work is timed with events, after warm-up."""
+def synchronize() -> None:
     if torch.cuda.is_available():
-        try:
-            import triton.testing
+        torch.cuda.synchronize()
 
-            return float(triton.testing.do_bench(fn, warmup=100, rep=400, return_mode="median"))
-        except ImportError:
-            pass
+
+def wall_ms(
+    fn: Callable[[], object], *, warmup: int, repeat: int, before_each: Callable[[], object] | None = None
+) -> float:
+    """Median wall time of ``repeat`` calls in ms after ``warmup``, the device synchronised around
+    each call; ``before_each`` runs untimed first (a barrier, so ranks start together)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
+        synchronize()
+        if before_each is not None:
+            before_each()
         start = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def median_ms(
+    fn: Callable[[], object],
+    *,
+    warmup: int = 3,
+    repeat: int = 10,
+    bench_warmup_ms: int = 100,
+    bench_rep_ms: int = 400,
+) -> float:
+    """Median time of ``fn`` in ms: on CUDA ``triton.testing.do_bench`` (device events, warm-up and
+    repetitions in ms), else :func:`wall_ms`."""
+    if torch.cuda.is_available():
+        try:
+            import triton.testing
+
+            return float(
+                triton.testing.do_bench(fn, warmup=bench_warmup_ms, rep=bench_rep_ms, return_mode="median")
+            )
+        except ImportError:
+            pass
+    return wall_ms(fn, warmup=warmup, repeat=repeat)
 
 
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -17,16 +17,14 @@ Exits with status 1 when an output differs from the single-GPU one by more than 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import WAN_1_3B, device_name, print_table, rel_l2, write_json  # noqa: E402
+from bench_common import WAN_1_3B, device_name, print_table, rel_l2, wall_ms, write_json  # noqa: E402
 
 from attnbridge import disable_npu_attention, enable_npu_attention  # noqa: E402
 from attnbridge.attention.parallel import init_distributed  # noqa: E402
@@ -53,11 +51,6 @@ def layouts(world: int, heads: int) -> list[tuple[str, int, int]]:
     return found
 
 
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def max_over_ranks(value: float, device: torch.device) -> float:
     if not dist.is_initialized():
         return value
@@ -69,18 +62,8 @@ def max_over_ranks(value: float, device: torch.device) -> float:
 def step_ms(fn, *, warmup: int, repeat: int, device: torch.device) -> float:
     """Median wall time of ``fn`` in ms, the same number of calls on every rank (collectives inside
     must match), each started together after a barrier; the slowest rank's median."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        synchronize()
-        if dist.is_initialized():
-            dist.barrier()
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return max_over_ranks(statistics.median(times), device)
+    barrier = dist.barrier if dist.is_initialized() else None
+    return max_over_ranks(wall_ms(fn, warmup=warmup, repeat=repeat, before_each=barrier), device)
 
 
 def main() -> None:

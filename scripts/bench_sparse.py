@@ -22,15 +22,15 @@ import datetime
 import json
 import math
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import median_ms as _median_ms  # noqa: E402
 
 from attnbridge.attention.api import AttentionLayer  # noqa: E402
 from attnbridge.attention.backends import flex_block_sparse  # noqa: E402
@@ -70,18 +70,9 @@ def structured_qkv(grid, heads, dim, *, device, dtype, noise=0.5, seed=0):
     return noisy(shared), noisy(shared), noisy(values)
 
 
-def median_ms(fn, device: torch.device, reps: int = 5) -> float:
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=50, rep=300, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def median_ms(fn, reps: int = 5) -> float:
+    """This script's timing: do_bench 50/300 ms on CUDA, else one warm-up and ``reps`` wall runs."""
+    return _median_ms(fn, warmup=1, repeat=reps, bench_warmup_ms=50, bench_rep_ms=300)
 
 
 def dense_cudnn(q, k, v):
@@ -117,7 +108,7 @@ def bench_backend(backend, sparsity, q, k, v, grid, reference, device):
     out = layer(q, k, v, context=context)  # compiles on first use
     err = rel_l2(out, reference)
     graphs_before = unique_graphs()
-    call_ms = median_ms(lambda: layer(q, k, v, context=context), device)
+    call_ms = median_ms(lambda: layer(q, k, v, context=context))
     recompiles = unique_graphs() - graphs_before
 
     metadata = SparseStepMetadata(step=10, sparsity=sparsity, skip_first_steps=0, grid=grid)
@@ -132,8 +123,8 @@ def bench_backend(backend, sparsity, q, k, v, grid, reference, device):
 
     selection = select()
     kept = float(selection.counts.double().sum() / (selection.counts.numel() * selection.num_kv_blocks))
-    select_ms = median_ms(select, device)
-    kernel_ms = median_ms(lambda: impl.run_sparse(qs, ks, vs, selection, scale, False, layout), device)
+    select_ms = median_ms(select)
+    kernel_ms = median_ms(lambda: impl.run_sparse(qs, ks, vs, selection, scale, False, layout))
     return {
         "backend": backend,
         "sparsity": sparsity,
@@ -164,7 +155,7 @@ def main(argv=None) -> int:
     grid, heads, dim, dtype = shape["grid"], shape["heads"], shape["dim"], shape["dtype"]
     q, k, v = structured_qkv(grid, heads, dim, device=device, dtype=dtype)
     reference = dense_float32(q, k, v)
-    dense_ms = median_ms(lambda: dense_cudnn(q, k, v), device)
+    dense_ms = median_ms(lambda: dense_cudnn(q, k, v))
     dense_err = rel_l2(dense_cudnn(q, k, v), reference)
 
     rows = []

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import WAN_1_3B, device_name, print_table, rel_l2, write_json  # noqa: E402
+from bench_common import WAN_1_3B, device_name, print_table, rel_l2, wall_ms, write_json  # noqa: E402
 
 from attnbridge import disable_npu_attention, enable_npu_attention  # noqa: E402
 
@@ -29,25 +29,6 @@ WAN_SMALL = {
     "num_layers": 2,
     "text_dim": 64,
 }
-
-
-def step_ms(fn, *, warmup: int = 2, repeat: int = 5) -> float:
-    """Median of ``repeat`` whole steps after ``warmup`` (a step is far longer than launch jitter)."""
-    import statistics
-    import time
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def parse_backend(text: str) -> tuple[str, dict]:
@@ -92,14 +73,20 @@ def main() -> None:
         ]
 
     reference = step().float()
-    rows = [{"backend": "diffusers default (unpatched)", "ms": round(step_ms(step), 2), "rel_l2": "-"}]
+    rows = [
+        {
+            "backend": "diffusers default (unpatched)",
+            "ms": round(wall_ms(step, warmup=2, repeat=5), 2),
+            "rel_l2": "-",
+        }
+    ]
     baseline = rows[0]["ms"]
     for text_backend in args.backends:
         name, options = parse_backend(text_backend)
         enable_npu_attention(model, backend=name, **options)
         try:
             error = rel_l2(step().float(), reference)
-            ms = step_ms(step)
+            ms = wall_ms(step, warmup=2, repeat=5)
         finally:
             disable_npu_attention(model)
         rows.append({"backend": text_backend, "ms": round(ms, 2), "rel_l2": f"{error:.2e}"})
