@@ -80,7 +80,8 @@ PLATFORM_FACTS: dict[str, PlatformFacts] = {
             "ran on an NVIDIA H200 through the device tool: `scripts/check_gpu_kernels.py` checked `sdpa` "
             "and `fa` (with and without LSE) against a float32 reference, the CUDA-only tests of "
             "`block_sparse` and `vsa` passed there, and `scripts/bench_*.py` timed `fa`, `sdpa`, "
-            "`block_sparse`, `rain_fusion`, `vsa` and whole Wan steps (docs/benchmarks.md). Not run on "
+            "`block_sparse`, `rain_fusion`, `vsa` and whole Wan steps (docs/benchmarks.md); ring, Ulysses "
+            "and ring x Ulysses Wan steps ran over NCCL on 2 and 4 H200s and matched the 1-GPU step. Not run on "
             "the GPU: the `sage` kernel itself (sageattention is not on the GPU image, so its logged `fa` "
             "fallback ran) and `laser`'s CUDA path (`fa` with Laser's padding)",
             "device",

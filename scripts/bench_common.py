@@ -5,11 +5,18 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+# Scripts run from a bare checkout too (``accelerate launch scripts/...``, the GPU machine): every
+# script imports this module first, so the repository root goes on the path here, once.
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(1, _REPO_ROOT)
 
 #: Wan2.1-T2V-1.3B transformer architecture (diffusers WanTransformer3DModel kwargs), for random weights.
 WAN_1_3B = dict(

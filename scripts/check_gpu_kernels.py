@@ -7,10 +7,12 @@ Exits non-zero if any case exceeds its tolerance.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
-from attnbridge import attend
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # runs from a bare checkout too
+from attnbridge import attend  # noqa: E402
 
 TOL = {torch.float32: 2e-3, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}  # tf32 may be on for fp32
 SHAPES = [
