@@ -34,6 +34,7 @@ from bench_common import median_ms as _median_ms  # noqa: E402
 
 from attnbridge.attention.api import AttentionLayer  # noqa: E402
 from attnbridge.attention.backends import flex_block_sparse  # noqa: E402
+from attnbridge.attention.backends.block_select import BlockSelection, select_top_blocks  # noqa: E402
 from attnbridge.attention.backends.block_sparse import select_block_sparse  # noqa: E402
 from attnbridge.attention.backends.rain_fusion import select_rain_fusion  # noqa: E402
 from attnbridge.attention.backends.sparse_common import SparseStepMetadata, resolve_layout  # noqa: E402
@@ -96,6 +97,22 @@ def rel_l2(actual, expected) -> float:
     return float((actual.float() - expected.float()).norm() / expected.float().norm())
 
 
+def oracle_selection(q, k, scale, sparsity, layout) -> BlockSelection:
+    """``block_sparse``'s budget and forced blocks, but each row's blocks ranked by the *exact*
+    attention mass they hold (softmax summed over the query block): the best any per-row top-k
+    selection of 128-token blocks can do at this compute. Bench-only (it computes full attention)."""
+    block, nb = layout.block_size, layout.num_blocks
+    mass = torch.zeros(q.shape[0], q.shape[2], nb, nb, device=q.device)
+    kt = k.float().transpose(1, 2)  # [B, H, S, D]
+    pad = nb * block - k.shape[1]
+    for row in range(nb):
+        qr = q[:, row * block : (row + 1) * block].float().transpose(1, 2)
+        probs = torch.softmax(qr @ kt.transpose(-1, -2) * scale, dim=-1).sum(dim=2)  # [B, H, S]
+        mass[:, :, row] = F.pad(probs, (0, pad)).unflatten(-1, (nb, block)).sum(-1)
+    dense = layout.dense_blocks(q.device)
+    return select_top_blocks(mass, sparsity, dense, int(dense.sum()))
+
+
 def unique_graphs() -> int:
     from torch._dynamo.utils import counters
 
@@ -125,16 +142,40 @@ def bench_backend(backend, sparsity, q, k, v, grid, reference, device):
     kept = float(selection.counts.double().sum() / (selection.counts.numel() * selection.num_kv_blocks))
     select_ms = median_ms(select)
     kernel_ms = median_ms(lambda: impl.run_sparse(qs, ks, vs, selection, scale, False, layout))
+    # The same kernel with the dense-row split (row_split.py) forced on, and off (GPU only).
+    chunk, kernel_split, kernel_unsplit = flex_block_sparse.GPU_ROW_CHUNK, None, None
+    if device.type == "cuda" and chunk and layout.dense_rows and backend == "block_sparse":
+        try:
+            forced = dict(selection.__dict__, row_count=0)
+            kernel_split = median_ms(
+                lambda: impl.run_sparse(qs, ks, vs, type(selection)(**forced), scale, False, layout)
+            )
+            flex_block_sparse.GPU_ROW_CHUNK = None
+            kernel_unsplit = median_ms(lambda: impl.run_sparse(qs, ks, vs, selection, scale, False, layout))
+        finally:
+            flex_block_sparse.GPU_ROW_CHUNK = chunk
+    oracle_err = None
+    if backend == "block_sparse":
+        oracle = oracle_selection(qs, ks, scale, sparsity, layout)
+        oracle_out = layout.from_mask_order(impl.run_sparse(qs, ks, vs, oracle, scale, False, layout))
+        oracle_err = rel_l2(oracle_out, reference)
     return {
         "backend": backend,
         "sparsity": sparsity,
         "ms": call_ms,
         "select_ms": select_ms,
         "kernel_ms": kernel_ms,
+        "kernel_split_ms": kernel_split,
+        "kernel_unsplit_ms": kernel_unsplit,
         "kept_fraction": kept,
         "rel_l2": err,
+        "oracle_rel_l2": oracle_err,
         "recompiles_while_timing": recompiles,
     }
+
+
+def _fmt(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.3f}"
 
 
 def main(argv=None) -> int:
@@ -146,17 +187,23 @@ def main(argv=None) -> int:
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75, 0.9])
     parser.add_argument("--backends", nargs="+", default=list(SELECTORS))
     parser.add_argument("--kernel-options", default=None, help="JSON FlexAttention kernel_options (GPU)")
+    parser.add_argument(
+        "--row-chunk", default=None, help="GPU: key blocks per chunk of a split dense row, or 'off'"
+    )
     args = parser.parse_args(argv)
 
     shape = SMALL if args.small else FULL
     device = torch.device("cpu" if args.small or not torch.cuda.is_available() else "cuda")
     if args.kernel_options:
         flex_block_sparse.GPU_KERNEL_OPTIONS = json.loads(args.kernel_options)
+    if args.row_chunk is not None:
+        flex_block_sparse.GPU_ROW_CHUNK = None if args.row_chunk == "off" else int(args.row_chunk)
     grid, heads, dim, dtype = shape["grid"], shape["heads"], shape["dim"], shape["dtype"]
     q, k, v = structured_qkv(grid, heads, dim, device=device, dtype=dtype)
     reference = dense_float32(q, k, v)
     dense_ms = median_ms(lambda: dense_cudnn(q, k, v))
     dense_err = rel_l2(dense_cudnn(q, k, v), reference)
+    print(f"dense cuDNN SDPA {dense_ms:.3f} ms", flush=True)
 
     rows = []
     for backend in args.backends:
@@ -164,18 +211,24 @@ def main(argv=None) -> int:
             row = bench_backend(backend, sparsity, q, k, v, grid, reference, device)
             row["speedup_vs_dense"] = dense_ms / row["ms"]
             rows.append(row)
+            print(
+                {key: (round(val, 4) if isinstance(val, float) else val) for key, val in row.items()},
+                flush=True,
+            )
 
     print(
         f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor()})"
     )
     print(f"shape B=1 S={q.shape[1]} H={heads} D={dim} {str(dtype).removeprefix('torch.')}, grid {grid}")
     print(f"dense cuDNN SDPA: {dense_ms:.3f} ms (rel-L2 vs float32 {dense_err:.4f})")
-    header = f"{'backend':<13}{'sparsity':>9}{'ms':>9}{'select':>9}{'kernel':>9}{'speedup':>9}"
-    print(header + f"{'kept':>7}{'rel-L2':>9}{'recomp':>7}")
+    header = f"{'backend':<13}{'sparsity':>9}{'ms':>9}{'select':>9}{'kernel':>9}{'split':>7}{'unsplit':>8}{'speedup':>9}"
+    print(header + f"{'kept':>7}{'rel-L2':>9}{'oracle':>9}{'recomp':>7}")
     for r in rows:
+        oracle = "-" if r["oracle_rel_l2"] is None else f"{r['oracle_rel_l2']:.4f}"
         print(
             f"{r['backend']:<13}{r['sparsity']:>9.2f}{r['ms']:>9.3f}{r['select_ms']:>9.3f}{r['kernel_ms']:>9.3f}"
-            f"{r['speedup_vs_dense']:>8.2f}x{r['kept_fraction']:>7.3f}{r['rel_l2']:>9.4f}"
+            f"{_fmt(r['kernel_split_ms']):>7}{_fmt(r['kernel_unsplit_ms']):>8}"
+            f"{r['speedup_vs_dense']:>8.2f}x{r['kept_fraction']:>7.3f}{r['rel_l2']:>9.4f}{oracle:>9}"
             f"{r['recompiles_while_timing']:>7d}"
         )
     result = {
@@ -191,6 +244,7 @@ def main(argv=None) -> int:
             "grid": grid,
         },
         "kernel_options": flex_block_sparse._kernel_options(128, device) if device.type == "cuda" else None,
+        "row_chunk": flex_block_sparse.GPU_ROW_CHUNK if device.type == "cuda" else None,
         "dense_cudnn_ms": dense_ms,
         "dense_cudnn_rel_l2": dense_err,
         "results": rows,

@@ -21,6 +21,7 @@ import torch
 
 from attnbridge import AttentionLayer, attend
 from attnbridge.attention.backends.block_select import (
+    dense_selection,
     indices_to_mask,
     mask_to_selection,
     pool_blocks,
@@ -114,6 +115,43 @@ def test_executor_rejects_index_lists_that_do_not_fit():
             torch.zeros(1, 2, 3, 2, dtype=torch.int32),
             torch.ones(1, 2, 3, dtype=torch.int32),
             block_size=128,
+        )
+
+
+@pytest.mark.parametrize("row_chunk", [1, 2, 4])
+def test_split_long_rows_give_the_same_attention(row_chunk):
+    """Dense rows run as chunks merged by LSE (GPU load balance) equal the unsplit rows: partial
+    last block, a row with no key at all, broadcast heads, GQA."""
+    q, k, v = _qkv(2, 300, 4, 2, 32)  # 3 blocks of 128, the last with 44 tokens
+    mask = _random_block_mask(2, 1, 3, 3)
+    mask[:, :, 0] = True  # a dense row
+    mask[1, 0, 1] = False  # a row that sees nothing
+    selection = mask_to_selection(mask)
+    out, lse = block_sparse_attention(
+        q,
+        k,
+        v,
+        selection.indices,
+        selection.counts,
+        block_size=128,
+        return_lse=True,
+        long_rows=(0, 1, 2),
+        row_chunk=row_chunk,
+    )
+    ref_out, ref_lse = block_masked_reference(q, k, v, mask.expand(2, 4, 3, 3), 128)
+    seen = torch.isfinite(ref_lse)
+    assert out.shape == q.shape and lse.shape == (2, 4, 300)
+    assert rel_l2(out[seen.transpose(1, 2)], ref_out.nan_to_num()[seen.transpose(1, 2)]) < FP32_TOL
+    assert torch.allclose(lse.double()[seen], ref_lse[seen], atol=1e-5)
+    assert torch.equal(torch.isneginf(lse), ~seen) and torch.all(out[1, 128:256] == 0)
+
+
+def test_split_rows_outside_the_query_blocks_are_an_error():
+    q, k, v = _qkv(1, 256, 2, 2, 16)
+    selection = dense_selection(1, 2, 2, 2, "cpu")
+    with pytest.raises(ValueError, match="long_rows"):
+        block_sparse_attention(
+            q, k, v, selection.indices, selection.counts, block_size=128, long_rows=(2,), row_chunk=1
         )
 
 
@@ -452,6 +490,20 @@ def test_cuda_compiled_executor_matches_reference(block_size):
         )
         assert rel_l2(out.cpu(), ref_out) < BF16_TOL
         assert torch.allclose(lse.cpu().double(), ref_lse, atol=2e-2)
+
+
+@cuda
+def test_cuda_split_dense_rows_match_reference():
+    """The GPU default splits a layout's dense rows (first frame): same result as the reference."""
+    q, k, v = _qkv(1, 1000, 4, 4, 64, torch.bfloat16, "cuda")
+    mask = _random_block_mask(1, 4, 8, 8).cuda()
+    mask[:, :, :2] = True
+    selection = mask_to_selection(mask)
+    out = block_sparse_attention(
+        q, k, v, selection.indices, selection.counts, block_size=128, long_rows=(0, 1), row_chunk=3
+    )
+    ref_out, _ = block_masked_reference(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), 128)
+    assert rel_l2(out.cpu(), ref_out) < BF16_TOL
 
 
 @cuda

@@ -26,6 +26,8 @@ class BlockSelection:
     num_kv_blocks: int
     #: The same selection as a bool mask, when the selector made one (saves rebuilding it).
     kept_mask: torch.Tensor | None = None
+    #: Blocks a non-dense row keeps, when the selector knows it on the host (top-k does).
+    row_count: int | None = None
 
     def mask(self) -> torch.Tensor:
         """Bool ``[B, H, nq, nk]``, True where a block is kept (what the Ascend kernels take)."""

@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - older torch
     AuxRequest = None
 
 from attnbridge.attention.backends.block_select import indices_to_mask
+from attnbridge.attention.backends.row_split import merge_row_split, split_long_rows
 from attnbridge.attention.contract import default_scale
 
 #: Bytes of float32 scores one CPU chunk may hold (same budget as the dense CPU reference).
@@ -39,6 +40,8 @@ _CPU_CHUNK_BYTES = 256 * 1024 * 1024
 SM90_KERNEL_OPTIONS: dict = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "USE_TMA": True}
 #: Overrides the kernel options for 128-token blocks on every GPU (for tuning; None: as above).
 GPU_KERNEL_OPTIONS: dict | None = None
+#: On GPUs, ``long_rows`` run as chunks of this many key blocks (:mod:`.row_split`); None: never.
+GPU_ROW_CHUNK: int | None = 32
 
 _compiled_flex = None
 
@@ -54,6 +57,8 @@ def block_sparse_attention(
     scale: float | None = None,
     key_valid: torch.Tensor | None = None,
     return_lse: bool = False,
+    long_rows: tuple[int, ...] = (),
+    row_chunk: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of each ``block_size`` query block over its listed key blocks only.
 
@@ -62,15 +67,33 @@ def block_sparse_attention(
     may be 1 to broadcast. ``key_valid`` optional bool ``[S_kv]``: False marks a pad key that gets
     no weight. Returns ``out`` BSHD in q's dtype, and with ``return_lse`` the float32 natural-log LSE
     ``[B, H_q, S_q]``.
+
+    ``long_rows``: query blocks with long lists (dense rows), run as chunks of ``row_chunk`` key
+    blocks on separate thread blocks (:mod:`.row_split`; default :data:`GPU_ROW_CHUNK` on GPUs,
+    no split on the CPU, where it buys nothing). The result is the same up to rounding.
     """
     _check_args(q, k, kv_indices, kv_counts, block_size, key_valid)
     scale = default_scale(q.shape[-1], scale)
     n_kv_blocks = math.ceil(k.shape[1] / block_size)
-    if q.device.type == "cpu":
-        return _cpu_forward(
-            q, k, v, kv_indices, kv_counts, n_kv_blocks, block_size, scale, key_valid, return_lse
+    forward = _cpu_forward if q.device.type == "cpu" else _gpu_forward
+    if row_chunk is None and q.device.type != "cpu":
+        row_chunk = GPU_ROW_CHUNK
+    n_q_blocks = math.ceil(q.shape[1] / block_size)
+    if any(not 0 <= row < n_q_blocks for row in long_rows):
+        raise ValueError(
+            f"block_sparse_attention: long_rows {tuple(long_rows)} must be query blocks in [0, {n_q_blocks})"
         )
-    return _gpu_forward(q, k, v, kv_indices, kv_counts, n_kv_blocks, block_size, scale, key_valid, return_lse)
+    split = None
+    if long_rows and row_chunk:
+        kv_indices = _fit_width(kv_indices, n_kv_blocks)
+        split = split_long_rows(q, kv_indices, kv_counts, tuple(long_rows), row_chunk, block_size)
+    if split is None:
+        return forward(q, k, v, kv_indices, kv_counts, n_kv_blocks, block_size, scale, key_valid, return_lse)
+    args = (n_kv_blocks, block_size, scale, key_valid, True)
+    out, lse = forward(q, k, v, kv_indices, split.main_counts, *args)
+    extra_out, extra_lse = forward(split.extra_q, k, v, split.extra_indices, split.extra_counts, *args)
+    out, lse = merge_row_split(out, lse, extra_out, extra_lse, split.plan)
+    return (out, lse) if return_lse else out
 
 
 def _check_args(q, k, kv_indices, kv_counts, block_size, key_valid) -> None:

@@ -143,6 +143,12 @@ class SparseLayout:
         """How many blocks :meth:`dense_blocks` marks (first frame and text may overlap)."""
         return min(self.first_frame_blocks, self.text_start_block) + self.num_blocks - self.text_start_block
 
+    @property
+    def dense_rows(self) -> tuple[int, ...]:
+        """Query blocks that attend every key block (the long rows a kernel should split)."""
+        first = min(self.first_frame_blocks, self.text_start_block)
+        return tuple(range(first)) + tuple(range(self.text_start_block, self.num_blocks))
+
     def dense_blocks(self, device: torch.device) -> torch.Tensor:
         """Bool ``[num_blocks]``: blocks that are dense rows and dense columns (first frame, text)."""
         return dense_block_flags(self.num_blocks, self.first_frame_blocks, self.text_start_block, device)
