@@ -99,8 +99,9 @@ def rel_l2(actual, expected) -> float:
 
 def oracle_selection(q, k, scale, sparsity, layout) -> BlockSelection:
     """``block_sparse``'s budget and forced blocks, but each row's blocks ranked by the *exact*
-    attention mass they hold (softmax summed over the query block): the best any per-row top-k
-    selection of 128-token blocks can do at this compute. Bench-only (it computes full attention)."""
+    attention mass they hold (softmax summed over the query block): a reference for how good the
+    ranking of the pooled scores is. Not a strict bound (a search that minimises the output error
+    directly can do a little better). Bench-only (it computes full attention)."""
     block, nb = layout.block_size, layout.num_blocks
     mass = torch.zeros(q.shape[0], q.shape[2], nb, nb, device=q.device)
     kt = k.float().transpose(1, 2)  # [B, H, S, D]

@@ -4,7 +4,9 @@ Computes the exact attention mass of every (query block, key block) pair and com
 sparsity and the same number of kept blocks per head, the rel-L2 error vs dense attention of:
 
 * ``pooled top-k``: ``block_sparse``'s own selection (mean-pooled q . k scores, per-row budget);
-* ``row oracle``: the same per-row budget and forced blocks, rows ranked by exact mass;
+* ``row oracle``: the same per-row budget and forced blocks, rows ranked by exact mass (a
+  reference for the ranking, not a strict bound: minimising the output error directly can do a
+  little better);
 * ``global oracle``: the forced blocks, then the pairs of highest exact mass anywhere in the head
   (rows get different budgets);
 

@@ -146,6 +146,37 @@ def test_split_long_rows_give_the_same_attention(row_chunk):
     assert torch.equal(torch.isneginf(lse), ~seen) and torch.all(out[1, 128:256] == 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pad", ["none", "whole block", "tail"])
+def test_split_rows_with_pad_keys_and_without_lse_match_the_reference(dtype, pad):
+    """The split also holds with pad keys (key_valid), batch- and head-broadcast lists, bf16, and
+    when no LSE is asked for (the merge needs the kernel's LSE internally)."""
+    q, k, v = _qkv(2, 300, 4, 4, 32, dtype)
+    key_valid = torch.ones(300, dtype=torch.bool)
+    if pad == "whole block":
+        key_valid[128:256] = False
+    elif pad == "tail":
+        key_valid[290:] = False
+    mask = _random_block_mask(1, 1, 3, 3)
+    mask[:, :, 2] = True
+    selection = mask_to_selection(mask)
+    out = block_sparse_attention(
+        q,
+        k,
+        v,
+        selection.indices,
+        selection.counts,
+        block_size=128,
+        key_valid=None if pad == "none" else key_valid,
+        long_rows=(2,),
+        row_chunk=1,
+    )
+    ref_out, _ = block_masked_reference(q, k, v, mask.expand(2, 4, 3, 3), 128, key_valid)
+    seen = ref_out.isfinite().all(dim=-1)
+    assert out.dtype == dtype and not out.isnan().any()
+    assert rel_l2(out[seen], ref_out[seen]) < (FP32_TOL if dtype == torch.float32 else BF16_TOL)
+
+
 def test_split_rows_outside_the_query_blocks_are_an_error():
     q, k, v = _qkv(1, 256, 2, 2, 16)
     selection = dense_selection(1, 2, 2, 2, "cpu")

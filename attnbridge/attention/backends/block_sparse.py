@@ -46,8 +46,9 @@ NPU_NO_WINDOW = 214748647
 #: Op names of the Ascend block-sparse kernel, newest first; both take (mask, count table).
 NPU_BLOCK_SPARSE_OPS = ("ada_block_sparse_attention", "block_sparse_attention")
 #: Dense rows run split (:mod:`.row_split`) when the other rows keep at most this fraction of the
-#: key blocks. On an H200 at Wan 480p the split saved time at sparsity 0.9 (rows keep 14 of 256
-#: blocks) and cost more than it saved at 0.75 and 0.5 (53 and 128 of 256).
+#: key blocks: at Wan 480p, sparsity >= 0.83 (rows keep 32 of 256 blocks at 0.83, 14 at 0.9). On
+#: an H200 the split saved about 2% of the kernel at 0.9 and cost about 4% at 0.5 (rows keep 121);
+#: at 0.75 (53) the difference was below run-to-run noise. 0.85 was not timed per call.
 SPLIT_DENSE_ROWS_BELOW = 1 / 8
 
 

@@ -103,12 +103,17 @@ def split_long_rows(
 def merge_row_split(
     out: torch.Tensor, lse: torch.Tensor, extra_out: torch.Tensor, extra_lse: torch.Tensor, plan: RowSplit
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge the extra call's chunks into the main call's ``out`` (BSHD) and ``lse`` ``[B, H, S]``,
-    in place (both are the kernel's own outputs); returns them."""
+    """Merge the extra call's chunks into the main call's ``out`` (BSHD) and ``lse`` ``[B, H, S]``;
+    returns them. In place (both are the kernel's own outputs) unless autograd records them.
+
+    The chunks' partial outputs come in the kernel's output dtype (bf16 at Wan shapes) and are
+    merged in float32, so split rows carry one more bf16 rounding than unsplit ones."""
     merge = _compiled_merge if out.device.type == "cuda" else _merge  # CUDA: one fused kernel
     merged, merged_lse = merge(out, lse, extra_out, extra_lse, plan.row_tokens, plan.valid, plan.parts)
-    out.index_copy_(1, plan.valid_tokens, merged)
     lse = lse.float()
+    if torch.is_grad_enabled() and (out.requires_grad or lse.requires_grad):
+        return out.index_copy(1, plan.valid_tokens, merged), lse.index_copy(2, plan.valid_tokens, merged_lse)
+    out.index_copy_(1, plan.valid_tokens, merged)
     lse.index_copy_(2, plan.valid_tokens, merged_lse)
     return out, lse
 
