@@ -513,7 +513,7 @@ def _render_sparse(result: BenchResult) -> str:
         for r in data["results"]
     ]
     if any(r.get("oracle_rel_l2") is not None for r in data["results"]):
-        # The best per-row top-k at the same budget (exact attention mass; bench_sparse.py).
+        # Per-row top-k ranked by exact attention mass, same budget: a reference (bench_sparse.py).
         cols.append("oracle rel-L2")
         for row, r in zip(rows, data["results"]):
             row.append("-" if r.get("oracle_rel_l2") is None else _fmt(r["oracle_rel_l2"], 4))

@@ -11,6 +11,7 @@ schedule of the same work would take. Kernel only (selection excluded), median o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -57,9 +58,7 @@ def main(argv=None) -> int:
         metadata = SparseStepMetadata(step=10, sparsity=sparsity, skip_first_steps=0, grid=grid)
         layout = resolve_layout("block_sparse", q, metadata, context)
         selection = select_block_sparse(q, k, scale, sparsity, layout)
-        forced_split = BlockSelection(
-            selection.indices, selection.counts, selection.num_kv_blocks, row_count=0
-        )
+        forced_split = dataclasses.replace(selection, row_count=0)  # row_count 0: always split
         timings = {}
         for name, sel, row_chunk in (
             ("unsplit", selection, None),

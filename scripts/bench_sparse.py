@@ -18,6 +18,7 @@ rel-L2 <= 0.05 at 75%.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -110,8 +111,7 @@ def oracle_selection(q, k, scale, sparsity, layout) -> BlockSelection:
         qr = q[:, row * block : (row + 1) * block].float().transpose(1, 2)
         probs = torch.softmax(qr @ kt.transpose(-1, -2) * scale, dim=-1).sum(dim=2)  # [B, H, S]
         mass[:, :, row] = F.pad(probs, (0, pad)).unflatten(-1, (nb, block)).sum(-1)
-    dense = layout.dense_blocks(q.device)
-    return select_top_blocks(mass, sparsity, dense, int(dense.sum()))
+    return select_top_blocks(mass, sparsity, layout.dense_blocks(q.device), layout.num_dense_blocks)
 
 
 def unique_graphs() -> int:
@@ -147,10 +147,8 @@ def bench_backend(backend, sparsity, q, k, v, grid, reference, device):
     chunk, kernel_split, kernel_unsplit = flex_block_sparse.GPU_ROW_CHUNK, None, None
     if device.type == "cuda" and chunk and layout.dense_rows and backend == "block_sparse":
         try:
-            forced = dict(selection.__dict__, row_count=0)
-            kernel_split = median_ms(
-                lambda: impl.run_sparse(qs, ks, vs, type(selection)(**forced), scale, False, layout)
-            )
+            forced = dataclasses.replace(selection, row_count=0)  # row_count 0: always split
+            kernel_split = median_ms(lambda: impl.run_sparse(qs, ks, vs, forced, scale, False, layout))
             flex_block_sparse.GPU_ROW_CHUNK = None
             kernel_unsplit = median_ms(lambda: impl.run_sparse(qs, ks, vs, selection, scale, False, layout))
         finally:

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         pooled_keep = indices_to_mask(pooled.indices, pooled.counts, nb)[0]
         qh, kh, vh = (x[0].float().transpose(0, 1).contiguous() for x in (qo, ko, vo))  # [H, S, D]
         mass = block_mass(qh, kh, scale)
-        row = select_top_blocks(mass[None], args.sparsity, dense, int(dense.sum()))
+        row = select_top_blocks(mass[None], args.sparsity, dense, layout.num_dense_blocks)
         row_keep = indices_to_mask(row.indices, row.counts, nb)[0]
         total = int(row_keep[0].sum())
         for name, keep in (

@@ -141,7 +141,7 @@ class SparseLayout:
     @property
     def num_dense_blocks(self) -> int:
         """How many blocks :meth:`dense_blocks` marks (first frame and text may overlap)."""
-        return min(self.first_frame_blocks, self.text_start_block) + self.num_blocks - self.text_start_block
+        return len(self.dense_rows)
 
     @property
     def dense_rows(self) -> tuple[int, ...]:
