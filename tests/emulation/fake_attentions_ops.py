@@ -1,34 +1,27 @@
-"""A CPU stand-in for the sgl-kernel-npu ``torch.ops.attentions`` kernels attnbridge calls.
+"""CPU stand-ins for the sgl-kernel-npu attention kernels attnbridge calls.
 
-Every public function is one op, named like it (the ``fake_npu`` fixture installs them on
-``torch.ops.attentions``). Each follows the op's documented schema and semantics, computes in
-float64, and rejects the inputs the real kernel rejects that a caller could get wrong.
+sgl-kernel-npu ships them in two layouts (``tests.emulation.install`` installs either):
 
-Sources (sgl-kernel-npu): op schemas in ``csrc/attentions/csrc/plugin/register_ops.cpp``; Python
-wrappers and fake (meta) kernels in ``python/attentions/attentions/layers/_custom_ops.py``; the
-kernel README (mask layout of the block-sparse kernels); the ``la`` plugin (``la.cpp``: returns
-``(softmax_log_max_sum [B,N,S] float32, out float32 [B,N,S,D])``).
+* ``import attentions``: ``torch.ops.attentions.{la, block_sparse_attention (older builds) or
+  ada_block_sparse_attention, rainfusionattention}`` (:data:`ATTENTIONS_OPS`).
+* ``import sgl_kernel_npu``: ``torch.ops.npu.{laser_attn, ada_block_sparse_attention}``
+  (:data:`NPU_OPS`), the same kernels under new names.
 
-* ``la``: fp16 BNSD, S a multiple of 256, head_dim 128 (what its callers guarantee). Its
-  ``pre_tokens`` / ``next_tokens`` semantics are ASSUMED, inferred from how sglang's and
-  sgl-kernel-npu's callers use them, NOT confirmed from the kernel source (which we have not seen):
-  ``pre_tokens`` < S means "the last ``pre_tokens`` keys are zero padding and get no weight"
-  (callers pass ``roundup(S_kv, 256) - S_kv``, else 2**31 - 1), and ``next_tokens=1`` (the only
-  value sglang passes, and the schema default) means "no mask" for this non-causal kernel. Both
-  assumptions are the ones attnbridge's Laser code makes too, so this fake cannot show them wrong;
-  it only refuses every other value, and a ``pre_tokens`` whose "padding" keys are not zero, so that
-  a change in what attnbridge passes is caught rather than silently given some meaning.
-* ``block_sparse_attention`` (older builds) and ``ada_block_sparse_attention`` (newer, same schema):
-  int8 mask ``[B, Nq, ceil(Sq/ss), align32(ceil(Skv/ss))]`` with 0/1 entries and zero padding,
-  int32 counts ``[B, Nq, ceil(Sq/ss)]`` equal to the row sums; a token pair is visible when its
-  block is kept, ``j`` lies in the band ``[i - pre_tokens, i + next_tokens]`` (as in Ascend's other
-  attention kernels; the schema defaults ``next_tokens=0`` and ``causal=True``, so a non-causal
-  caller passes 214748647 for both, as sglang does) and, with ``causal``, ``j <= i``.
-* ``rainfusionattention``: TND ``[T, N, D]`` with per-sequence ``actual_seq_qlen``/``kvlen``; one
-  ``select_idx`` ``[q_blocks, N, kv_blocks]`` int64 (ascending kept blocks, then -1) and
-  ``select_num_idx`` ``[q_blocks, N]`` int64 for every sequence of the call.
+Each function follows its op's registered schema, computes in float64, and rejects the inputs the
+real op rejects that a caller could get wrong. It emulates only what attnbridge calls (BNSD for Laser
+and block-sparse, one TND sequence per ``rainfusionattention`` call); every other input raises
+``NotImplementedError`` ("... is not emulated").
 
-Not documented, chosen here: rows that see no key give 0; the LSE outputs are float32 natural log.
+Sources, all in sgl-project/sgl-kernel-npu. "SKN" is snapshot ``f425bdf1``, paths under
+``csrc/attentions/csrc/``: schemas ``plugin/register_ops.cpp:23-42``; plugins ``plugin/la.cpp``,
+``plugin/ada_block_sparse_attention.cpp``, ``plugin/rainfusionattention.cpp``,
+``plugin/sparse_block_estimate.cpp``; kernels ``ops/laser_attention/**`` and
+``ops/ada_block_sparse_attention/**``. Commit ``4d1ad10e`` holds the same block-sparse kernel and
+schema under the name ``block_sparse_attention``. "SKN-new" is the ``torch.ops.npu`` layout:
+``python/sgl_kernel_npu/sgl_kernel_npu/attentions/__init__.py`` (``4b03c43c``) and the
+``laser_attn`` host code ``csrc/laser_attention/op_host/laser_attention.cpp`` (``7f12e8f0``).
+
+Not documented, chosen here: rows that see no key give 0; LSE outputs are float32 natural log.
 """
 
 from __future__ import annotations
@@ -38,9 +31,17 @@ import math
 import torch
 
 HALF = (torch.float16, torch.bfloat16)
-#: The only ``la`` window values the emulation models (see the module docstring).
-LA_NEXT_TOKENS = 1
+#: Ops of each layout, by name: ``torch.ops.attentions`` (``import attentions``) and
+#: ``torch.ops.npu`` (``import sgl_kernel_npu``).
+ATTENTIONS_OPS = ("la", "block_sparse_attention", "ada_block_sparse_attention", "rainfusionattention")
+NPU_OPS = ("laser_attn", "ada_block_sparse_attention")
+#: ``pre_tokens`` meaning "no padded keys" (``laser_attention_tiling.cpp:203-207``: windowLen = 0).
 LA_NO_PAD = 2**31 - 1
+#: The only ``next_tokens`` the emulation accepts: the schema default, which the kernel never reads.
+LA_NEXT_TOKENS = 1
+#: The Laser kernel's tail alignment (``VectorForward.h:899``: ``align_size = 256``).
+LA_TAIL = 256
+FP16_MAX = 65504.0
 
 
 def _expand_blocks(mask: torch.Tensor, block_q: int, block_kv: int, s_q: int, s_kv: int) -> torch.Tensor:
@@ -51,7 +52,8 @@ def _expand_blocks(mask: torch.Tensor, block_q: int, block_kv: int, s_q: int, s_
 
 
 def _attention_bnsd(q, k, v, visible, scale):
-    """float64 attention on BNSD with bool ``visible`` [B|1, N|1, S_q, S_kv]; (out, lse)."""
+    """float64 attention on BNSD with bool ``visible`` [B|1, N|1, S_q, S_kv]; query head ``n`` reads
+    kv head ``n // G``; returns (out, lse)."""
     group = q.shape[1] // k.shape[1]
     q64 = q.double()
     k64 = k.double().repeat_interleave(group, dim=1)
@@ -59,13 +61,115 @@ def _attention_bnsd(q, k, v, visible, scale):
     scores = torch.einsum("bnqd,bnkd->bnqk", q64, k64) * scale
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    probs = torch.softmax(scores, dim=-1)
+    # A row with no visible key gives 0 (the kernels zero-fill empty rows); NaN or inf in the inputs
+    # still reach the output, as on the device.
+    probs = torch.where(visible.any(dim=-1, keepdim=True), probs, 0.0)
     return torch.einsum("bnqk,bnkd->bnqd", probs, v64), lse
 
 
 def _require(condition: bool, op: str, message: str) -> None:
     if not condition:
-        raise RuntimeError(f"attentions.{op}: {message}")
+        raise RuntimeError(f"{op}: {message}")
+
+
+def _not_emulated(condition: bool, op: str, message: str) -> None:
+    if not condition:
+        raise NotImplementedError(f"fake {op}: {message}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Laser: la / laser_attn
+
+
+def _laser(
+    op,
+    query,
+    key,
+    value,
+    masks,
+    scale_value,
+    head_num,
+    input_layout,
+    keep_prob,
+    pre_tokens,
+    next_tokens,
+    seq_multiple,
+):
+    """The Laser kernel behind both op names.
+
+    Kernel files are SKN's, under ``ops/laser_attention/``: ``op_kernel/laser_attention.cpp``,
+    ``op_kernel/VectorForward.h``, ``op_host/laser_attention_tiling.cpp``.
+
+    * fp16 only: ``laser_attention.cpp:61,66`` instantiate only ``CubeForward<half…>`` /
+      ``VectorForward<half…>``. The scale is applied to fp16 scores as ``(INPUT_T)SCALE`` with
+      ``INPUT_T = half`` (``VectorForward.h:894``), so a ``scale_value`` beyond fp16's range is
+      refused: the kernel would turn it into inf.
+    * GQA: ``laser_attention_tiling.cpp:199-202`` sets ``headGroupSize = queryDim / keyDim``; query
+      head ``n`` reads kv head ``n // G`` (SKN-new ``test_laser_attn`` reference,
+      ``repeat_interleave``).
+    * ``pre_tokens``: the tiling reads only attr 4 (``laser_attention_tiling.cpp:160``); windowLen =
+      ``pre_tokens``, or 0 for 2**31 - 1 (l.203-207). ``VectorForward.h:898-916`` then sets the last
+      windowLen score columns of the 256-aligned tail to -60000: the last ``pre_tokens`` keys get
+      no weight. That arithmetic (``(256 - windowLen) % 128``) only covers windowLen < 256, so larger
+      values are refused; the fake also insists those keys are zero, since the callers' padding is.
+    * ``next_tokens`` is never read by the tiling; only the schema default 1 is accepted, so a caller
+      who sets it expecting an effect is caught.
+    """
+    _require(input_layout == "BNSD", op, f"only BNSD is supported, got {input_layout!r}")
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        _require(x.dtype == torch.float16, op, f"{name} must be float16, got {x.dtype}")
+    batch, heads, s_q, dim = query.shape
+    kv_heads, s_kv = key.shape[1], key.shape[2]
+    _require(head_num == heads, op, f"head_num {head_num} != query heads {heads}")
+    _require(key.shape == value.shape and key.shape[0] == batch, op, "key/value must be [B, N_kv, S, D]")
+    _require(
+        heads % kv_heads == 0, op, f"query heads {heads} must be a multiple of key/value heads {kv_heads}"
+    )
+    _require(key.shape[3] == dim == 128, op, f"head_dim must be padded to 128, got {dim}")
+    _require(
+        s_q % seq_multiple == 0 and s_kv % seq_multiple == 0,
+        op,
+        f"sequence lengths must be multiples of {seq_multiple}",
+    )
+    _not_emulated(
+        all(m is None for m in masks), op, "masks (atten_mask, alibi_mask, drop_mask) are not emulated"
+    )
+    _require(0.0 < float(keep_prob) <= 1.0, op, f"keep_prob must be in (0, 1]; got {keep_prob}")
+    _not_emulated(keep_prob == 1.0, op, "dropout (keep_prob < 1) is not emulated")
+    _require(
+        math.isfinite(scale_value) and abs(scale_value) <= FP16_MAX,
+        op,
+        f"scale_value {scale_value} overflows the kernel's fp16 scale",
+    )
+    _not_emulated(
+        next_tokens == LA_NEXT_TOKENS,
+        op,
+        f"next_tokens={next_tokens!r} is not emulated: only {LA_NEXT_TOKENS} (the schema default, "
+        "which the kernel never reads)",
+    )
+    _not_emulated(
+        pre_tokens == LA_NO_PAD or 0 <= pre_tokens < LA_TAIL,
+        op,
+        f"pre_tokens={pre_tokens!r} is not emulated: only the zero-padded key count (0-255) or "
+        f"{LA_NO_PAD} (no padding)",
+    )
+    window = 0 if pre_tokens == LA_NO_PAD else pre_tokens
+    _not_emulated(
+        window == 0 or s_kv % LA_TAIL == 0,
+        op,
+        f"pre_tokens={pre_tokens} with a key length {s_kv} that is not a multiple of {LA_TAIL} is not emulated",
+    )
+    valid = s_kv - window
+    _require(
+        not bool(key[:, :, valid:].any() or value[:, :, valid:].any()),
+        op,
+        f"pre_tokens={pre_tokens} but the last {window} key/value rows are not zero padding",
+    )
+    scale = float(torch.tensor(scale_value, dtype=torch.float16))
+    visible = (torch.arange(s_kv) < valid).expand(1, 1, s_q, s_kv)
+    out, lse = _attention_bnsd(query, key, value, visible, scale)
+    return lse.float(), out.float()
 
 
 def la(
@@ -83,42 +187,75 @@ def la(
     next_tokens=1,
     is_highPrecision=True,
 ):
-    """Laser Attention: ``(softmax_log_max_sum [B,N,S] float32, out [B,N,S,D] float32)``."""
-    op = "la"
+    """``torch.ops.attentions.la`` (SKN ``register_ops.cpp:23-28``) -> ``(softmax_log_max_sum [B,N,S]
+    float32, out [B,N,S,D] float32)`` (``la.cpp:43-53``). ``la.cpp:36`` checks only the rank; the rest
+    is the kernel's (:func:`_laser`). S must be a multiple of 256, the tail alignment: this build has
+    no host check, and its callers (sglang ``laser_attn.py``, MindIE-SD ``ascend_laser_attention.py``)
+    pad to 256."""
+    op = "attentions.la"
     _require(query.dim() == 4, op, f"the first input dimension of la must be 4 but got {query.dim()}")
-    _require(input_layout == "BNSD", op, f"only BNSD is supported, got {input_layout!r}")
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        _require(x.dtype == torch.float16, op, f"{name} must be float16, got {x.dtype}")
-    batch, heads, s_q, dim = query.shape
-    _require(head_num == heads, op, f"head_num {head_num} != query heads {heads}")
-    _require(
-        key.shape == value.shape and key.shape[:2] == (batch, heads), op, "key/value must be [B, N, S, D]"
-    )
-    _require(key.shape[3] == dim == 128, op, f"head_dim must be padded to 128, got {dim}")
-    _require(s_q % 256 == 0 and key.shape[2] % 256 == 0, op, "sequence lengths must be multiples of 256")
-    _require(atten_mask is None and alibi_mask is None and drop_mask is None, op, "masks are not emulated")
-    _require(keep_prob == 1.0, op, "dropout is not emulated")
-    _require(
-        next_tokens == LA_NEXT_TOKENS,
+    _require(key.dim() == value.dim() == 4, op, "key/value must be 4-D (BNSD)")
+    masks = (atten_mask, alibi_mask, drop_mask)
+    return _laser(
         op,
-        f"next_tokens={next_tokens!r} is not emulated: only {LA_NEXT_TOKENS} (what sglang passes) is",
+        query,
+        key,
+        value,
+        masks,
+        scale_value,
+        head_num,
+        input_layout,
+        keep_prob,
+        pre_tokens,
+        next_tokens,
+        256,
     )
-    s_kv = key.shape[2]
+
+
+def laser_attn(
+    query,
+    key,
+    value,
+    atten_mask=None,
+    alibi_mask=None,
+    drop_mask=None,
+    scale_value=1.0,
+    head_num=2,
+    input_layout="BNSD",
+    keep_prob=1.0,
+    pre_tokens=2147483647,
+    next_tokens=1,
+    is_highPrecision=True,
+):
+    """``torch.ops.npu.laser_attn``: ``la``'s schema and kernel (SKN-new ``attentions/__init__.py``),
+    with host checks (``laser_attention.cpp`` ``check_inputs``): rank-4 BNSD, fp16, head dim 128,
+    Hq % Hkv == 0, ``head_num == query.size(1)``, S a multiple of 128, ``keep_prob`` in (0, 1]."""
+    op = "npu.laser_attn"
     _require(
-        pre_tokens == LA_NO_PAD or 0 < pre_tokens < 256,
+        query.dim() == key.dim() == value.dim() == 4,
         op,
-        f"pre_tokens={pre_tokens!r} is not emulated: only the zero-padded key count (1-255) or "
-        f"{LA_NO_PAD} (no padding), as sglang passes it",
+        "laser_attn expects query, key, and value in rank-4 BNSD layout",
     )
-    valid = s_kv - pre_tokens if pre_tokens < s_kv else s_kv
-    _require(
-        not bool(key[:, :, valid:].any() or value[:, :, valid:].any()),
+    _require(min(query.shape) > 0 and min(key.shape) > 0, op, "dimensions must be greater than zero")
+    masks = (atten_mask, alibi_mask, drop_mask)
+    return _laser(
         op,
-        f"pre_tokens={pre_tokens} but the last {s_kv - valid} key/value rows are not zero padding",
+        query,
+        key,
+        value,
+        masks,
+        scale_value,
+        head_num,
+        input_layout,
+        keep_prob,
+        pre_tokens,
+        next_tokens,
+        128,
     )
-    visible = (torch.arange(s_kv) < valid).expand(1, 1, s_q, s_kv)
-    out, lse = _attention_bnsd(query, key, value, visible, float(scale_value))
-    return lse.float(), out.float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Block-sparse: block_sparse_attention / ada_block_sparse_attention
 
 
 def _block_sparse(
@@ -135,21 +272,51 @@ def _block_sparse(
     scale_value,
     causal,
     inner_precise,
-    pre_tokens,
-    next_tokens,
     actual_seq_lengths,
     actual_seq_lengths_kv,
 ):
-    _require(input_layout in ("BNSD", "BSND"), op, f"input_layout {input_layout!r} is not emulated")
+    """The block-sparse kernel behind both op names.
+
+    * The plugin refuses TND (``ada_block_sparse_attention.cpp:32``), hard-codes ``sparseMode = 0``
+      and passes no atten_mask (l.36, l.44); the tiling then sets both sparse windows to INT_MAX
+      (``ada_block_sparse_attention_tiling.cpp:3618-3625``), so ``pre_tokens``/``next_tokens`` have
+      no effect. The same holds at ``4d1ad10e`` (``plugin/block_sparse_attention.cpp:35,43``).
+    * float16 kernels exist only for the high-performance tiling keys
+      (``op_kernel/ada_block_sparse_attention.cpp:58-62``, identical at ``4d1ad10e`` in
+      ``op_kernel/block_sparse_attention.cpp``), so float16 needs ``inner_precise`` 1 or 3; bfloat16
+      has its own keys (l.71-75).
+    * ``sparse_mask`` int8 ``[B, Nq, ceil(S_q/ss), align32(ceil(S_kv/ss))]`` with 0/1 entries and zero
+      padding, ``sparse_count_table`` int32 ``[B, Nq, ceil(S_q/ss)]`` = the row sums
+      (``sparse_block_estimate.cpp:69-77``, which produces them); the kernel reads one mask per query
+      head (``ada_block_sparse_attention_s1s2_bns1_x910.h:176-191``) and writes 0 for a row whose
+      count is 0 (l.696-699).
+    * ``sparse_size``: the schema default 128 (``register_ops.cpp:38``), what sglang passes; the
+      tiling states no limit on it, so other sizes are not emulated.
+    * ``causal``: key ``j`` visible to query ``i`` iff ``j <= i``, emulated only for S_q == S_kv, where
+      top-left and bottom-right alignment agree.
+    """
+    _require(input_layout != "TND", op, "input_layout currently does not support 'TND'.")
+    _not_emulated(input_layout == "BNSD", op, f"input_layout {input_layout!r} is not emulated (only BNSD)")
     _require(query.dtype in HALF, op, f"query must be float16 or bfloat16, got {query.dtype}")
     _require(key.dtype == query.dtype == value.dtype, op, "query, key, value dtypes differ")
-    q, k, v = (x if input_layout == "BNSD" else x.transpose(1, 2) for x in (query, key, value))
-    batch, heads, s_q, _ = q.shape
-    kv_heads, s_kv = k.shape[1], k.shape[2]
+    _require(
+        not (query.dtype == torch.float16 and inner_precise in (0, 2)),
+        op,
+        "the FP16 high-precision specialization (inner_precise 0 or 2) is absent",
+    )
+    _require(query.dim() == key.dim() == value.dim() == 4, op, "BNSD inputs are [B, N, S, D]")
+    batch, heads, s_q, _ = query.shape
+    kv_heads, s_kv = key.shape[1], key.shape[2]
+    _require(key.shape == value.shape and key.shape[0] == batch, op, "key/value must be [B, N_kv, S, D]")
     _require(num_heads == heads, op, f"num_heads {num_heads} != query heads {heads}")
     _require(num_key_value_heads == kv_heads, op, f"num_key_value_heads {num_key_value_heads} != {kv_heads}")
     _require(heads % kv_heads == 0, op, "query heads must be a multiple of key/value heads")
-    _require(sparse_size % 128 == 0 and 128 <= sparse_size <= 512, op, f"bad sparse_size {sparse_size}")
+    _not_emulated(sparse_size == 128, op, f"sparse_size={sparse_size} is not emulated (only 128)")
+    _not_emulated(
+        actual_seq_lengths is None and actual_seq_lengths_kv is None,
+        op,
+        "actual_seq_lengths/actual_seq_lengths_kv are not emulated",
+    )
     nq, nk = math.ceil(s_q / sparse_size), math.ceil(s_kv / sparse_size)
     width = math.ceil(nk / 32) * 32
     _require(sparse_mask.dtype == torch.int8, op, f"sparse_mask must be int8, got {sparse_mask.dtype}")
@@ -167,21 +334,11 @@ def _block_sparse(
         "sparse_count_table must hold each row's number of kept blocks",
     )
     visible = _expand_blocks(sparse_mask[..., :nk].bool(), sparse_size, sparse_size, s_q, s_kv)
-    rows = torch.arange(s_q)[:, None]
-    cols = torch.arange(s_kv)[None, :]
-    window = (cols >= rows - pre_tokens) & (cols <= rows + next_tokens)
     if causal:
-        window &= cols <= rows
-    visible = visible & window
-    if actual_seq_lengths_kv is not None:
-        lengths = torch.tensor(list(actual_seq_lengths_kv))
-        visible = visible & (cols[None] < lengths[:, None, None])[:, None]
-    out, _ = _attention_bnsd(q, k, v, visible, float(scale_value))
-    if actual_seq_lengths is not None:
-        lengths = torch.tensor(list(actual_seq_lengths))
-        out = out * (torch.arange(s_q)[None, :] < lengths[:, None])[:, None, :, None]
-    out = out.to(query.dtype)
-    return out if input_layout == "BNSD" else out.transpose(1, 2).contiguous()
+        _not_emulated(s_q == s_kv, op, f"causal with S_q {s_q} != S_kv {s_kv} is not emulated")
+        visible = visible & (torch.arange(s_kv)[None, :] <= torch.arange(s_q)[:, None])
+    out, _ = _attention_bnsd(query, key, value, visible, float(scale_value))
+    return out.to(query.dtype)
 
 
 def block_sparse_attention(
@@ -202,9 +359,11 @@ def block_sparse_attention(
     actual_seq_lengths=None,
     actual_seq_lengths_kv=None,
 ):
-    """Block-sparse attention over the kept blocks of ``sparse_mask`` (older op name)."""
+    """``torch.ops.attentions.block_sparse_attention`` (older builds: ``4d1ad10e``
+    ``plugin/register_ops.cpp:36``, the schema of ``ada_block_sparse_attention``); see
+    :func:`_block_sparse`."""
     return _block_sparse(
-        "block_sparse_attention",
+        "attentions.block_sparse_attention",
         query,
         key,
         value,
@@ -217,8 +376,6 @@ def block_sparse_attention(
         scale_value,
         causal,
         inner_precise,
-        pre_tokens,
-        next_tokens,
         actual_seq_lengths,
         actual_seq_lengths_kv,
     )
@@ -242,12 +399,8 @@ def ada_block_sparse_attention(
     actual_seq_lengths=None,
     actual_seq_lengths_kv=None,
 ):
-    """Block-sparse attention over the kept blocks of ``sparse_mask`` (newer op name, same schema)."""
-    _require(
-        not (query.dtype == torch.float16 and inner_precise in (0, 2)),
-        "ada_block_sparse_attention",
-        "the FP16 high-precision specialization (inner_precise 0 or 2) is absent",
-    )
+    """``ada_block_sparse_attention`` (SKN ``register_ops.cpp:35-42``; the same under
+    ``torch.ops.npu`` in SKN-new); see :func:`_block_sparse`."""
     return _block_sparse(
         "ada_block_sparse_attention",
         query,
@@ -262,11 +415,13 @@ def ada_block_sparse_attention(
         scale_value,
         causal,
         inner_precise,
-        pre_tokens,
-        next_tokens,
         actual_seq_lengths,
         actual_seq_lengths_kv,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# rainfusionattention
 
 
 def rainfusionattention(
@@ -288,41 +443,48 @@ def rainfusionattention(
     inner_precise=1,
     block_size=0,
 ):
-    """RainFusion attention over listed KV blocks: ``(out [T,N,D], lse float32 [T,N,1])``."""
-    op = "rainfusionattention"
-    _require(q_input_layout == kv_input_layout == "TND", op, "only TND is emulated")
+    """``torch.ops.attentions.rainfusionattention`` (SKN ``register_ops.cpp:29-34``) -> ``(out [T,N,D],
+    softmax_lse [T,N,D])``, both in the query dtype (``rainfusionattention.cpp:46-49``).
+
+    The plugin takes TND or BNSD (l.34-37). The kernel (``aclnnRainFusionAttention``) is not in any
+    source found, so only sglang's and MindIE-SD's usage fixes the rest: one TND sequence with
+    ``actual_seq_qlen``/``kvlen`` = its length (MindIE-SD ``sparse_flash_attn.py`` passes
+    per-sequence lengths); ``select_idx`` int64 ``[q_blocks, N, kv_blocks]`` with the kept blocks in
+    ascending order, then -1, and ``select_num_idx`` int64 ``[q_blocks, N]`` (sglang
+    ``rain_fusion_attn.py`` ``_get_mask_index``, MindIE-SD ``sparse_flash_attn_rf_v2.py``
+    ``get_mask_index``). Several sequences per call, GQA, masks and paging are not emulated. The
+    second output's contents are undocumented: it is NaN here, so no caller relies on it.
+    """
+    op = "attentions.rainfusionattention"
+    for name, layout in (("q_input_layout", q_input_layout), ("kv_input_layout", kv_input_layout)):
+        _require(layout in ("TND", "BNSD"), op, f"{name} only supports 'TND' and 'BNSD' now.")
+        _not_emulated(layout == "TND", op, f"{name} {layout!r} is not emulated (only TND)")
     _require(query.dtype in HALF and key.dtype == value.dtype == query.dtype, op, "float16/bfloat16 inputs")
-    _require(query.dim() == 3 and key.dim() == 3, op, "TND inputs are [T, N, D]")
+    _require(query.dim() == key.dim() == value.dim() == 3, op, "TND inputs are [T, N, D]")
     _require(head_num == query.shape[1], op, f"head_num {head_num} != query heads {query.shape[1]}")
-    _require(attn_mask is None and block_table is None and mask_type == 0, op, "masks/paging not emulated")
+    _not_emulated(key.shape[1] == query.shape[1], op, "GQA (fewer key/value heads than query heads)")
+    _not_emulated(attn_mask is None and block_table is None and mask_type == 0, op, "masks/paging")
     _require(actual_seq_qlen is not None and actual_seq_kvlen is not None, op, "TND needs actual lengths")
-    _require(
-        sum(actual_seq_qlen) == query.shape[0], op, "actual_seq_qlen must sum to T (per-sequence lengths)"
+    _not_emulated(
+        len(actual_seq_qlen) == len(actual_seq_kvlen) == 1, op, "several sequences in one call (B > 1)"
     )
-    _require(sum(actual_seq_kvlen) == key.shape[0], op, "actual_seq_kvlen must sum to T_kv")
+    (s_q,), (s_kv,) = actual_seq_qlen, actual_seq_kvlen
+    _require(s_q == query.shape[0], op, "actual_seq_qlen must be the sequence length T (per-sequence)")
+    _require(s_kv == key.shape[0], op, "actual_seq_kvlen must be the key length T_kv (per-sequence)")
     block_q, block_kv = blockshape
     _require(select_idx.dtype == torch.int64 and select_num_idx.dtype == torch.int64, op, "int64 indices")
     heads = query.shape[1]
-    outs, lses = [], []
-    q_start = kv_start = 0
-    for s_q, s_kv in zip(actual_seq_qlen, actual_seq_kvlen):
-        nq, nk = math.ceil(s_q / block_q), math.ceil(s_kv / block_kv)
-        _require(tuple(select_num_idx.shape) == (nq, heads), op, f"select_num_idx must be {(nq, heads)}")
-        _require(select_idx.shape[:2] == (nq, heads) and select_idx.shape[2] >= 1, op, "bad select_idx shape")
-        listed = torch.arange(select_idx.shape[2]) < select_num_idx[..., None]
-        _require(bool((select_idx[~listed] == -1).all()), op, "unused select_idx entries must be -1")
-        chosen = select_idx.masked_fill(~listed, nk)
-        _require(bool((chosen[listed] >= 0).all() and (chosen[listed] < nk).all()), op, "index out of range")
-        ascending = (chosen[..., 1:] > chosen[..., :-1]) | ~listed[..., 1:]
-        _require(bool(ascending.all()), op, "kept blocks must be listed in ascending order")
-        block_mask = torch.zeros(nq, heads, nk + 1, dtype=torch.bool).scatter_(-1, chosen, True)[..., :nk]
-        visible = _expand_blocks(block_mask.transpose(0, 1)[None], block_q, block_kv, s_q, s_kv)
-        q = query[q_start : q_start + s_q].transpose(0, 1)[None]
-        k = key[kv_start : kv_start + s_kv].transpose(0, 1)[None]
-        v = value[kv_start : kv_start + s_kv].transpose(0, 1)[None]
-        out, lse = _attention_bnsd(q, k, v, visible, float(scale))
-        outs.append(out[0].transpose(0, 1))
-        lses.append(lse[0].transpose(0, 1))
-        q_start += s_q
-        kv_start += s_kv
-    return torch.cat(outs).to(query.dtype), torch.cat(lses).float()[..., None]
+    nq, nk = math.ceil(s_q / block_q), math.ceil(s_kv / block_kv)
+    _require(tuple(select_num_idx.shape) == (nq, heads), op, f"select_num_idx must be {(nq, heads)}")
+    _require(select_idx.shape[:2] == (nq, heads) and select_idx.shape[2] >= 1, op, "bad select_idx shape")
+    listed = torch.arange(select_idx.shape[2]) < select_num_idx[..., None]
+    _require(bool((select_idx[~listed] == -1).all()), op, "unused select_idx entries must be -1")
+    chosen = select_idx.masked_fill(~listed, nk)
+    _require(bool((chosen[listed] >= 0).all() and (chosen[listed] < nk).all()), op, "index out of range")
+    ascending = (chosen[..., 1:] > chosen[..., :-1]) | ~listed[..., 1:]
+    _require(bool(ascending.all()), op, "kept blocks must be listed in ascending order")
+    block_mask = torch.zeros(nq, heads, nk + 1, dtype=torch.bool).scatter_(-1, chosen, True)[..., :nk]
+    visible = _expand_blocks(block_mask.transpose(0, 1)[None], block_q, block_kv, s_q, s_kv)
+    q, k, v = (x.transpose(0, 1)[None] for x in (query, key, value))
+    out, _ = _attention_bnsd(q, k, v, visible, float(scale))
+    return out[0].transpose(0, 1).to(query.dtype), torch.full_like(query, float("nan"))

@@ -1,23 +1,42 @@
 """A CPU stand-in for Ascend's ``torch_npu`` attention ops, so attnbridge's NPU code runs in tests.
 
 It follows the documented semantics of ``torch_npu.npu_fused_infer_attention_score`` (FIA) and
-``torch_npu.npu_fusion_attention`` (Ascend/op-plugin ``docs/context/torch_npu-*.md``), computes in
-float64, and rejects what the real op rejects that a caller could get wrong (layout strings, head
-counts, mask shapes, TND length lists), so plumbing bugs fail on CPU rather than on an Ascend box.
+``torch_npu.npu_fusion_attention``, computes in float64, and rejects what the real op rejects that a
+caller could get wrong (layout strings, head counts, mask shapes, TND length lists), so plumbing bugs
+fail on CPU rather than on an Ascend box. It emulates only what attnbridge calls: FIA in BSND/BNSD
+and TND, fusion attention in BSND/BNSD, contiguous (unpaged) K/V. Any other documented input raises
+``NotImplementedError`` ("... is not emulated") instead of computing something.
 
-Facts from those docs that the emulation relies on:
+Sources. "docs l.N" is a line of ``torch_npu/_op_plugin_docs.py`` in the torch-npu 2.14.0 wheel (FIA
+docstring from l.8053, ``_v2`` from l.8577, fusion attention from l.1592); "yaml:N" is a line of
+``torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml`` in that wheel (FIA 349, fusion 404).
 
-* ``atten_mask``: True / 1 means *masked out*. ``sparse_mode`` 2/3 take the 2048 x 2048 compressed
-  upper-triangular mask; 3 is causal aligned to the bottom right of each sequence, 2 to the top left.
-* TND layout: ``actual_seq_lengths[_kv]`` (FIA) and ``actual_seq_qlen/kvlen`` (fusion attention) are
-  cumulative end offsets (``[2, 4, 6]`` for three sequences of 2). With paged KV (``block_table``)
-  FIA's ``actual_seq_lengths_kv`` are per-sequence lengths instead.
-* FIA: inputs float16/bfloat16; ``softmax_lse`` float32 ``[B, N, S, 1]`` (``[T, N, 1]`` for TND), or a
-  ``[1]`` zero tensor when ``softmax_lse_flag`` is False; sparse_mode 2/3/4 raise without a mask.
-* Fusion attention: inputs float16/bfloat16/float32; returns ``(out, softmax_max, softmax_sum,
-  softmax_in, seed, offset, numels)`` with max/sum float32 ``[B, N, S, 8]`` (the value replicated 8
-  times; ``[N, T, 8]`` for TND unless ``softmax_layout="TND"``); without a mask, sparse_mode and
-  pre/next_tockens are ignored and the attention is full.
+* Schemas: yaml:349 (FIA), yaml:404 (fusion, ending ``softmax_layout, sink, dropout_mask, seed,
+  offset``).
+* ``atten_mask``: True / 1 means *masked out* (docs l.1610; vllm-ascend ``attention_mask.py:53``
+  builds FIA's mask the same way). ``sparse_mode`` 2/3 take the 2048 x 2048 compressed
+  upper-triangular mask; 3 is causal aligned to the bottom right of each sequence ("rightDownCausal",
+  docs l.8121 for FIA, l.1610ff for fusion), 2 to the top left; FIA ignores ``pre_tokens`` /
+  ``next_tokens`` with sparse_mode 1/2/3 (docs l.8215); sparse_mode has no effect when Q_S == 1
+  ("Q_S为1且不带rope输入时该参数无效", docs l.8121ff).
+* FIA TND: ``actual_seq_lengths`` are cumulative end offsets ("当前Batch与之前所有Batch的seqlen和"),
+  and so is ``actual_seq_lengths_kv`` without paging (docs l.8275; vllm-ascend
+  ``attention_v1.py:2111,2121``); each must be non-decreasing ("后一个元素的值必须大于等于前一个元素的值").
+  Trailing zeros as skipped batches are documented for fusion attention only.
+* FIA: ``num_heads / num_key_value_heads`` <= 64 (docs l.8116); ``softmax_lse`` float32 ``[B, N, S,
+  1]`` (``[T, N, 1]`` for TND), natural log of the scaled scores, or a ``[1]`` zero tensor when
+  ``softmax_lse_flag`` is False (docs l.8148).
+* FIA documented limits, checked while the fake's ``strict_docs`` is True (the default): float16 /
+  bfloat16 with D % 16 == 0, D <= 512, N <= 256, N * D < 65535 in BSND (docs l.8210ff: "支持D轴小于等于
+  512。inputLayout为BSH或者BSND时，要求N*D小于65535"); TND: bfloat16 only, D in (128, 192), T <= 65536
+  and, with sparse_mode 3, each query length <= its key length (docs l.8193-8199; ``_v2`` l.8717ff
+  adds D = 128). Practice overrides the head clause "N等于8/16/32/64/128，且Q_N、K_N、V_N相等" (vllm-ascend
+  ``attention_v1.py:2120-2129`` and sglang run TND with GQA) and the strict "<" (vllm-ascend
+  ``attention_cp.py:580-584`` passes equal q/kv lengths with sparse_mode 3): neither is enforced.
+* Fusion attention: float16/bfloat16/float32; GQA when the head counts are proportional (docs
+  l.1592ff); returns ``(out, softmax_max, softmax_sum, softmax_in, seed, offset, numels)`` with
+  max/sum float32 ``[B, N, S, 8]`` (one value replicated 8 times); without a mask, sparse_mode and
+  ``pre_tockens``/``next_tockens`` are ignored and the attention is full (docs l.1689).
 
 Not documented, chosen here: a query row that sees no key (or lies past its actual length) gives
 ``out = 0``, ``lse = -inf``, ``softmax_max = -inf``, ``softmax_sum = 0``.
@@ -25,6 +44,7 @@ Not documented, chosen here: a query row that sees no key (or lies past its actu
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import importlib
 import importlib.machinery
@@ -41,14 +61,43 @@ COMPRESSED_MASK_SIZE = 2048
 
 FIA_OP = "npu_fused_infer_attention_score"
 FUSION_OP = "npu_fusion_attention"
-FIA_LAYOUTS = ("BSH", "BSND", "BNSD", "TND")
+#: Layouts each op documents (``input_layout`` in docs l.8053ff and l.1592ff), and the subset the
+#: fake computes (the rest raise "not emulated").
+FIA_LAYOUTS = ("BSH", "BSND", "BNSD", "TND", "BNSD_BSND", "NTD_TND", "TND_NTD")
+FIA_EMULATED_LAYOUTS = ("BSND", "BNSD", "TND")
 FUSION_LAYOUTS = ("BSH", "SBH", "BSND", "BNSD", "TND")
-#: Query dtypes each op documents; the fake rejects others unless made with ``strict_dtypes=False``.
-DOCUMENTED_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
-    FIA_OP: (torch.float16, torch.bfloat16),
-    FUSION_OP: (torch.float16, torch.bfloat16, torch.float32),
-}
+FUSION_EMULATED_LAYOUTS = ("BSND", "BNSD")
+HALF = (torch.float16, torch.bfloat16)
+FUSION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SPARSE_MODULE = "tests.emulation.fake_torch_npu_sparse"
+
+#: Whether the documented FIA limits apply to the call in progress; the fake module's
+#: ``strict_docs`` sets it for each call, a direct call of the function is strict.
+_STRICT_DOCS: contextvars.ContextVar[bool] = contextvars.ContextVar("strict_docs", default=True)
+
+
+class Call(tuple):
+    """One recorded op call, ``(name, args, kwargs)``; ``.namespace`` says where the op lives
+    (``"torch_npu"``, ``"attentions"`` for ``torch.ops.attentions``, ``"npu"`` for ``torch.ops.npu``)."""
+
+    namespace: str
+
+    def __new__(cls, name: str, args: tuple, kwargs: dict, namespace: str) -> Call:
+        call = super().__new__(cls, (name, args, kwargs))
+        call.namespace = namespace
+        return call
+
+
+def recorded(name: str, fn: Callable, calls: list, namespace: str) -> Callable:
+    """``fn`` appending ``Call(name, args, kwargs, namespace)`` to ``calls`` before it runs."""
+
+    @functools.wraps(fn)
+    def op(*args, **kwargs):
+        calls.append(Call(name, args, kwargs, namespace))
+        return fn(*args, **kwargs)
+
+    op.__name__ = op.__qualname__ = name
+    return op
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,7 +107,7 @@ SPARSE_MODULE = "tests.emulation.fake_torch_npu_sparse"
 @dataclass
 class _Segment:
     """One sequence: ``q`` ``[S_q, N_q, D]``, ``k``/``v`` ``[S_kv, N_kv, D]`` (float64) and
-    ``visible`` bool ``[S_q, S_kv]`` (True: the query may attend the key)."""
+    ``visible`` bool ``[S_q, S_kv]`` or ``[N_q, S_q, S_kv]`` (True: the query may attend the key)."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -108,7 +157,8 @@ def _compressed_mask() -> torch.Tensor:
 
 
 def _check_compressed_mask(op: str, mask: torch.Tensor | None, sparse_mode: int) -> None:
-    """sparse_mode 2/3/4 take the fixed 2048 x 2048 upper-triangular mask (True = masked)."""
+    """sparse_mode 2/3/4 take the fixed 2048 x 2048 upper-triangular mask, True = masked (docs l.8121,
+    l.1610ff)."""
     size = COMPRESSED_MASK_SIZE
     if mask is None:
         raise RuntimeError(f"{op}: sparse_mode={sparse_mode} needs the {size}x{size} compressed atten_mask")
@@ -146,23 +196,21 @@ def _int_list(op: str, name: str, values) -> list[int] | None:
 
 
 def _cumulative_to_lengths(op: str, name: str, offsets: list[int], total: int) -> list[int]:
-    """Check a TND cumulative-offset list (trailing zeros mark batches that are skipped) and return
-    the per-sequence lengths."""
-    used = list(offsets)
-    while len(used) > 1 and used[-1] == 0:
-        used.pop()
-    if any(b < a for a, b in zip(used, used[1:])):
+    """Check FIA's TND cumulative-offset list (non-decreasing, ending at T; docs l.8275) and return
+    the per-sequence lengths. A trailing 0 breaks the order: FIA has no skipped-batch convention."""
+    if not offsets:
+        raise RuntimeError(f"{op}: {name} is empty")
+    if any(b < a for a, b in zip(offsets, offsets[1:])):
         raise RuntimeError(
             f"{op}: {name} must be cumulative end offsets (non-decreasing, e.g. [5, 22, 31] for lengths "
             f"[5, 17, 9]) with input_layout TND; got {offsets}"
         )
-    if used[-1] != total:
+    if offsets[-1] != total:
         raise RuntimeError(
-            f"{op}: {name} ends at {used[-1]} but the TND tensor has T={total} tokens; it must hold "
+            f"{op}: {name} ends at {offsets[-1]} but the TND tensor has T={total} tokens; it must hold "
             f"cumulative end offsets; got {offsets}"
         )
-    lengths = [b - a for a, b in zip([0] + used[:-1], used)]
-    return lengths + [0] * (len(offsets) - len(used))
+    return [b - a for a, b in zip([0] + offsets[:-1], offsets)]
 
 
 def _require_unset(op: str, **values) -> None:
@@ -171,44 +219,51 @@ def _require_unset(op: str, **values) -> None:
             raise NotImplementedError(f"fake {op}: {name} is not emulated")
 
 
-def _to_bsnd(x: torch.Tensor, layout: str, heads: int) -> torch.Tensor:
-    """BSH / SBH / BSND / BNSD -> ``[B, S, N, D]``."""
-    if layout == "SBH":
-        x = x.transpose(0, 1)
-    if layout in ("BSH", "SBH"):
-        return x.reshape(x.shape[0], x.shape[1], heads, x.shape[2] // heads)
-    if layout == "BNSD":
-        return x.transpose(1, 2)
-    return x
+def _require_default(op: str, **values: tuple) -> None:
+    """``name=(value, default)``: arguments the fake computes only at their schema default."""
+    for name, (value, default) in values.items():
+        if value != default:
+            raise NotImplementedError(f"fake {op}: {name}={value!r} is not emulated (only {default!r})")
+
+
+def _check_layout(op: str, layout: str, documented: tuple[str, ...], emulated: tuple[str, ...]) -> None:
+    if layout not in documented:
+        raise RuntimeError(
+            f"{op}: input_layout {layout!r} is not supported; allowed: {', '.join(documented)}"
+        )
+    if layout not in emulated:
+        raise NotImplementedError(
+            f"fake {op}: input_layout {layout!r} is not emulated (only {', '.join(emulated)})"
+        )
+
+
+def _to_bsnd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """BSND / BNSD -> ``[B, S, N, D]``."""
+    return x.transpose(1, 2) if layout == "BNSD" else x
 
 
 def _from_bsnd(x: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout in ("BSH", "SBH"):
-        x = x.reshape(x.shape[0], x.shape[1], -1)
-        return (x.transpose(0, 1) if layout == "SBH" else x).contiguous()
-    if layout == "BNSD":
-        return x.transpose(1, 2).contiguous()
-    return x.contiguous()
+    return (x.transpose(1, 2) if layout == "BNSD" else x).contiguous()
 
 
-def _check_qkv_basics(
-    op: str, query, key, value, layout: str, allowed_layouts, *, paged: bool = False
-) -> None:
-    """Layout string, tensor ranks, dtypes; a paged KV cache has its own ranks (checked later)."""
-    if layout not in allowed_layouts:
-        raise RuntimeError(
-            f"{op}: input_layout {layout!r} is not supported; allowed: {', '.join(allowed_layouts)}"
-        )
-    want_dim = 3 if layout in ("BSH", "SBH", "TND") else 4
+def _check_qkv_basics(op: str, query, key, value, layout: str) -> None:
+    """Tensor ranks and dtypes."""
+    want_dim = 3 if layout == "TND" else 4
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a tensor")
-        if t.dim() != want_dim and not (paged and name != "query"):
+        if t.dim() != want_dim:
             raise RuntimeError(f"{op}: layout {layout} needs {want_dim}-D {name}; got shape {tuple(t.shape)}")
     if not (query.dtype == key.dtype == value.dtype):
         raise RuntimeError(
             f"{op}: query, key, value dtypes differ ({query.dtype}, {key.dtype}, {value.dtype})"
         )
+
+
+def _check_dtype(op: str, query: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
+    if query.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise RuntimeError(f"{op}: query dtype {query.dtype} is not supported; allowed: {names}")
 
 
 def _check_heads(op: str, heads: int, kv_heads: int, max_group: int | None = None) -> None:
@@ -226,7 +281,7 @@ def _check_heads(op: str, heads: int, kv_heads: int, max_group: int | None = Non
 
 def _fia_batch_lengths(name: str, values: list[int] | None, batch: int, limit: int) -> list[int]:
     """Non-TND ``actual_seq_lengths[_kv]``: one per batch; a single value applies to all; extra
-    values past the batch are ignored (documented)."""
+    values past the batch are ignored (docs, FIA ``actual_seq_lengths``)."""
     if values is None:
         return [limit] * batch
     if len(values) == 1:
@@ -279,44 +334,40 @@ def _fia_visible(
     return visible
 
 
-def _paged_kv(
-    key: torch.Tensor, value: torch.Tensor, block_table, block_size: int, kv_lengths: list[int], kv_heads: int
-):
-    """Gather each sequence's keys from a paged cache: ``(blocks, block_size, N*D)`` or
-    ``(blocks, N, block_size, D)``; returns lists of ``[len, N, D]``."""
-    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
-        raise RuntimeError(f"{FIA_OP}: block_table must be a 2-D int32 tensor [B, max_blocks_per_seq]")
-    if block_table.dtype != torch.int32:
-        raise RuntimeError(f"{FIA_OP}: block_table dtype must be int32; got {block_table.dtype}")
-    if block_size < 128 or block_size > 512 or block_size % 128:
-        raise RuntimeError(f"{FIA_OP}: block_size must be a multiple of 128 in [128, 512]; got {block_size}")
-    if block_table.shape[0] != len(kv_lengths):
+def _check_fia_documented_limits(
+    layout: str,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    num_heads: int,
+    q_lens: list[int],
+    kv_lens: list[int],
+    sparse_mode: int,
+) -> None:
+    """The limits FIA's docstring states (module docstring); skipped while ``strict_docs`` is off."""
+    if not _STRICT_DOCS.get():
+        return
+    op = FIA_OP
+    _check_dtype(op, query, HALF)
+    head_dim = query.shape[-1]
+    if head_dim % 16 or head_dim > 512:
+        raise RuntimeError(f"{op}: head_dim {head_dim} must be a multiple of 16 and <= 512 (docs l.8210)")
+    if num_heads > 256:
+        raise RuntimeError(f"{op}: num_heads {num_heads} must be <= 256")
+    if layout == "BSND" and num_heads * head_dim >= 65535:
+        raise RuntimeError(f"{op}: BSND needs N*D < 65535; got {num_heads}*{head_dim}")
+    if layout != "TND":
+        return
+    where = "with input_layout TND (docs l.8193-8199)"
+    if query.dtype != torch.bfloat16:
+        raise RuntimeError(f"{op}: {where} the dtype must be bfloat16; got {query.dtype}")
+    if head_dim not in (128, 192):
+        raise RuntimeError(f"{op}: {where} head_dim must be 128 or 192; got {head_dim}")
+    if max(query.shape[0], key.shape[0]) > 65536:
+        raise RuntimeError(f"{op}: {where} T must be <= 65536; got {query.shape[0]} / {key.shape[0]}")
+    if sparse_mode == 3 and any(q > kv for q, kv in zip(q_lens, kv_lens)):
         raise RuntimeError(
-            f"{FIA_OP}: block_table has {block_table.shape[0]} rows for {len(kv_lengths)} sequences"
+            f"{op}: {where} sparse_mode 3 needs each query length <= its key length; got {q_lens} / {kv_lens}"
         )
-    if key.shape != value.shape:
-        raise RuntimeError(f"{FIA_OP}: paged key {tuple(key.shape)} and value {tuple(value.shape)} differ")
-    if key.dim() == 3 and key.shape[1] == block_size and key.shape[2] % kv_heads == 0:
-        tokens_k = key.reshape(key.shape[0], block_size, kv_heads, -1)
-        tokens_v = value.reshape(value.shape[0], block_size, kv_heads, -1)
-    elif key.dim() == 4 and key.shape[1] == kv_heads and key.shape[2] == block_size:
-        tokens_k, tokens_v = key.transpose(1, 2), value.transpose(1, 2)
-    else:
-        raise RuntimeError(
-            f"{FIA_OP}: paged key shape {tuple(key.shape)} is neither (blocks, {block_size}, N*D) nor "
-            f"(blocks, N, {block_size}, D) with N={kv_heads}"
-        )
-    ks, vs = [], []
-    for b, kv_len in enumerate(kv_lengths):
-        n_blocks = -(-kv_len // block_size)
-        if n_blocks > block_table.shape[1]:
-            raise RuntimeError(
-                f"{FIA_OP}: sequence {b} needs {n_blocks} blocks; block_table has {block_table.shape[1]}"
-            )
-        ids = block_table[b, :n_blocks].long()
-        ks.append(tokens_k[ids].reshape(-1, *tokens_k.shape[2:])[:kv_len])
-        vs.append(tokens_v[ids].reshape(-1, *tokens_v.shape[2:])[:kv_len])
-    return ks, vs
 
 
 def npu_fused_infer_attention_score(
@@ -362,7 +413,8 @@ def npu_fused_infer_attention_score(
     key_antiquant_mode=0,
     value_antiquant_mode=0,
 ):
-    """Emulates ``torch_npu.npu_fused_infer_attention_score`` -> ``(attention_out, softmax_lse)``."""
+    """Emulates ``torch_npu.npu_fused_infer_attention_score`` (yaml:349, docs l.8053ff) ->
+    ``(attention_out, softmax_lse)``; see the module docstring for each rule's source."""
     op = FIA_OP
     _require_unset(
         op,
@@ -374,6 +426,7 @@ def npu_fused_infer_attention_score(
         quant_offset2=quant_offset2,
         antiquant_scale=antiquant_scale,
         antiquant_offset=antiquant_offset,
+        block_table=block_table,
         query_padding_size=query_padding_size,
         kv_padding_size=kv_padding_size,
         key_antiquant_scale=key_antiquant_scale,
@@ -387,13 +440,10 @@ def npu_fused_infer_attention_score(
         key_rope=key_rope,
         key_rope_antiquant_scale=key_rope_antiquant_scale,
     )
+    _require_default(op, block_size=(block_size, 0))
     layout = input_layout
-    paged = block_table is not None
-    _check_qkv_basics(op, query, key, value, layout, FIA_LAYOUTS, paged=paged)
-    if paged and layout in ("BSH", "BSND") and key.dim() != 3:
-        raise RuntimeError(
-            f"{op}: with input_layout {layout} the paged key must be (blocks, block_size, N*D)"
-        )
+    _check_layout(op, layout, FIA_LAYOUTS, FIA_EMULATED_LAYOUTS)
+    _check_qkv_basics(op, query, key, value, layout)
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not t.is_contiguous():
             raise RuntimeError(f"{op}: {name} must be contiguous (non-contiguous tensors are not supported)")
@@ -407,40 +457,27 @@ def npu_fused_infer_attention_score(
         raise NotImplementedError(f"fake {op}: sparse_mode 4 (band) is not emulated")
     if inner_precise not in (0, 1, 2, 3):
         raise RuntimeError(f"{op}: inner_precise must be 0, 1, 2 or 3; got {inner_precise}")
-    if paged and not block_size:
-        raise RuntimeError(f"{op}: block_table given without block_size")
 
     # Head counts the layout carries must agree with num_heads / num_key_value_heads.
-    if layout == "BSH":
-        if query.shape[2] % num_heads:
-            raise RuntimeError(
-                f"{op}: query hidden size {query.shape[2]} is not divisible by num_heads={num_heads}"
-            )
-        head_dim = query.shape[2] // num_heads
-        if not paged and key.shape[2] != kv_heads * head_dim:
-            raise RuntimeError(
-                f"{op}: key hidden size {key.shape[2]} != num_key_value_heads ({kv_heads}) x head_dim ({head_dim})"
-            )
-    else:
-        head_axis = 2 if layout == "BSND" else 1
-        if query.shape[head_axis] != num_heads:
-            raise RuntimeError(
-                f"{op}: num_heads={num_heads} but query has {query.shape[head_axis]} heads (layout {layout})"
-            )
-        if not paged and key.shape[head_axis] != kv_heads:
-            raise RuntimeError(
-                f"{op}: num_key_value_heads={num_key_value_heads} (-> {kv_heads}) but key has "
-                f"{key.shape[head_axis]} heads (layout {layout})"
-            )
-    if not paged and key.shape != value.shape:
+    head_axis = {"BSND": 2, "BNSD": 1, "TND": 1}[layout]
+    if query.shape[head_axis] != num_heads:
+        raise RuntimeError(
+            f"{op}: num_heads={num_heads} but query has {query.shape[head_axis]} heads (layout {layout})"
+        )
+    if key.shape[head_axis] != kv_heads:
+        raise RuntimeError(
+            f"{op}: num_key_value_heads={num_key_value_heads} (-> {kv_heads}) but key has "
+            f"{key.shape[head_axis]} heads (layout {layout})"
+        )
+    if key.shape != value.shape:
         raise RuntimeError(
             f"{op}: key {tuple(key.shape)} and value {tuple(value.shape)} must have the same shape"
         )
+    if query.shape[-1] != key.shape[-1]:
+        raise RuntimeError(f"{op}: query head_dim {query.shape[-1]} and key head_dim {key.shape[-1]} differ")
 
     q_lens_arg = _int_list(op, "actual_seq_lengths", actual_seq_lengths)
     kv_lens_arg = _int_list(op, "actual_seq_lengths_kv", actual_seq_lengths_kv)
-    if paged and kv_lens_arg is None:
-        raise RuntimeError(f"{op}: paged attention (block_table) needs actual_seq_lengths_kv")
 
     user_mask = None
     if sparse_mode in (2, 3, 4):
@@ -450,7 +487,7 @@ def npu_fused_infer_attention_score(
             raise RuntimeError(
                 f"{op}: with input_layout TND only sparse_mode=0 without a mask or sparse_mode=3"
             )
-        user_mask = _fia_user_mask(atten_mask, query.shape[0], query.shape[1 if layout != "BNSD" else 2])
+        user_mask = _fia_user_mask(atten_mask, query.shape[0], query.shape[1 if layout == "BSND" else 2])
     elif sparse_mode == 1:
         raise RuntimeError(f"{op}: sparse_mode=1 needs the full atten_mask")
 
@@ -464,49 +501,34 @@ def npu_fused_infer_attention_score(
                 "must have one entry per sequence each"
             )
         q_lens = _cumulative_to_lengths(op, "actual_seq_lengths", q_lens_arg, query.shape[0])
-        q_starts = [sum(q_lens[:i]) for i in range(len(q_lens))]
-        q_parts = [query[s : s + n] for s, n in zip(q_starts, q_lens)]
-        if paged:
-            k_parts, v_parts = _paged_kv(key, value, block_table, block_size, kv_lens_arg, kv_heads)
-        else:
-            kv_lens = _cumulative_to_lengths(op, "actual_seq_lengths_kv", kv_lens_arg, key.shape[0])
-            kv_starts = [sum(kv_lens[:i]) for i in range(len(kv_lens))]
-            k_parts = [key[s : s + n] for s, n in zip(kv_starts, kv_lens)]
-            v_parts = [value[s : s + n] for s, n in zip(kv_starts, kv_lens)]
+        kv_lens = _cumulative_to_lengths(op, "actual_seq_lengths_kv", kv_lens_arg, key.shape[0])
+        q_parts = list(query.split(q_lens))
+        k_parts, v_parts = list(key.split(kv_lens)), list(value.split(kv_lens))
     else:
-        q4 = _to_bsnd(query, layout, num_heads)
+        q4, k4, v4 = (_to_bsnd(t, layout) for t in (query, key, value))
         batch, s_q = q4.shape[0], q4.shape[1]
+        if k4.shape[0] != batch:
+            raise RuntimeError(f"{op}: query batch {batch} and key batch {k4.shape[0]} differ")
         q_lens = _fia_batch_lengths("actual_seq_lengths", q_lens_arg, batch, s_q)
+        kv_lens = _fia_batch_lengths("actual_seq_lengths_kv", kv_lens_arg, batch, k4.shape[1])
         q_parts = [q4[b, :n] for b, n in enumerate(q_lens)]
-        if paged:
-            kv_lens = _fia_batch_lengths("actual_seq_lengths_kv", kv_lens_arg, batch, INT_MAX)
-            k_parts, v_parts = _paged_kv(key, value, block_table, block_size, kv_lens, kv_heads)
-        else:
-            if key.shape[0] != batch:
-                raise RuntimeError(f"{op}: query batch {batch} and key batch {key.shape[0]} differ")
-            k4, v4 = _to_bsnd(key, layout, kv_heads), _to_bsnd(value, layout, kv_heads)
-            kv_lens = _fia_batch_lengths("actual_seq_lengths_kv", kv_lens_arg, batch, k4.shape[1])
-            k_parts = [k4[b, :n] for b, n in enumerate(kv_lens)]
-            v_parts = [v4[b, :n] for b, n in enumerate(kv_lens)]
-    if q_parts and q_parts[0].shape[-1] != k_parts[0].shape[-1]:
-        raise RuntimeError(
-            f"{op}: query head_dim {q_parts[0].shape[-1]} and key head_dim {k_parts[0].shape[-1]} differ"
-        )
+        k_parts = [k4[b, :n] for b, n in enumerate(kv_lens)]
+        v_parts = [v4[b, :n] for b, n in enumerate(kv_lens)]
+    _check_fia_documented_limits(layout, query, key, num_heads, q_lens, kv_lens, sparse_mode)
 
-    segments = []
+    results = []
     for b, (qp, kp, vp) in enumerate(zip(q_parts, k_parts, v_parts)):
         mask_b = user_mask(b) if user_mask is not None else None
         visible = _fia_visible(sparse_mode, mask_b, qp.shape[0], kp.shape[0], pre_tokens, next_tokens)
-        segments.append(_Segment(qp.double(), kp.double(), vp.double(), visible))
-    results = [_attend_segment(seg, float(scale)) for seg in segments]
+        results.append(
+            _attend_segment(_Segment(qp.double(), kp.double(), vp.double(), visible), float(scale))
+        )
 
-    d_v = v_parts[0].shape[-1] if v_parts else value.shape[-1]
     if layout == "TND":
-        out = torch.cat([r.out for r in results]) if results else query.new_zeros(0, num_heads, d_v)
-        out = _pad_rows(out, query.shape[0])
-        lse = _pad_rows(torch.cat([r.lse.T for r in results]), query.shape[0], fill=-math.inf)[..., None]
+        out = torch.cat([r.out for r in results])
+        lse = torch.cat([r.lse.T for r in results])[..., None]
     else:
-        out = torch.zeros(batch, s_q, num_heads, d_v, dtype=torch.float64)
+        out = torch.zeros(batch, s_q, num_heads, value.shape[-1], dtype=torch.float64)
         lse = torch.full((batch, num_heads, s_q), -math.inf, dtype=torch.float64)
         for b, (n, r) in enumerate(zip(q_lens, results)):
             out[b, :n] = r.out
@@ -519,31 +541,23 @@ def npu_fused_infer_attention_score(
     return out, lse.to(dtype=torch.float32, device=query.device)
 
 
-def _pad_rows(x: torch.Tensor, rows: int, fill: float = 0.0) -> torch.Tensor:
-    """TND: tokens past the last offset (trailing skipped batches) stay ``fill``."""
-    if x.shape[0] == rows:
-        return x
-    pad = x.new_full((rows - x.shape[0], *x.shape[1:]), fill)
-    return torch.cat([x, pad])
-
-
 # ----------------------------------------------------------------------------------------------
 # npu_fusion_attention
 
 
-def _fusion_user_mask(mask: torch.Tensor, batch: int, heads: int, s_q: int, s_kv: int, varlen: bool):
-    """``sparse_mode`` 0/1 mask: ``(b, head) -> bool [S_q, S_kv]`` (True = masked)."""
+def _fusion_user_mask(mask: torch.Tensor, batch: int, heads: int, s_q: int, s_kv: int):
+    """``sparse_mode`` 0/1 mask, bool or uint8 (docs l.1610): ``(b, head) -> bool [S_q, S_kv]``
+    (True = masked)."""
     _check_mask_dtype(FUSION_OP, mask, (torch.bool, torch.uint8))
     m = mask.to(torch.bool)
     if m.dim() == 2 and tuple(m.shape) == (s_q, s_kv):
         return lambda b, n: m
-    if not varlen and m.dim() == 4 and tuple(m.shape[2:]) == (s_q, s_kv):
+    if m.dim() == 4 and tuple(m.shape[2:]) == (s_q, s_kv):
         if m.shape[0] in (1, batch) and m.shape[1] in (1, heads):
             return lambda b, n: m[b if m.shape[0] > 1 else 0, n if m.shape[1] > 1 else 0]
-    allowed = "(maxS_q, maxS_kv) for TND" if varlen else "(S_q, S_kv), (B|1, N|1, S_q, S_kv)"
     raise RuntimeError(
-        f"{FUSION_OP}: atten_mask shape {tuple(mask.shape)} does not fit; allowed: {allowed} "
-        f"with S_q={s_q}, S_kv={s_kv}"
+        f"{FUSION_OP}: atten_mask shape {tuple(mask.shape)} does not fit; allowed: (S_q, S_kv), "
+        f"(B|1, N|1, S_q, S_kv) with S_q={s_q}, S_kv={s_kv}"
     )
 
 
@@ -579,13 +593,22 @@ def npu_fusion_attention(
     gen_mask_parallel=True,
     sync=False,
     softmax_layout="",
+    sink=None,
+    dropout_mask=None,
+    seed=0,
+    offset=0,
 ):
-    """Emulates ``torch_npu.npu_fusion_attention`` -> ``(attention_out, softmax_max, softmax_sum,
-    softmax_in, seed, offset, numels)``."""
+    """Emulates ``torch_npu.npu_fusion_attention`` (yaml:404, docs l.1592ff) -> ``(attention_out,
+    softmax_max, softmax_sum, softmax_in, seed, offset, numels)``; see the module docstring."""
     op = FUSION_OP
-    _require_unset(op, pse=pse, padding_mask=padding_mask, prefix=prefix)
+    _require_unset(
+        op, pse=pse, padding_mask=padding_mask, prefix=prefix, sink=sink, dropout_mask=dropout_mask
+    )
+    _require_default(op, seed=(seed, 0), offset=(offset, 0))
     layout = input_layout
-    _check_qkv_basics(op, query, key, value, layout, FUSION_LAYOUTS)
+    _check_layout(op, layout, FUSION_LAYOUTS, FUSION_EMULATED_LAYOUTS)
+    _check_qkv_basics(op, query, key, value, layout)
+    _check_dtype(op, query, FUSION_DTYPES)
     if not 0.0 < float(keep_prob) <= 1.0:
         raise RuntimeError(f"{op}: keep_prob must be in (0, 1]; got {keep_prob}")
     if keep_prob != 1.0:
@@ -596,78 +619,40 @@ def npu_fusion_attention(
         raise RuntimeError(f"{op}: sparse_mode {sparse_mode} is not supported (0..8 are)")
     if sparse_mode >= 4 and atten_mask is not None:
         raise NotImplementedError(f"fake {op}: sparse_mode {sparse_mode} is not emulated")
-    if softmax_layout not in ("", "TND") or (softmax_layout == "TND" and layout != "TND"):
+    if softmax_layout != "":
         raise RuntimeError(f"{op}: softmax_layout {softmax_layout!r} is only valid as 'TND' with TND input")
     if key.shape[:-1] != value.shape[:-1]:
         raise RuntimeError(
             f"{op}: key {tuple(key.shape)} and value {tuple(value.shape)} must agree but for D"
         )
+    if actual_seq_qlen is not None or actual_seq_kvlen is not None:
+        raise RuntimeError(f"{op}: actual_seq_qlen/actual_seq_kvlen are only used with input_layout TND")
 
-    if layout in ("BSH", "SBH"):
-        if query.shape[2] % head_num:
-            raise RuntimeError(
-                f"{op}: query hidden size {query.shape[2]} is not divisible by head_num={head_num}"
-            )
-        head_dim = query.shape[2] // head_num
-        if key.shape[2] % head_dim:
-            raise RuntimeError(
-                f"{op}: key hidden size {key.shape[2]} is not a multiple of head_dim {head_dim}"
-            )
-        kv_heads = key.shape[2] // head_dim
-        d_v_total = value.shape[2]
-        if d_v_total % kv_heads:
-            raise RuntimeError(f"{op}: value hidden size {d_v_total} does not split over {kv_heads} heads")
-    else:
-        head_axis = 2 if layout == "BSND" else 1
-        if query.shape[head_axis] != head_num:
-            raise RuntimeError(
-                f"{op}: head_num={head_num} but query has {query.shape[head_axis]} heads ({layout})"
-            )
-        kv_heads = key.shape[head_axis]
-    _check_heads(op, head_num, kv_heads)
-
-    varlen = layout == "TND"
-    q_lens_arg = _int_list(op, "actual_seq_qlen", actual_seq_qlen)
-    kv_lens_arg = _int_list(op, "actual_seq_kvlen", actual_seq_kvlen)
-    if varlen:
-        if q_lens_arg is None or kv_lens_arg is None:
-            raise RuntimeError(f"{op}: input_layout TND needs actual_seq_qlen and actual_seq_kvlen")
-        if len(q_lens_arg) != len(kv_lens_arg):
-            raise RuntimeError(f"{op}: actual_seq_qlen and actual_seq_kvlen must have the same length")
-        q_lens = _cumulative_to_lengths(op, "actual_seq_qlen", q_lens_arg, query.shape[0])
-        kv_lens = _cumulative_to_lengths(op, "actual_seq_kvlen", kv_lens_arg, key.shape[0])
-        q_starts = [sum(q_lens[:i]) for i in range(len(q_lens))]
-        kv_starts = [sum(kv_lens[:i]) for i in range(len(kv_lens))]
-        q_parts = [query[s : s + n] for s, n in zip(q_starts, q_lens)]
-        k_parts = [key[s : s + n] for s, n in zip(kv_starts, kv_lens)]
-        v_parts = [value[s : s + n] for s, n in zip(kv_starts, kv_lens)]
-        batch, mask_s_q, mask_s_kv = len(q_lens), max(q_lens), max(kv_lens)
-    else:
-        if q_lens_arg is not None or kv_lens_arg is not None:
-            raise RuntimeError(f"{op}: actual_seq_qlen/actual_seq_kvlen are only used with input_layout TND")
-        q4, k4, v4 = (
-            _to_bsnd(t, layout, n) for t, n in ((query, head_num), (key, kv_heads), (value, kv_heads))
+    head_axis = 2 if layout == "BSND" else 1
+    if query.shape[head_axis] != head_num:
+        raise RuntimeError(
+            f"{op}: head_num={head_num} but query has {query.shape[head_axis]} heads ({layout})"
         )
-        if q4.shape[0] != k4.shape[0]:
-            raise RuntimeError(f"{op}: query batch {q4.shape[0]} and key batch {k4.shape[0]} differ")
-        batch, mask_s_q, mask_s_kv = q4.shape[0], q4.shape[1], k4.shape[1]
-        q_parts, k_parts, v_parts = list(q4), list(k4), list(v4)
-    if q_parts[0].shape[-1] != k_parts[0].shape[-1] or k_parts[0].shape[-1] < v_parts[0].shape[-1]:
+    _check_heads(op, head_num, key.shape[head_axis])
+    q4, k4, v4 = (_to_bsnd(t, layout) for t in (query, key, value))
+    if q4.shape[0] != k4.shape[0]:
+        raise RuntimeError(f"{op}: query batch {q4.shape[0]} and key batch {k4.shape[0]} differ")
+    if q4.shape[-1] != k4.shape[-1] or k4.shape[-1] < v4.shape[-1]:
         raise RuntimeError(f"{op}: head dims must satisfy D_q == D_k >= D_v")
+    batch, s_q, s_kv = q4.shape[0], q4.shape[1], k4.shape[1]
 
     user_mask = None
     if atten_mask is not None:
         if sparse_mode in (2, 3):
             _check_compressed_mask(op, atten_mask, sparse_mode)
         else:
-            user_mask = _fusion_user_mask(atten_mask, batch, head_num, mask_s_q, mask_s_kv, varlen)
+            user_mask = _fusion_user_mask(atten_mask, batch, head_num, s_q, s_kv)
 
     results = []
-    for b, (qp, kp, vp) in enumerate(zip(q_parts, k_parts, v_parts)):
-        s_q, s_kv = qp.shape[0], kp.shape[0]
-        if atten_mask is None:  # documented: without a mask, sparse_mode and pre/next are ignored
+    for b in range(batch):
+        if atten_mask is None:  # docs l.1689: without a mask, sparse_mode and pre/next are ignored
             visible = torch.ones(s_q, s_kv, dtype=torch.bool)
-        elif user_mask is not None and (atten_mask.dim() == 4 and atten_mask.shape[1] > 1):
+        elif user_mask is not None and atten_mask.dim() == 4 and atten_mask.shape[1] > 1:
             visible = torch.stack(
                 [
                     _fusion_visible(sparse_mode, user_mask(b, n), s_q, s_kv, pre_tockens, next_tockens)
@@ -677,20 +662,12 @@ def npu_fusion_attention(
         else:
             mask_b = user_mask(b, 0) if user_mask is not None else None
             visible = _fusion_visible(sparse_mode, mask_b, s_q, s_kv, pre_tockens, next_tockens)
-        results.append(
-            _attend_segment(_Segment(qp.double(), kp.double(), vp.double(), visible), float(scale))
-        )
+        segment = _Segment(q4[b].double(), k4[b].double(), v4[b].double(), visible)
+        results.append(_attend_segment(segment, float(scale)))
 
-    if varlen:
-        out = _pad_rows(torch.cat([r.out for r in results]), query.shape[0])
-        row_max = _pad_rows(torch.cat([r.row_max.T for r in results]), query.shape[0], fill=-math.inf)
-        row_sum = _pad_rows(torch.cat([r.row_sum.T for r in results]), query.shape[0])
-        if softmax_layout != "TND":  # documented default for TND: NTD
-            row_max, row_sum = row_max.T, row_sum.T
-    else:
-        out = _from_bsnd(torch.stack([r.out for r in results]), layout)
-        row_max = torch.stack([r.row_max for r in results])  # [B, N, S]
-        row_sum = torch.stack([r.row_sum for r in results])
+    out = _from_bsnd(torch.stack([r.out for r in results]), layout)
+    row_max = torch.stack([r.row_max for r in results])  # [B, N, S]
+    row_sum = torch.stack([r.row_sum for r in results])
     softmax_max = row_max[..., None].expand(*row_max.shape, 8).to(torch.float32).contiguous()
     softmax_sum = row_sum[..., None].expand(*row_sum.shape, 8).to(torch.float32).contiguous()
     softmax_in = torch.empty(0, dtype=query.dtype, device=query.device)
@@ -702,17 +679,18 @@ def npu_fusion_attention(
 # The fake module
 
 
-def _recording(name: str, fn: Callable, calls: list, dtypes: tuple[torch.dtype, ...] | None) -> Callable:
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        calls.append((name, args, kwargs))
-        query = args[0] if args else kwargs.get("query")
-        if dtypes is not None and isinstance(query, torch.Tensor) and query.dtype not in dtypes:
-            allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-            raise RuntimeError(f"{name}: query dtype {query.dtype} is not supported; allowed: {allowed}")
-        return fn(*args, **kwargs)
+def _with_strict_docs(module: types.ModuleType, fn: Callable) -> Callable:
+    """``fn`` run with the documented FIA limits on or off as ``module.strict_docs`` says now."""
 
-    return wrapper
+    @functools.wraps(fn)
+    def op(*args, **kwargs):
+        token = _STRICT_DOCS.set(bool(module.strict_docs))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _STRICT_DOCS.reset(token)
+
+    return op
 
 
 def _sparse_ops() -> dict[str, Callable]:
@@ -730,17 +708,20 @@ def _sparse_ops() -> dict[str, Callable]:
     }
 
 
-def make_fake_torch_npu(*, strict_dtypes: bool = True, soc_version: int = 220) -> types.ModuleType:
+def make_fake_torch_npu(*, strict_docs: bool = True, soc_version: int = 220) -> types.ModuleType:
     """A module named ``torch_npu`` with the emulated ops; every call is appended to ``module.calls``
-    as ``(op_name, args, kwargs)`` so tests can assert the argument plumbing.
+    as a :class:`Call` ``(op_name, args, kwargs)`` so tests can assert the argument plumbing.
 
-    ``strict_dtypes=False`` lets FIA take float32 (the real op rejects it) for precision tests of
-    the emulation itself. ``module.npu.get_soc_version()`` returns ``soc_version`` (220: Atlas A2).
+    ``module.strict_docs`` (read at each call; ``strict_docs`` sets it) applies FIA's documented
+    limits: dtype, head_dim, head count and the TND domain. Turn it off to run the emulation's own
+    math on float32 or small head dims. ``module.npu.get_soc_version()`` returns ``soc_version``
+    (220: Atlas A2).
     """
     module = types.ModuleType("torch_npu", "Fake torch_npu (CPU emulation for attnbridge tests)")
     module.__spec__ = importlib.machinery.ModuleSpec("torch_npu", loader=None)
     module.__version__ = "0.0.0+fake"
-    calls: list[tuple[str, tuple, dict]] = []
+    module.strict_docs = strict_docs
+    calls: list[Call] = []
     module.calls = calls
     ops: dict[str, Callable] = {
         FIA_OP: npu_fused_infer_attention_score,
@@ -748,7 +729,6 @@ def make_fake_torch_npu(*, strict_dtypes: bool = True, soc_version: int = 220) -
         **_sparse_ops(),
     }
     for name, fn in ops.items():
-        dtypes = DOCUMENTED_DTYPES.get(name) if strict_dtypes else None
-        setattr(module, name, _recording(name, fn, calls, dtypes))
+        setattr(module, name, recorded(name, _with_strict_docs(module, fn), calls, "torch_npu"))
     module.npu = types.SimpleNamespace(get_soc_version=lambda: soc_version, is_available=lambda: False)
     return module
