@@ -1,15 +1,16 @@
 """Every benchmark from one GPU run, then the results section of docs/benchmarks.md and the plot.
 
-Runs ``scripts/bench_dense.py``, ``scripts/bench_sparse.py`` and ``scripts/bench_vsa.py`` (once per
-VSA sparsity) one after the other, each writing its JSON into ``--out-dir``; then regenerates the
-section between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` of docs/benchmarks.md (text
-outside the markers is kept) and ``speedup_vs_sparsity.png`` (speedup over dense cuDNN SDPA per
-backend; needs matplotlib, else skipped with a message).
+Runs ``scripts/bench_dense.py`` and ``scripts/bench_sparse.py`` (block_sparse, rain_fusion and vsa
+per call) one after the other, each writing its JSON into ``--out-dir``; then
+``scripts/bench_report.py`` regenerates the section between ``<!-- bench:begin -->`` and
+``<!-- bench:end -->`` of docs/benchmarks.md (text outside the markers is kept) and
+``speedup_vs_sparsity.png`` (speedup over dense cuDNN SDPA per backend; needs matplotlib, else
+skipped with a message).
 
     python scripts/bench_all.py                          # on the GPU: everything, into docs/bench_results
-    python scripts/bench_all.py --only sparse vsa        # a subset
+    python scripts/bench_all.py --only sparse            # a subset
     python scripts/bench_all.py --small                  # CPU smoke run into a scratch folder
-    python scripts/bench_all.py --from-json DIR          # no runs: take DIR/*.json, regenerate docs + plot
+    python scripts/bench_all.py --from-json DIR          # no runs: copy DIR/*.json in, regenerate docs + plot
 """
 
 from __future__ import annotations
@@ -23,19 +24,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from attnbridge.docs_gen import (  # noqa: E402
-    BENCH_DIR,
-    PLOT_NAME,
-    load_results,
-    render_bench_section,
-    replace_bench_section,
-    speedup_points,
-)
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_report import BENCH_DIR, write_docs, write_plot  # noqa: E402
 
 SCRIPTS = ROOT / "scripts"
-DEFAULT_VSA_SPARSITY = (0.5, 0.75, 0.875, 0.9)
 
 
 def device_tag(small: bool) -> str:
@@ -56,15 +48,6 @@ def planned_runs(args, out_dir: Path, tag: str) -> list[tuple[str, list[str]]]:
         runs.append(("dense", ["bench_dense.py", "--out", str(out_dir / f"dense_{tag}.json"), *small]))
     if "sparse" in args.only:
         runs.append(("sparse", ["bench_sparse.py", "--out", str(out_dir / f"sparse_{tag}.json"), *small]))
-    if "vsa" in args.only:
-        for sparsity in args.vsa_sparsity:
-            out = out_dir / f"vsa_{tag}_s{sparsity:g}.json"
-            runs.append(
-                (
-                    f"vsa {sparsity:g}",
-                    ["bench_vsa.py", "--sparsity", str(sparsity), "--out", str(out), *small],
-                )
-            )
     return [(label, [sys.executable, str(SCRIPTS / cmd[0]), *cmd[1:]]) for label, cmd in runs]
 
 
@@ -99,44 +82,6 @@ def run_all(runs: list[tuple[str, list[str]]]) -> list[str]:
     return failed
 
 
-def write_plot(results_dir: Path) -> Path | None:
-    """Speedup vs sparsity per backend, dense cuDNN SDPA = 1.0; None (with a message) without
-    matplotlib or without sparse results."""
-    points = speedup_points(load_results(results_dir))
-    if not points:
-        print("no sparse or VSA results: no plot")
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the plot (pip install matplotlib)")
-        return None
-    devices = sorted({r.device for r in load_results(results_dir) if r.kind in ("sparse", "vsa")})
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for backend, values in points.items():
-        ax.plot([s for s, _ in values], [x for _, x in values], marker="o", label=backend)
-    ax.axhline(1.0, color="gray", linestyle="--", label="dense cuDNN SDPA")
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel("speedup over dense cuDNN SDPA")
-    ax.set_title(f"Sparse attention vs dense cuDNN SDPA ({', '.join(devices)})")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    path = results_dir / PLOT_NAME
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_docs(results_dir: Path, docs_path: Path) -> None:
-    text = docs_path.read_text() if docs_path.exists() else "# Benchmarks\n"
-    docs_path.write_text(replace_bench_section(text, render_bench_section(results_dir)))
-    print(f"wrote {docs_path}")
-
-
 def import_json(source: Path, out_dir: Path) -> None:
     """Copy the JSON results of ``source`` into ``out_dir`` (the docs cite files in the repository)."""
     if not source.is_dir():
@@ -158,10 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--docs", default=None, help="markdown to update (default docs/benchmarks.md)")
     parser.add_argument("--tag", default=None, help="device tag in file names (default from the GPU name)")
-    parser.add_argument(
-        "--only", nargs="+", choices=("dense", "sparse", "vsa"), default=("dense", "sparse", "vsa")
-    )
-    parser.add_argument("--vsa-sparsity", type=float, nargs="+", default=DEFAULT_VSA_SPARSITY)
+    parser.add_argument("--only", nargs="+", choices=("dense", "sparse"), default=("dense", "sparse"))
     parser.add_argument("--small", action="store_true", help="CPU smoke run of every script at tiny shapes")
     parser.add_argument(
         "--from-json", default=None, metavar="DIR", help="only regenerate docs + plot from DIR"

@@ -1,9 +1,12 @@
-"""Timing and reporting helpers shared by the benchmark scripts (GPU via the device tool, CPU smoke)."""
+"""Timing and reporting helpers shared by the benchmark scripts (full shapes on a GPU, ``--small``
+smoke runs on the CPU)."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-# Scripts run from a bare checkout too (``accelerate launch scripts/...``, the GPU machine): every
+# Scripts run from a bare checkout too (``accelerate launch scripts/...`` without installing): every
 # script imports this module first, so the repository root goes on the path here, once.
 _REPO_ROOT = str(Path(__file__).resolve().parents[1])
 if _REPO_ROOT not in sys.path:
@@ -36,8 +39,9 @@ WAN_1_3B = dict(
 )
 
 
-def device_name() -> str:
-    if torch.cuda.is_available():
+def device_name(device: str | None = None) -> str:
+    """The GPU's name, or the CPU's when ``device`` is ``"cpu"`` (a ``--small`` run on a host that has a GPU)."""
+    if device != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"CPU ({platform.processor() or platform.machine()})"
 
@@ -93,13 +97,43 @@ def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
-def write_json(path: str | None, payload: dict) -> None:
+#: Environment variables that change what a run measures; recorded in the command when set.
+RECORDED_ENV = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that ran this script, as a reader would type it from the repository root: the
+    script's path relative to the root, the launcher (``torchrun`` / ``accelerate launch``) when
+    there are several ranks, and the environment of :data:`RECORDED_ENV`. The docs quote it next to
+    every result, so a number can be re-measured."""
+    argv = list(sys.argv if argv is None else argv)
+    script = Path(argv[0]).resolve() if argv else Path("?")
+    try:
+        script_text = str(script.relative_to(_REPO_ROOT))
+    except ValueError:
+        script_text = str(argv[0] if argv else script)
+    words = ["python", script_text, *argv[1:]]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if any(name.startswith("ACCELERATE_") for name in os.environ):
+            words = ["accelerate", "launch", "--num_processes", str(world), *words[1:]]
+        else:
+            words = ["torchrun", "--nproc_per_node", str(world), *words[1:]]
+    env = [f"{name}={os.environ[name]}" for name in RECORDED_ENV if name in os.environ]
+    return " ".join([*env, *(shlex.quote(w) for w in words)])
+
+
+def write_json(path: str | None, payload: dict, *, kind: str) -> None:
+    """Write one result file: ``kind`` (how ``scripts/bench_report.py`` renders it), the device,
+    torch version, date and command, then the script's own ``payload``."""
     if not path:
         return
     payload = {
+        "kind": kind,
         "device": device_name(),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
+        "command": command_line(),
         **payload,
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)

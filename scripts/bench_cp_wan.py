@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
+    import diffusers
     from diffusers import WanTransformer3DModel
 
     info = init_distributed()
@@ -152,6 +153,7 @@ def main() -> None:
         write_json(
             args.out,
             {
+                "diffusers": diffusers.__version__,
                 "tokens": tokens,
                 "latent": [16, frames, height, width],
                 "world_size": world,
@@ -162,6 +164,7 @@ def main() -> None:
                 "config": {k: str(v) for k, v in config.items()},
                 "rows": rows,
             },
+            kind="cp_wan",
         )
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -86,7 +86,7 @@ def main() -> None:
             r["vs fastest SDPA"] = f"{r['ms'] / fastest_sdpa:.3f}x"
     print(f"device: {device_name()}  shape B,S,H,D = {shape}  dtype {dtype}")
     print_table(rows, ["kernel", "ms", "TFLOP/s", "rel_l2", "vs fastest SDPA", "note"])
-    write_json(args.out, {"shape": list(shape), "dtype": str(dtype), "rows": rows})
+    write_json(args.out, {"shape": list(shape), "dtype": str(dtype), "rows": rows}, kind="dense")
 
 
 if __name__ == "__main__":

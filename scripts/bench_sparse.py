@@ -11,16 +11,13 @@ error against a float32 dense result. Inputs are locality-structured (see
     python scripts/bench_sparse.py --out results/sparse.json          # CUDA, full shape
     python scripts/bench_sparse.py --small --out /tmp/sparse.json     # CPU smoke test
 
-Targets (issue 4): block_sparse >= 3x faster than cuDNN at 75% sparsity and >= 6x at 90%, with
+Targets: block_sparse >= 3x faster than cuDNN at 75% sparsity and >= 6x at 90%, with
 rel-L2 <= 0.05 at 75%.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime
-import json
 import math
 import platform
 import sys
@@ -31,19 +28,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import device_name, write_json  # noqa: E402
 from bench_common import median_ms as _median_ms  # noqa: E402
 
 from attnbridge.attention.api import AttentionLayer  # noqa: E402
-from attnbridge.attention.backends import flex_block_sparse  # noqa: E402
-from attnbridge.attention.backends.block_select import BlockSelection, select_top_blocks  # noqa: E402
-from attnbridge.attention.backends.block_sparse import select_block_sparse  # noqa: E402
-from attnbridge.attention.backends.rain_fusion import select_rain_fusion  # noqa: E402
-from attnbridge.attention.backends.sparse_common import SparseStepMetadata, resolve_layout  # noqa: E402
 from attnbridge.attention.contract import AttentionContext  # noqa: E402
+from attnbridge.attention.sparse.layout import resolve_layout  # noqa: E402
+from attnbridge.attention.sparse.selection import BlockSelection, select_top_blocks  # noqa: E402
 
 FULL = {"grid": (21, 30, 52), "heads": 12, "dim": 128, "dtype": torch.bfloat16}
 SMALL = {"grid": (3, 8, 24), "heads": 2, "dim": 64, "dtype": torch.float32}
-SELECTORS = {"block_sparse": select_block_sparse, "rain_fusion": select_rain_fusion}
 
 
 def structured_qkv(grid, heads, dim, *, device, dtype, noise=0.5, seed=0):
@@ -121,56 +115,44 @@ def unique_graphs() -> int:
 
 
 def bench_backend(backend, sparsity, q, k, v, grid, reference, device):
+    """One backend at one sparsity through ``AttentionLayer`` (what a model calls), then its stages."""
     context = AttentionContext(kind="self", grid=grid, step=10)
-    layer = AttentionLayer(backend, sparsity=sparsity, skip_first_steps=0)
-    out = layer(q, k, v, context=context)  # compiles on first use
+    layer = AttentionLayer(backend, sparsity=sparsity)
+    out = layer(q, k, v, context=context)  # compiles the selection on first use
     err = rel_l2(out, reference)
     graphs_before = unique_graphs()
     call_ms = median_ms(lambda: layer(q, k, v, context=context))
     recompiles = unique_graphs() - graphs_before
-
-    metadata = SparseStepMetadata(step=10, sparsity=sparsity, skip_first_steps=0, grid=grid)
     impl = layer.impl_for(q.device)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-
-    layout = resolve_layout(backend, q, metadata, context, type(impl).image_order)
-    qs, ks, vs = (layout.to_mask_order(x) for x in (q, k, v))
-
-    def select():
-        return SELECTORS[backend](qs, ks, scale, sparsity, layout)
-
-    selection = select()
-    kept = float(selection.counts.double().sum() / (selection.counts.numel() * selection.num_kv_blocks))
-    select_ms = median_ms(select)
-    kernel_ms = median_ms(lambda: impl.run_sparse(qs, ks, vs, selection, scale, False, layout))
-    # The same kernel with the dense-row split (row_split.py) forced on, and off (GPU only).
-    chunk, kernel_split, kernel_unsplit = flex_block_sparse.GPU_ROW_CHUNK, None, None
-    if device.type == "cuda" and chunk and layout.dense_rows and backend == "block_sparse":
-        try:
-            forced = dataclasses.replace(selection, row_count=0)  # row_count 0: always split
-            kernel_split = median_ms(lambda: impl.run_sparse(qs, ks, vs, forced, scale, False, layout))
-            flex_block_sparse.GPU_ROW_CHUNK = None
-            kernel_unsplit = median_ms(lambda: impl.run_sparse(qs, ks, vs, selection, scale, False, layout))
-        finally:
-            flex_block_sparse.GPU_ROW_CHUNK = chunk
-    oracle_err = None
-    if backend == "block_sparse":
-        oracle = oracle_selection(qs, ks, scale, sparsity, layout)
-        oracle_out = layout.from_mask_order(impl.run_sparse(qs, ks, vs, oracle, scale, False, layout))
-        oracle_err = rel_l2(oracle_out, reference)
-    return {
+    row = {
         "backend": backend,
         "sparsity": sparsity,
         "ms": call_ms,
-        "select_ms": select_ms,
-        "kernel_ms": kernel_ms,
-        "kernel_split_ms": kernel_split,
-        "kernel_unsplit_ms": kernel_unsplit,
-        "kept_fraction": kept,
+        "select_ms": None,
+        "kernel_ms": None,
+        "kept_fraction": impl.kept_fraction(q, k, context),
         "rel_l2": err,
-        "oracle_rel_l2": oracle_err,
+        "oracle_rel_l2": None,
         "recompiles_while_timing": recompiles,
     }
+    if backend == "vsa":
+        return row
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    layout = resolve_layout(backend, q, context, impl.selector.image_order)
+    qs, ks, vs = (layout.to_mask_order(x) for x in (q, k, v))
+    options = layer.options
+
+    def select():
+        return impl.selector.select(qs, ks, scale, options, layout)
+
+    selection = select()
+    row["select_ms"] = median_ms(select)
+    row["kernel_ms"] = median_ms(lambda: impl.kernel.run(qs, ks, vs, selection, scale, False, layout))
+    if backend == "block_sparse":
+        oracle = oracle_selection(qs, ks, scale, sparsity, layout)
+        oracle_out = layout.from_mask_order(impl.kernel.run(qs, ks, vs, oracle, scale, False, layout))
+        row["oracle_rel_l2"] = rel_l2(oracle_out, reference)
+    return row
 
 
 def _fmt(ms: float | None) -> str:
@@ -184,19 +166,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="where to write the JSON results")
     parser.add_argument("--small", action="store_true", help="small shape on CPU (smoke test)")
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75, 0.9])
-    parser.add_argument("--backends", nargs="+", default=list(SELECTORS))
-    parser.add_argument("--kernel-options", default=None, help="JSON FlexAttention kernel_options (GPU)")
-    parser.add_argument(
-        "--row-chunk", default=None, help="GPU: key blocks per chunk of a split dense row, or 'off'"
-    )
+    parser.add_argument("--backends", nargs="+", default=["block_sparse", "rain_fusion"])
+    parser.add_argument("--vsa-sparsity", type=float, nargs="*", default=[0.875])
     args = parser.parse_args(argv)
 
     shape = SMALL if args.small else FULL
     device = torch.device("cpu" if args.small or not torch.cuda.is_available() else "cuda")
-    if args.kernel_options:
-        flex_block_sparse.GPU_KERNEL_OPTIONS = json.loads(args.kernel_options)
-    if args.row_chunk is not None:
-        flex_block_sparse.GPU_ROW_CHUNK = None if args.row_chunk == "off" else int(args.row_chunk)
     grid, heads, dim, dtype = shape["grid"], shape["heads"], shape["dim"], shape["dtype"]
     q, k, v = structured_qkv(grid, heads, dim, device=device, dtype=dtype)
     reference = dense_float32(q, k, v)
@@ -205,35 +180,32 @@ def main(argv=None) -> int:
     print(f"dense cuDNN SDPA {dense_ms:.3f} ms", flush=True)
 
     rows = []
-    for backend in args.backends:
-        for sparsity in args.sparsity:
-            row = bench_backend(backend, sparsity, q, k, v, grid, reference, device)
-            row["speedup_vs_dense"] = dense_ms / row["ms"]
-            rows.append(row)
-            print(
-                {key: (round(val, 4) if isinstance(val, float) else val) for key, val in row.items()},
-                flush=True,
-            )
+    runs = [(b, s) for b in args.backends for s in args.sparsity] + [("vsa", s) for s in args.vsa_sparsity]
+    for backend, sparsity in runs:
+        row = bench_backend(backend, sparsity, q, k, v, grid, reference, device)
+        row["speedup_vs_dense"] = dense_ms / row["ms"]
+        rows.append(row)
+        print(
+            {key: (round(val, 4) if isinstance(val, float) else val) for key, val in row.items()}, flush=True
+        )
 
     print(
         f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor()})"
     )
     print(f"shape B=1 S={q.shape[1]} H={heads} D={dim} {str(dtype).removeprefix('torch.')}, grid {grid}")
     print(f"dense cuDNN SDPA: {dense_ms:.3f} ms (rel-L2 vs float32 {dense_err:.4f})")
-    header = f"{'backend':<13}{'sparsity':>9}{'ms':>9}{'select':>9}{'kernel':>9}{'split':>7}{'unsplit':>8}{'speedup':>9}"
+    header = f"{'backend':<13}{'sparsity':>9}{'ms':>9}{'select':>9}{'kernel':>9}{'speedup':>9}"
     print(header + f"{'kept':>7}{'rel-L2':>9}{'oracle':>9}{'recomp':>7}")
     for r in rows:
         oracle = "-" if r["oracle_rel_l2"] is None else f"{r['oracle_rel_l2']:.4f}"
         print(
-            f"{r['backend']:<13}{r['sparsity']:>9.2f}{r['ms']:>9.3f}{r['select_ms']:>9.3f}{r['kernel_ms']:>9.3f}"
-            f"{_fmt(r['kernel_split_ms']):>7}{_fmt(r['kernel_unsplit_ms']):>8}"
-            f"{r['speedup_vs_dense']:>8.2f}x{r['kept_fraction']:>7.3f}{r['rel_l2']:>9.4f}{oracle:>9}"
-            f"{r['recompiles_while_timing']:>7d}"
+            f"{r['backend']:<13}{r['sparsity']:>9.2f}{r['ms']:>9.3f}{_fmt(r['select_ms']):>9}"
+            f"{_fmt(r['kernel_ms']):>9}{r['speedup_vs_dense']:>8.2f}x{r['kept_fraction']:>7.3f}"
+            f"{r['rel_l2']:>9.4f}{oracle:>9}{r['recompiles_while_timing']:>7d}"
         )
     result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu {platform.processor()}",
-        "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(),
+        # The device the tensors ran on (a --small run on a host with a GPU runs on its CPU).
+        "device": device_name(device.type),
         "shape": {
             "batch": 1,
             "seq": q.shape[1],
@@ -242,14 +214,12 @@ def main(argv=None) -> int:
             "dtype": str(dtype),
             "grid": grid,
         },
-        "kernel_options": flex_block_sparse._kernel_options(128, device) if device.type == "cuda" else None,
-        "row_chunk": flex_block_sparse.GPU_ROW_CHUNK if device.type == "cuda" else None,
+        "kernel": "triton" if device.type == "cuda" else "flex (float32 reference)",
         "dense_cudnn_ms": dense_ms,
         "dense_cudnn_rel_l2": dense_err,
         "results": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(args.out, result, kind="sparse")
     return 0
 
 

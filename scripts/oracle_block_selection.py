@@ -30,11 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import print_table, write_json  # noqa: E402
 from bench_sparse import FULL, structured_qkv  # noqa: E402
 
-from attnbridge.attention.backends.block_select import indices_to_mask, select_top_blocks  # noqa: E402
 from attnbridge.attention.backends.block_sparse import select_block_sparse  # noqa: E402
 from attnbridge.attention.backends.rain_fusion import rain_fusion_order  # noqa: E402
-from attnbridge.attention.backends.sparse_common import SparseStepMetadata, resolve_layout  # noqa: E402
 from attnbridge.attention.contract import AttentionContext  # noqa: E402
+from attnbridge.attention.sparse.impl import SparseOptions  # noqa: E402
+from attnbridge.attention.sparse.layout import resolve_layout  # noqa: E402
+from attnbridge.attention.sparse.selection import indices_to_mask, select_top_blocks  # noqa: E402
 
 BLOCK = 128
 
@@ -87,15 +88,14 @@ def main(argv=None) -> int:
     grid, dim = FULL["grid"], FULL["dim"]
     scale = dim**-0.5
     q, k, v = structured_qkv(grid, args.heads, dim, device="cpu", dtype=FULL["dtype"])
-    metadata = SparseStepMetadata(step=10, sparsity=args.sparsity, skip_first_steps=0, grid=grid)
-    layout = resolve_layout("block_sparse", q, metadata, AttentionContext(kind="self", grid=grid, step=10))
+    layout = resolve_layout("block_sparse", q, AttentionContext(kind="self", grid=grid, step=10))
     nb = layout.num_blocks
     dense = layout.dense_blocks("cpu")
     forced = dense[None, :] | dense[:, None] | torch.eye(nb, dtype=torch.bool)
     rows = []
     for order_name, order in (("raster", None), ("8x8 patches", rain_fusion_order(grid))):
         qo, ko, vo = (x if order is None else x.index_select(1, order) for x in (q, k, v))
-        pooled = select_block_sparse(qo, ko, scale, args.sparsity, layout)
+        pooled = select_block_sparse(qo, ko, scale, SparseOptions(sparsity=args.sparsity), layout)
         pooled_keep = indices_to_mask(pooled.indices, pooled.counts, nb)[0]
         qh, kh, vh = (x[0].float().transpose(0, 1).contiguous() for x in (qo, ko, vo))  # [H, S, D]
         mass = block_mass(qh, kh, scale)
@@ -119,7 +119,11 @@ def main(argv=None) -> int:
             print(rows[-1], flush=True)
     print(f"grid {grid}, {args.heads} heads of {dim}, sparsity {args.sparsity}")
     print_table(rows, list(rows[0]))
-    write_json(args.out, {"grid": list(grid), "heads": args.heads, "sparsity": args.sparsity, "rows": rows})
+    write_json(
+        args.out,
+        {"grid": list(grid), "heads": args.heads, "sparsity": args.sparsity, "rows": rows},
+        kind="oracle",
+    )
     return 0
 
 

@@ -1,0 +1,162 @@
+"""``scripts/bench_report.py`` against the committed record: the results section of
+docs/benchmarks.md is what the script renders from ``docs/bench_results/*.json``, and every result
+names its kind, device, date and command, so no number appears without how it was measured."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+
+
+def _load(name: str):
+    """A script as a module: ``scripts/`` is no package, its scripts import each other by name."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    return importlib.import_module(name)
+
+
+report = _load("bench_report")
+RESULTS = sorted((ROOT / report.BENCH_DIR).glob("*.json"))
+
+
+def test_committed_section_is_rendered_from_the_json():
+    docs = ROOT / report.DOCS_PATH
+    expected = report.rendered_docs(ROOT / report.BENCH_DIR, docs)
+    actual = docs.read_text()
+    if actual != expected:
+        diff = "".join(
+            list(
+                difflib.unified_diff(
+                    actual.splitlines(True), expected.splitlines(True), str(docs), "rendered"
+                )
+            )[:40]
+        )
+        pytest.fail(f"{report.DOCS_PATH} is stale; regenerate it with `{report.REGENERATE}`\n{diff}")
+
+
+@pytest.mark.parametrize("path", RESULTS, ids=[p.name for p in RESULTS])
+def test_every_result_names_its_kind_device_date_and_command(path):
+    data = json.loads(path.read_text())
+    assert data.get("kind") in report.RENDERERS, f'{path.name}: "kind" {data.get("kind")!r}'
+    for key in ("device", "torch", "date", "command"):
+        assert data.get(key), f"{path.name} has no {key!r}"
+    assert path.name in data["command"], f"{path.name}: its command writes another file"
+
+
+def test_a_result_without_a_known_kind_is_an_error(tmp_path):
+    (tmp_path / "x.json").write_text(json.dumps({"rows": [{"kernel": "k", "ms": 1.0}]}))
+    with pytest.raises(ValueError, match="kind"):
+        report.load_results(tmp_path)
+
+
+def test_every_writer_script_declares_a_known_kind():
+    """Each script that writes results passes a ``kind`` the report renders."""
+    writers = [
+        p for p in SCRIPTS.glob("*.py") if "write_json(" in p.read_text() and p.name != "bench_common.py"
+    ]
+    assert writers
+    for path in writers:
+        text = path.read_text()
+        kinds = {k for k in report.RENDERERS if f'kind="{k}"' in text}
+        assert kinds, f"{path.name} writes JSON without a kind that bench_report.py renders"
+
+
+def test_section_replacement_keeps_the_hand_written_text():
+    begin, end = report.BENCH_BEGIN, report.BENCH_END
+    text = f"intro\n{begin}\nold rows\n{end}\noutro\n"
+    new = report.replace_bench_section(text, f"{begin}\nnew rows\n{end}")
+    assert new == f"intro\n{begin}\nnew rows\n{end}\noutro\n"
+    assert report.replace_bench_section("intro\n", "S") == "intro\n\nS\n"
+
+
+def test_bench_all_from_json_renders_the_same_section(tmp_path):
+    """``bench_all.py --from-json`` goes through the same renderer: run it on a copy of the record."""
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text((ROOT / report.DOCS_PATH).read_text())
+    out = tmp_path / "results"
+    subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPTS / "bench_all.py"),
+            "--from-json",
+            str(ROOT / report.BENCH_DIR),
+            "--out-dir",
+            str(out),
+            "--docs",
+            str(docs),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert sorted(p.name for p in out.glob("*.json")) == [p.name for p in RESULTS]
+    assert report.render_bench_section(out) in docs.read_text()
+
+
+def test_wan_step_rows_render_compiled_and_failed_runs(tmp_path):
+    """A ``--compile`` result: both modes, both ratios, and a failed compile shown with its error."""
+    rows = [
+        {"backend": "diffusers default (unpatched)", "mode": "eager", "ms": 10.0, "rel_l2": "-"},
+        {"backend": "diffusers default (unpatched)", "mode": "compiled", "ms": 8.0, "rel_l2": "1.00e-07"},
+        {"backend": "fa", "mode": "eager", "ms": 9.0, "rel_l2": "0.00e+00"},
+        {"backend": "fa", "mode": "compiled", "ms": None, "rel_l2": "-", "error": "Unsupported: graph break"},
+    ]
+    wan_step = _load("bench_wan_step")
+    wan_step.add_ratios(rows, ["eager", "compiled"])
+    assert rows[2]["speedup vs default eager"] == "1.111x"
+    assert rows[2]["speedup vs default compiled"] == "0.889x"
+    assert rows[3]["speedup vs default compiled"] == "-"
+    data = {"kind": "wan_step", "device": "d", "torch": "t", "date": "x", "command": "c", "rows": rows}
+    (tmp_path / "step.json").write_text(json.dumps(data))
+    section = report.render_bench_section(tmp_path)
+    assert "| `fa` | compiled | failed: Unsupported: graph break | - | - | - |" in section
+    assert "| diffusers default (unpatched) | compiled | 8.0 | 1.250x | 1.000x | 1.00e-07 |" in section
+
+
+def _run_wan_step(tmp_path, *extra) -> dict:
+    pytest.importorskip("diffusers")
+    wan_step = _load("bench_wan_step")
+    out = tmp_path / "step.json"
+    argv = ["--small", "--backends", "sdpa", "--warmup", "0", "--repeat", "1", "--out", str(out), *extra]
+    assert wan_step.main(argv) == 0
+    return json.loads(out.read_text())
+
+
+def test_wan_step_reports_a_failed_compile_and_carries_on(tmp_path, monkeypatch):
+    wan_step = _load("bench_wan_step")
+
+    def fail(model):
+        raise RuntimeError("no graph today\nand a second line")
+
+    monkeypatch.setattr(wan_step, "compile_blocks", fail)
+    data = _run_wan_step(tmp_path, "--compile")
+    assert data["kind"] == "wan_step" and data["compile"] is True
+    rows = data["rows"]
+    assert [(r["backend"], r["mode"]) for r in rows] == [
+        (wan_step.DEFAULT, "eager"),
+        (wan_step.DEFAULT, "compiled"),
+        ("sdpa", "eager"),
+        ("sdpa", "compiled"),
+    ]
+    for row in rows[1], rows[3]:
+        assert row["ms"] is None and row["error"] == "RuntimeError: no graph today"
+    assert rows[2]["ms"] > 0 and rows[2]["speedup vs default compiled"] == "-"
+
+
+@pytest.mark.slow
+def test_wan_step_compiles_the_repeated_blocks_on_the_cpu(tmp_path):
+    """The real regional compile, smoke size: the unpatched default compiles; a patched backend's
+    compile either runs or is a failed row, never a crash."""
+    rows = _run_wan_step(tmp_path, "--compile")["rows"]
+    assert len(rows) == 4 and rows[1]["mode"] == "compiled"
+    assert rows[1]["ms"] is not None, rows[1].get("error")
+    assert rows[3]["ms"] is not None or rows[3]["error"]
