@@ -1,43 +1,59 @@
-"""The ``attnbridge`` command: ``backends`` (what runs here), ``generate`` (a whole pipeline), ``matrix``,
-``docs``."""
+"""The ``attnbridge`` command: ``backends`` (what runs here), ``generate`` (a whole pipeline), ``docs``.
+
+Every error a user can cause (a bad model, backend, option or device) is one ``error:`` line and
+exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from attnbridge.attention.registry import BACKENDS
+from attnbridge.attention.registry import backends
+from attnbridge.generation.options import OPTION_KEYS
+
+PLATFORM_NAMES = {"cpu": "CPU", "npu": "Ascend NPU", "cuda": "CUDA GPU", "musa": "MUSA GPU"}
+
+
+def describe(backend: str, platform: str) -> str:
+    """What ``backend`` runs on ``platform`` in one line: the kernel, its packages, or why not."""
+    from attnbridge.support import KernelSupport
+
+    kernel = KernelSupport(backend, platform)
+    if kernel.status == "no":
+        return f"no: {kernel.unavailable}"
+    if kernel.status == "fallback":
+        return f"runs '{kernel.fallback}' instead: {kernel.never_runs}"
+    needs = f" (needs: {'; '.join(kernel.install)})" if kernel.install else ""
+    return f"{kernel.impl.description}{needs}"
 
 
 def backends_command(args: argparse.Namespace) -> int:
-    """Print, for every backend, what each platform would run, marking the platform found here."""
-    from attnbridge.platforms import PLATFORMS, detect_platform
+    """For every backend: what this machine runs, what each other platform would run, and why not."""
+    from attnbridge.attention.registry import kernel_for
+    from attnbridge.errors import BackendUnavailableError
+    from attnbridge.platforms import PLATFORM_ORDER, detect_platform
 
     here = detect_platform().name
-    print(f"platform detected: {here}")
-    for name, spec in BACKENDS.items():
-        print(f"\n{name} ({'sparse' if spec.sparse else 'dense'}): {spec.summary}")
-        for platform in PLATFORMS.values():
-            if platform.name == here or platform.name == "cpu":
-                marker = "*" if platform.name == here else "+"
-                print(f" {marker} {platform.name:5s} {platform.describe(name)}")
-            else:
-                print(f"   {platform.name:5s} not this machine; table: {_table_entry(platform, name)}")
-    print("\n* = the accelerator found here, + = also usable here (CPU tensors)")
+    print(f"this machine: {PLATFORM_NAMES[here]} ({here}); CPU tensors always run on the cpu kernels")
+    for name, spec in backends().items():
+        options = ", ".join(spec.option_help()) or "no options"
+        print(f"\n{name} ({'sparse' if spec.sparse else 'dense'}): {spec.summary}; options: {options}")
+        for platform in sorted(PLATFORM_ORDER, key=lambda p: (p != here, p != "cpu")):
+            line = describe(name, platform)
+            if platform in (here, "cpu") and not line.startswith(("no:", "runs '")):
+                try:
+                    kernel_for(name, platform)
+                except BackendUnavailableError as error:
+                    line += f" -- cannot run here: {error.reason}"
+            marker = "*" if platform == here else " "
+            print(f" {marker} {platform:5s} {line}")
+    print("\n* = this machine's platform")
     return 0
 
 
-def _table_entry(platform, backend: str) -> str:
-    kernel = platform.kernels.get(backend)
-    if kernel is None or kernel.path is None:
-        return f"no: {kernel.unavailable if kernel else 'no kernel'}"
-    return kernel.path.rpartition(".")[2] + (
-        f" (falls back to {kernel.fallback!r})" if kernel.fallback else ""
-    )
-
-
 def generate_command(args: argparse.Namespace) -> int:
-    from attnbridge.generate import run_generate
+    from attnbridge.generation import run_generate
 
     run_generate(
         model=args.model,
@@ -47,15 +63,9 @@ def generate_command(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         seed=args.seed,
         device=args.device,
-        config=dict(_parse_option(o) for o in args.option),
+        config=dict(parse_option(o) for o in args.option),
     )
     return 0
-
-
-def matrix_command(args: argparse.Namespace) -> int:
-    from attnbridge.matrix import run_matrix
-
-    return run_matrix(verbose=args.verbose)
 
 
 def docs_command(args: argparse.Namespace) -> int:
@@ -67,10 +77,11 @@ def docs_command(args: argparse.Namespace) -> int:
     return docs_main(root, check=args.check)
 
 
-def _parse_option(text: str) -> tuple[str, object]:
+def parse_option(text: str) -> tuple[str, object]:
+    """``key=value`` with the value read as int, float, true/false or a string."""
     key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"--option expects key=value, got {text!r}")
+    if not sep or not key:
+        raise ValueError(f"--option expects key=value (e.g. sparsity=0.75), got {text!r}")
     for cast in (int, float):
         try:
             return key, cast(value)
@@ -87,26 +98,28 @@ def build_parser() -> argparse.ArgumentParser:
         func=backends_command
     )
 
+    option_help = "; ".join(f"{k}: {v}" for k, v in OPTION_KEYS.items())
     gen = sub.add_parser(
-        "generate", help="run a whole pipeline with a backend (tiny random model by default)"
+        "generate",
+        help="run a whole pipeline with a backend (tiny random model by default)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=f"--option keys besides the backend's own (see `attnbridge backends`): {option_help}",
     )
     gen.add_argument("--model", default="wan-tiny", help="wan-tiny | qwen-image-tiny | qwen3-moe-tiny | PATH")
-    gen.add_argument("--backend", default="sdpa", choices=list(BACKENDS))
+    gen.add_argument("--backend", default="sdpa", choices=list(backends()))
     gen.add_argument("--steps", type=int, default=4, help="denoising steps; new tokens for text models")
     gen.add_argument("--prompt", default="a red fox running through snow")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--device", default=None, help="default: the accelerator found, else cpu")
+    gen.add_argument(
+        "--device", default=None, help="cpu, cuda, npu...; default: the accelerator found, else cpu"
+    )
     gen.add_argument("--output", default="outputs", help="folder for the video/image/text and timings")
     gen.add_argument(
-        "--option", action="append", default=[], help="backend option key=value (e.g. sparsity=0.75)"
+        "--option", action="append", default=[], help="key=value, repeatable (e.g. sparsity=0.75)"
     )
     gen.set_defaults(func=generate_command)
 
-    mat = sub.add_parser("matrix", help="run the backend x model x platform matrix and print it")
-    mat.add_argument("--verbose", action="store_true")
-    mat.set_defaults(func=matrix_command)
-
-    docs = sub.add_parser("docs", help="regenerate docs/ (compatibility matrix, backends, bench results)")
+    docs = sub.add_parser("docs", help="regenerate docs/ (compatibility matrix, backends)")
     docs.add_argument("--check", action="store_true", help="only report stale files (exit 1 if any)")
     docs.add_argument("--root", default=None, help="repository root (default: the one attnbridge is in)")
     docs.set_defaults(func=docs_command)
@@ -114,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a subcommand; a bad model, backend or option is one ``error:`` line and exit status 2."""
+    """Run a subcommand; a bad model, backend, option or device is one ``error:`` line and exit 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -16,23 +16,22 @@ from typing import Any
 
 import torch
 
-from attnbridge.adapters.context_parallel import (
-    ParallelSettings,
-    build_groups,
-    check_settings,
-    check_world,
-)
+from attnbridge.adapters.context_parallel import check_library, check_world
 from attnbridge.adapters.diffusers import (
     is_pipeline,
+    pipeline_transformers,
     plan_diffusers_model,
     plan_pipeline,
     supported_pipeline_components,
 )
-from attnbridge.adapters.options import validate_backend
-from attnbridge.adapters.steps import StepTracker
+from attnbridge.adapters.steps import step_source
 from attnbridge.adapters.transformers import plan_transformers_model
 from attnbridge.attention.api import AttentionLayer
+from attnbridge.attention.parallel import ParallelConfig, build_parallel_groups
+from attnbridge.attention.parallel.usp import check_ring_backend
+from attnbridge.attention.registry import get_backend
 from attnbridge.models import find_family, supported_models
+from attnbridge.platforms import get_platform
 
 #: Attribute on each patched object (pipeline or model) holding the handle that patched it; it lives
 #: and dies with the object (a global registry would keep patched models alive).
@@ -49,15 +48,18 @@ class AttentionHandle:
         config: dict[str, Any],
         patch: Any,
         models: list[torch.nn.Module],
-        parallel: ParallelSettings | None = None,
+        parallel: ParallelConfig | None = None,
+        options: Any = None,
     ):
         self.obj = obj
         self.backend = backend
+        #: The backend options as given, and as checked (the backend's frozen options instance).
         self.config = dict(config)
+        self.options = options
         self._patch = patch
         self._models = models
         #: The ring / Ulysses degrees or the CP size this object was enabled with.
-        self.parallel = parallel or ParallelSettings()
+        self.parallel = parallel or ParallelConfig()
         self.enabled = False
 
     @property
@@ -66,17 +68,15 @@ class AttentionHandle:
         patches = getattr(self._patch, "models", [self._patch])
         layers = {}
         for patch in patches:
-            prefix = (
-                f"{patch.state.component}." if getattr(patch, "state", None) and patch.state.component else ""
-            )
+            prefix = f"{patch.component}." if getattr(patch, "component", "") else ""
             layers.update({prefix + name: layer for name, layer in patch.layers.items()})
         return layers
 
     def reset_steps(self) -> None:
-        """Start the denoising step count again (pipelines do this on every call)."""
-        tracker = getattr(self._patch, "tracker", None)
-        if tracker is not None:
-            tracker.reset()
+        """Start the denoising step count again (a pipeline's scheduler does this on every call)."""
+        steps = getattr(self._patch, "steps", None)
+        if steps is not None:
+            steps.reset()
 
     def _apply(self) -> None:
         self._patch.apply()
@@ -135,20 +135,33 @@ def _library(obj: Any) -> str:
     return family.library
 
 
-def _plan(obj: Any, spec, config, platform, strict, groups):
+def _plan(obj: Any, backend, options, platform, strict, groups):
     """(patch, patched models) for ``obj``; raises before changing anything."""
     if is_pipeline(obj):
-        patch = plan_pipeline(obj, spec, config, platform=platform, strict=strict, groups=groups)
+        patch = plan_pipeline(obj, backend, options, platform=platform, strict=strict, groups=groups)
         return patch, [p.model for p in patch.models]
     family = find_family(obj)
     if family.library == "diffusers":
-        tracker = StepTracker()
         patch = plan_diffusers_model(
-            obj, family, spec, config, platform=platform, strict=strict, tracker=tracker, groups=groups
+            obj,
+            family,
+            backend,
+            options,
+            platform=platform,
+            strict=strict,
+            steps=step_source(),
+            groups=groups,
         )
     else:
-        patch = plan_transformers_model(obj, family, spec, config, platform=platform, strict=strict)
+        patch = plan_transformers_model(obj, family, backend, options, platform=platform, strict=strict)
     return patch, [obj]
+
+
+def _previous_handles(obj: Any) -> list[AttentionHandle]:
+    """The enabled handles on ``obj`` and, for a pipeline, on its transformers."""
+    targets = [obj] + ([m for _, m, _ in pipeline_transformers(obj)] if is_pipeline(obj) else [])
+    handles = {id(h): h for h in map(_active_handle, targets) if h is not None and h.enabled}
+    return list(handles.values())
 
 
 def enable_npu_attention(
@@ -164,28 +177,39 @@ def enable_npu_attention(
 ) -> AttentionHandle:
     """Route every attention call of ``obj`` through attnbridge ``backend`` and return the handle.
 
-    ``backend_config`` holds the backend's options (``sparsity=0.75``, ``skip_first_steps=5``);
-    ``platform`` forces a platform's kernels (default: the tensors' device); ``strict=True`` makes a
-    missing kernel package an error instead of a logged fallback. Enabling an already enabled
-    object first disables it.
+    ``backend_config`` holds the backend's options (``sparsity=0.75``, ``skip_first_steps=5``),
+    checked here once; ``platform`` forces a platform's kernels (default: the tensors' device);
+    ``strict=True`` makes a missing kernel package an error instead of a logged fallback. Enabling
+    an already enabled object first disables it. If enabling fails, ``obj`` is left as it was
+    (enabled with the previous backend, if it was).
 
     Parallelism (every rank calls this the same way, with the same inputs afterwards):
     ``ring_degree`` x ``ulysses_degree`` ranks share each DiT token sequence (Wan, Qwen-Image; a
-    ring needs ``backend="fa"``); ``cp_size`` ranks share an LLM prefill (Qwen3-MoE, run it with
-    :func:`attnbridge.parallel_prefill.cp_prefill`). The product must equal the world size.
+    ring needs a dense backend with the softmax LSE, such as ``"fa"``); ``cp_size`` ranks share an
+    LLM prefill (Qwen3-MoE, run it with :func:`attnbridge.parallel_prefill.cp_prefill`). The product
+    must equal the world size.
     """
-    spec = validate_backend(backend, backend_config, platform)
-    settings = ParallelSettings(ring_degree=ring_degree, ulysses_degree=ulysses_degree, cp_size=cp_size)
-    check_settings(settings, spec, _library(obj))
-    check_world(settings, platform)
-    groups = build_groups(settings) if settings.sequence_parallel else None
-    patch, models = _plan(obj, spec, backend_config, platform, strict, groups)
-    for target in (obj, *models):
-        previous = _active_handle(target)
-        if previous is not None:
-            previous.disable()
-    handle = AttentionHandle(obj, spec.name, backend_config, patch, models, settings)
-    handle._apply()
+    spec = get_backend(backend)
+    if platform is not None:
+        get_platform(platform)
+    options = spec.parse(backend_config)
+    parallel = ParallelConfig(ring_degree=ring_degree, ulysses_degree=ulysses_degree, cp_size=cp_size)
+    check_library(parallel, _library(obj))
+    if parallel.ring_degree > 1:  # before any process group is started
+        check_ring_backend(AttentionLayer.with_options(spec.name, options, platform=platform, strict=strict))
+    check_world(parallel, platform)
+    groups = build_parallel_groups(parallel) if parallel.sequence_parallel else None
+    previous = _previous_handles(obj)
+    for handle in previous:
+        handle.disable()
+    try:
+        patch, models = _plan(obj, spec, options, platform, strict, groups)
+        handle = AttentionHandle(obj, spec.name, backend_config, patch, models, parallel, options)
+        handle._apply()
+    except BaseException:
+        for old in previous:
+            old._apply()
+        raise
     return handle
 
 

@@ -1,173 +1,35 @@
 """The support table: which backend serves which model family, attention kind, platform, dtype and
-head size, and the reason for every "no".
+head size, and the reason for every "no" — all read from the code, so it cannot drift from it:
 
-Most of it is *derived* from the sources of truth, so it cannot drift from them:
-
-* kernels, fallbacks and "no kernel here" reasons: the platform tables (``attnbridge/platforms``);
-* dtypes, head sizes, LSE and causal support: the impl class attributes;
+* kernels, fallbacks and "no kernel here" reasons: the backend declarations (``attention/backends``);
+* dtypes, head sizes, LSE, causal, packages and notes: the impl classes' attributes;
 * families, their attention kinds and causality: ``attnbridge.models.FAMILIES``;
 * which backend a module of each kind gets (sparse backends serve cross-attention with a dense one):
   ``attnbridge.adapters.layers.backend_for_kind``;
-* options: ``attnbridge.attention.registry.BACKENDS``.
+* refusals: the same rules (and messages) ``enable_npu_attention`` applies.
 
-What lives nowhere else in code is *stated* here, each with its reason: refusals that are only an
-error message (:data:`STATED_REFUSALS`), install commands per kernel (:data:`INSTALL`), what each
-option means (:data:`OPTION_HELP`) and which platform ran on real hardware (:data:`PLATFORM_FACTS`).
-``tests/test_matrix.py`` runs every stated refusal and install hint against the code, so a stated
-fact that stops being true fails a test.
+``attnbridge backends``, the generated docs and ``tests/test_matrix.py`` read this table; the matrix
+runs every cell of it on a tiny real model.
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 
 from attnbridge.adapters.layers import backend_for_kind
-from attnbridge.attention.backends.sage import SAGE_INSTALL
-from attnbridge.attention.contract import AttentionImpl
-from attnbridge.attention.registry import BACKENDS
+from attnbridge.adapters.transformers import SPARSE_LM_REFUSAL
+from attnbridge.attention.contract import AttentionImpl, dtype_name
+from attnbridge.attention.registry import Backend, Unavailable, backends, get_backend
 from attnbridge.errors import BackendUnavailableError
 from attnbridge.models import FAMILIES, ModelFamily
-from attnbridge.platforms import PLATFORMS
-from attnbridge.platforms.base import Kernel
-from attnbridge.platforms.npu import ATTENTIONS_INSTALL, TORCH_NPU_INSTALL
+from attnbridge.platforms import PLATFORM_ORDER
 
-#: Column order of every table: the platform that always runs first, then the accelerators.
-PLATFORM_ORDER: tuple[str, ...] = ("cpu", "npu", "cuda", "musa")
 #: Attention kinds of the contract (``AttentionContext.kind``).
 KINDS: tuple[str, ...] = ("self", "cross", "joint")
 ALL_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
-
-
-# ----------------------------------------------------------------------------------------------
-# Stated facts (nowhere else in code)
-
-
-@dataclass(frozen=True)
-class PlatformFacts:
-    """Where a platform's code paths ran, and how ``attnbridge matrix`` runs them on a machine
-    without that hardware (``mode``: ``native``, ``emulated`` or ``device``)."""
-
-    name: str
-    evidence: str
-    mode: str
-    not_run: str = ""
-    #: Whether its paths ran on real hardware of that platform (not only an emulation, or nothing).
-    ran_on_hardware: bool = False
-
-
-PLATFORM_FACTS: dict[str, PlatformFacts] = {
-    f.name: f
-    for f in (
-        PlatformFacts(
-            "cpu",
-            "runs on every machine: `make matrix` and the test suite run every CPU path in CI",
-            "native",
-            ran_on_hardware=True,
-        ),
-        PlatformFacts(
-            "npu",
-            "never ran on Ascend hardware: the NPU paths call the documented torch_npu / sgl-kernel-npu "
-            "ops and ran only against the CPU emulation of those ops in `tests/emulation/`",
-            "emulated",
-            "not run: the NPU emulation (tests/emulation) is not importable; run from the repository root",
-        ),
-        PlatformFacts(
-            "cuda",
-            "ran on an NVIDIA H200 through the device tool: `scripts/check_gpu_kernels.py` checked `sdpa` "
-            "and `fa` (with and without LSE) against a float32 reference, the CUDA-only tests of "
-            "`block_sparse` and `vsa` passed there, and `scripts/bench_*.py` timed `fa`, `sdpa`, "
-            "`block_sparse`, `rain_fusion`, `vsa` and whole Wan steps (docs/benchmarks.md); ring, Ulysses "
-            "and ring x Ulysses Wan steps ran over NCCL on 2 and 4 H200s and matched the 1-GPU step. Not run on "
-            "the GPU: the `sage` kernel itself (sageattention is not on the GPU image, so its logged `fa` "
-            "fallback ran) and `laser`'s CUDA path (`fa` with Laser's padding)",
-            "device",
-            "not run here: needs the GPU (see 'Where each platform ran')",
-            ran_on_hardware=True,
-        ),
-        PlatformFacts(
-            "musa",
-            "never ran: no MUSA hardware was available; the MUSA paths are untested",
-            "device",
-            "not run: no MUSA hardware",
-        ),
-    )
-}
-
-#: Packages a kernel needs, as the install commands its ``BackendUnavailableError`` names, in the
-#: order its ``check_available`` imports them. Kernels not listed need only torch.
-INSTALL: dict[str, tuple[str, ...]] = {
-    "NpuFusionAttentionImpl": (TORCH_NPU_INSTALL,),
-    "NpuFIAImpl": (TORCH_NPU_INSTALL,),
-    "NpuLaserImpl": (TORCH_NPU_INSTALL, ATTENTIONS_INSTALL),
-    "NpuBlockSparseImpl": (TORCH_NPU_INSTALL, ATTENTIONS_INSTALL),
-    "NpuRainFusionImpl": (TORCH_NPU_INSTALL,),
-    "SageImpl": (SAGE_INSTALL,),
-}
-
-#: Packages a kernel uses when present but does not need, keyed (kernel, platform).
-OPTIONAL_PACKAGES: dict[tuple[str, str], str] = {
-    ("NpuRainFusionImpl", "npu"): (
-        f"sgl-kernel-npu's `rainfusionattention` when torch_npu has no `npu_block_sparse_attention` "
-        f"(`{ATTENTIONS_INSTALL.split(' (')[0]}`)"
-    ),
-    ("FlexVSAImpl", "cuda"): "FastVideo's fused `vsa` kernel with `fastvideo_kernel=True` (needs CUDA 12)",
-}
-
-#: Notes on a kernel that its class attributes cannot express.
-KERNEL_NOTES: dict[str, str] = {
-    "SageImpl": "LSE only where the installed sageattention's `sageattn` takes `return_lse`",
-    "NpuLaserImpl": (
-        "unavailable on Ascend 950 (A5); calls that are causal, cross, ask for the LSE, have head_dim "
-        "> 128 or fewer than 2048 tokens run dense FIA"
-    ),
-    "LaserReferenceImpl": "the Laser contract on the dense `fa` kernel (same fallbacks, fp16 cast, padding)",
-    "NpuBlockSparseImpl": "LSE requests run dense FIA (the kernel returns none)",
-    "NpuRainFusionImpl": "LSE requests run dense FIA (the kernel returns none)",
-}
-
-#: What each backend option means (every option in ``BACKENDS`` must have an entry).
-OPTION_HELP: dict[str, str] = {
-    "sparsity": "fraction of key blocks (tiles for vsa) each query block skips, in [0, 1); default 0",
-    "skip_first_steps": "denoising steps run dense before sparsity starts, integer >= 0; default 0",
-    "VSA_sparsity": "sglang's name for vsa's `sparsity`; wins over `sparsity` when both are given",
-    "fastvideo_kernel": (
-        "True: run FastVideo's fused `vsa` kernel instead of the FlexAttention path where it imports "
-        "(CUDA, default scale only); default False"
-    ),
-}
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """A documented "no": the error raised, a fragment of its message (the reason), and when it is
-    raised (``enable``: by ``enable_npu_attention``; ``call``: on the first attention call)."""
-
-    error: type[Exception]
-    reason: str
-    stage: str
-    source: str
-
-
-#: Refusals that exist only as an error message in code, keyed (backend or "sparse", family library
-#: or attention kind). ``tests/test_matrix.py`` triggers each one on a real tiny model.
-STATED_REFUSALS: dict[tuple[str, str], Refusal] = {
-    ("sparse", "transformers"): Refusal(
-        ValueError,
-        "is a sparse video/image backend (it needs a latent token grid)",
-        "enable",
-        "stated: sparse selection needs a latent grid; a causal LM has none",
-    ),
-    ("vsa", "joint"): Refusal(
-        ValueError,
-        "does not serve joint attention",
-        "enable",
-        "stated: VSA tiles video tokens, a joint sequence carries text tokens (FlexVSAImpl.attention_kinds)",
-    ),
-}
 
 #: Why sparse backends hand cross-attention to a dense backend (the routing itself is derived).
 CROSS_IS_DENSE_REASON = (
@@ -176,63 +38,69 @@ CROSS_IS_DENSE_REASON = (
 )
 
 
-# ----------------------------------------------------------------------------------------------
-# Derived: one backend on one platform
+@dataclass(frozen=True)
+class Refusal:
+    """A "no": the error raised, a fragment of its message (the reason), when it is raised
+    (``enable``: by ``enable_npu_attention``; ``call``: on the first attention call) and where the
+    rule lives."""
 
-
-def _import_impl(path: str) -> type[AttentionImpl]:
-    module_name, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module_name), attr)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    error: type[Exception]
+    reason: str
+    stage: str
+    source: str
 
 
 @dataclass(frozen=True)
 class KernelSupport:
-    """What ``backend`` runs on ``platform``, read from the platform table and the impl class."""
+    """What ``backend`` runs on ``platform``, read from its declaration and its impl class."""
 
     backend: str
     platform: str
-    kernel: Kernel
 
     @property
-    def unavailable(self) -> str | None:
-        """Why the platform has no kernel for this backend (``None``: it has one)."""
-        if self.kernel.path is None:
-            return self.kernel.unavailable or "no kernel is registered"
-        return None
+    def spec(self) -> Backend:
+        return get_backend(self.backend)
 
     @cached_property
+    def entry(self) -> type[AttentionImpl] | Unavailable:
+        return self.spec.entry(self.platform)
+
+    @property
     def impl(self) -> type[AttentionImpl] | None:
-        return None if self.kernel.path is None else _import_impl(self.kernel.path)
+        return None if isinstance(self.entry, Unavailable) else self.entry
 
     @cached_property
     def never_runs(self) -> str | None:
-        """Reason the kernel can never run here whatever is installed (its ``check_available``
-        refuses without naming a package to install), so the table's fallback always serves."""
-        if self.impl is None:
-            return None
+        """Why this backend can never run here whatever is installed (no kernel, or one whose
+        ``check_available`` refuses without naming a package to install)."""
+        if isinstance(self.entry, Unavailable):
+            return self.entry.reason
         try:
-            self.impl.check_available(self.platform)
+            self.entry.check_available(self.platform)
         except BackendUnavailableError as error:
             return None if error.install else error.reason
         return None
 
     @property
+    def fallback(self) -> str | None:
+        return self.spec.fallback
+
+    @property
     def status(self) -> str:
         """``yes``, ``fallback`` (another backend always serves it here) or ``no``."""
-        if self.unavailable is not None:
-            return "no"
-        return "fallback" if self.never_runs and self.kernel.fallback else "yes"
+        if self.never_runs is None:
+            return "yes"
+        return "fallback" if self.fallback else "no"
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why nothing serves this backend here (``None``: something does)."""
+        return self.never_runs if self.status == "no" else None
 
     @property
     def effective(self) -> KernelSupport:
         """The kernel that actually serves calls here (the fallback's when this one never runs)."""
-        if self.status == "fallback":
-            return kernel_support(self.kernel.fallback, self.platform)
-        return self
+        return KernelSupport(self.fallback, self.platform) if self.status == "fallback" else self
 
     @property
     def impl_name(self) -> str:
@@ -253,7 +121,8 @@ class KernelSupport:
     @property
     def lse_is_dense(self) -> bool:
         """LSE requests are served by the dense ``fa`` kernel instead of this one."""
-        return self.lse and getattr(self.impl, "sparse_lse", True) is False
+        kernel = getattr(self.impl, "kernel", None)
+        return self.lse and kernel is not None and not kernel.returns_lse
 
     @property
     def causal(self) -> bool:
@@ -261,30 +130,22 @@ class KernelSupport:
 
     @property
     def install(self) -> tuple[str, ...]:
-        return INSTALL.get(self.impl_name, ())
+        return self.impl.install if self.impl is not None else ()
+
+    @property
+    def notes(self) -> str:
+        return self.impl.notes if self.impl is not None else ""
 
     def refused_dtypes(self) -> tuple[torch.dtype, ...]:
         return tuple(d for d in ALL_DTYPES if self.impl is not None and d not in self.dtypes)
 
     def describe_dtypes(self) -> str:
-        return ", ".join(_dtype_name(d) for d in self.dtypes) or "-"
+        return ", ".join(dtype_name(d) for d in self.dtypes) or "-"
 
     def describe_head_sizes(self) -> str:
         if self.impl is None:
             return "-"
         return "any" if self.head_sizes is None else ", ".join(map(str, self.head_sizes))
-
-
-def kernel_support(backend: str, platform: str) -> KernelSupport:
-    """The table entry of ``backend`` on ``platform``; unknown names are a ValueError."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-    kernels = PLATFORMS[platform].kernels
-    return KernelSupport(backend, platform, kernels.get(backend, Kernel(None, "no kernel is registered")))
-
-
-# ----------------------------------------------------------------------------------------------
-# Derived: one backend on one model family on one platform
 
 
 @dataclass(frozen=True)
@@ -299,82 +160,83 @@ class KindSupport:
 @dataclass(frozen=True)
 class ModelSupport:
     """``backend`` on ``family`` on ``platform``: the backend each attention kind gets, or the refusal
-    ``enable_npu_attention`` (stage ``enable``) or the first attention call (``call``) raises."""
+    ``enable_npu_attention`` (stage ``enable``) raises."""
 
     backend: str
     family: ModelFamily
     platform: str
     kinds: tuple[KindSupport, ...]
     refusal: Refusal | None = None
-    kernels: dict[str, KernelSupport] = field(default_factory=dict)
 
     @property
     def supported(self) -> bool:
         return self.refusal is None
 
     @property
-    def main(self) -> KernelSupport:
+    def requested(self) -> KernelSupport:
         """The kernel of the backend the user asked for."""
-        return self.kernels[self.backend]
+        return KernelSupport(self.backend, self.platform)
 
 
-def family_kinds(family: ModelFamily) -> tuple[str, ...]:
-    """The attention kinds of ``family``, in site order, each once."""
-    return tuple(dict.fromkeys(site.kind for site in family.attention_sites))
+def _no_kernel(backend: str, platform: str, reason: str) -> Refusal:
+    return Refusal(BackendUnavailableError, reason, "enable", f"derived: the `{backend}` declaration")
 
 
-def model_support(backend: str, family: ModelFamily, platform: str) -> ModelSupport:
-    """Apply the checks in the order ``enable_npu_attention`` and the first call make them."""
-    spec = BACKENDS[backend]
-    kinds = []
-    for kind in family_kinds(family):
-        served, _ = backend_for_kind(spec, {}, kind)
-        kinds.append(KindSupport(kind, served, CROSS_IS_DENSE_REASON if served != backend else ""))
-    kernels = {k.served_by: kernel_support(k.served_by, platform) for k in kinds}
-    kernels.setdefault(backend, kernel_support(backend, platform))
-
-    def refused(refusal: Refusal) -> ModelSupport:
-        return ModelSupport(backend, family, platform, tuple(kinds), refusal, kernels)
-
-    if spec.sparse and ("sparse", family.library) in STATED_REFUSALS:
-        return refused(STATED_REFUSALS[("sparse", family.library)])
-    for served in dict.fromkeys(k.served_by for k in kinds):
-        if kernels[served].unavailable is not None:
-            return refused(_no_kernel(served, platform, kernels[served].unavailable))
-    if any(site.causal for site in family.attention_sites) and not kernels[backend].effective.causal:
-        return refused(
-            Refusal(
-                ValueError,
-                "has no causal attention",
-                "enable",
-                f"derived: {kernels[backend].effective.impl_name}.supports_causal is False",
-            )
+def _kind_refusal(served: KernelSupport, kind: str) -> Refusal | None:
+    if served.unavailable is not None:
+        return _no_kernel(served.backend, served.platform, served.unavailable)
+    impl = served.effective.impl
+    if kind not in impl.attention_kinds:
+        return Refusal(
+            ValueError,
+            f"does not serve {kind} attention",
+            "enable",
+            f"derived: {impl.__name__}.attention_kinds",
         )
-    for kind in kinds:
-        refusal = STATED_REFUSALS.get((kind.served_by, kind.kind))
-        if refusal is not None:
-            return refused(refusal)
-    return ModelSupport(backend, family, platform, tuple(kinds), None, kernels)
+    return None
 
 
 def kind_support(backend: str, kind: str, platform: str) -> tuple[str, Refusal | None]:
     """(``yes`` / ``dense`` / ``no``, the refusal) for ``backend`` on attention ``kind`` on
     ``platform``, independent of a model family; ``dense`` means another backend serves that kind."""
-    spec = BACKENDS[backend]
-    served, _ = backend_for_kind(spec, {}, kind)
-    kernel = kernel_support(served, platform)
-    if kernel.unavailable:
-        return "no", _no_kernel(served, platform, kernel.unavailable)
-    refusal = STATED_REFUSALS.get((served, kind))
+    spec = get_backend(backend)
+    served, _ = backend_for_kind(spec, None, kind)
+    refusal = _kind_refusal(KernelSupport(served.name, platform), kind)
     if refusal is not None:
         return "no", refusal
-    return ("dense" if served != backend else "yes"), None
+    return ("dense" if served.name != backend else "yes"), None
 
 
-def _no_kernel(backend: str, platform: str, reason: str) -> Refusal:
-    return Refusal(
-        BackendUnavailableError, reason, "enable", f"derived: attnbridge/platforms/{platform}.py table"
-    )
+def model_support(backend: str, family: ModelFamily, platform: str) -> ModelSupport:
+    """Apply the checks in the order ``enable_npu_attention`` makes them."""
+    spec = get_backend(backend)
+    kinds = []
+    for kind in dict.fromkeys(site.kind for site in family.attention_sites):
+        served, _ = backend_for_kind(spec, None, kind)
+        kinds.append(KindSupport(kind, served.name, CROSS_IS_DENSE_REASON if served.name != backend else ""))
+
+    def refused(refusal: Refusal) -> ModelSupport:
+        return ModelSupport(backend, family, platform, tuple(kinds), refusal)
+
+    if spec.sparse and family.library == "transformers":
+        return refused(
+            Refusal(ValueError, SPARSE_LM_REFUSAL, "enable", "stated: block selection needs a latent grid")
+        )
+    for kind in kinds:
+        refusal = _kind_refusal(KernelSupport(kind.served_by, platform), kind.kind)
+        if refusal is not None:
+            return refused(refusal)
+    requested = KernelSupport(backend, platform).effective
+    if any(site.causal for site in family.attention_sites) and not requested.causal:
+        return refused(
+            Refusal(
+                ValueError,
+                "has no causal attention",
+                "enable",
+                f"derived: {requested.impl_name}.supports_causal is False",
+            )
+        )
+    return ModelSupport(backend, family, platform, tuple(kinds))
 
 
 @dataclass(frozen=True)
@@ -386,7 +248,7 @@ class SupportTable:
     platforms: tuple[str, ...]
 
     def kernel(self, backend: str, platform: str) -> KernelSupport:
-        return kernel_support(backend, platform)
+        return KernelSupport(backend, platform)
 
     def model(self, backend: str, family: ModelFamily | str, platform: str) -> ModelSupport:
         if isinstance(family, str):
@@ -401,24 +263,19 @@ class SupportTable:
 
 
 def support_table() -> SupportTable:
-    """The table over every registered backend, known family and platform."""
-    platforms = tuple(p for p in PLATFORM_ORDER if p in PLATFORMS) + tuple(
-        p for p in PLATFORMS if p not in PLATFORM_ORDER
-    )
-    return SupportTable(tuple(BACKENDS), FAMILIES, platforms)
+    """The table over every declared backend, known family and platform."""
+    return SupportTable(tuple(backends()), FAMILIES, PLATFORM_ORDER)
 
 
 __all__ = [
-    "INSTALL",
+    "ALL_DTYPES",
+    "CROSS_IS_DENSE_REASON",
     "KINDS",
-    "OPTION_HELP",
-    "PLATFORM_FACTS",
-    "STATED_REFUSALS",
     "KernelSupport",
+    "KindSupport",
     "ModelSupport",
     "Refusal",
     "SupportTable",
-    "kernel_support",
     "kind_support",
     "model_support",
     "support_table",

@@ -138,23 +138,31 @@ def tiny_qwen_image_vae(*, seed: int = 0):
     return vae.eval()
 
 
-def tiny_wan_transformer(*, image_dim: int | None = None, layers: int = 2, seed: int = 0):
-    """``WanTransformer3DModel`` with 2 heads of 12 (rotary needs head_dim divisible by 6);
-    ``image_dim`` makes it an I2V model (image cross-attention through ``add_k_proj``)."""
+def tiny_wan_transformer(
+    *,
+    image_dim: int | None = None,
+    layers: int = 2,
+    seed: int = 0,
+    head_dim: int = 12,
+    rope_max_seq_len: int = 32,
+):
+    """``WanTransformer3DModel`` with 2 heads of ``head_dim`` (rotary needs it divisible by 6 for
+    its three axes; 64 works too: 22 + 21 + 21); ``image_dim`` makes it an I2V model (image
+    cross-attention through ``add_k_proj``)."""
     from diffusers import WanTransformer3DModel
 
     _seeded(seed)
     model = WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
-        attention_head_dim=12,
+        attention_head_dim=head_dim,
         in_channels=4,
         out_channels=4,
         text_dim=WAN_TEXT_DIM,
         freq_dim=16,
         ffn_dim=32,
         num_layers=layers,
-        rope_max_seq_len=32,
+        rope_max_seq_len=rope_max_seq_len,
         image_dim=image_dim,
         added_kv_proj_dim=None if image_dim is None else 24,
     )
@@ -188,7 +196,7 @@ def wan_inputs(
     return inputs
 
 
-def tiny_wan_pipeline(*, two_stage: bool = False, seed: int = 0, complete: bool = False):
+def tiny_wan_pipeline(*, two_stage: bool = False, seed: int = 0, complete: bool = False, head_dim: int = 12):
     """``WanPipeline``; ``two_stage`` adds ``transformer_2`` with boundary_ratio 0.5 (Wan 2.2 A14B);
     ``complete`` adds tokenizer, UMT5 text encoder and VAE (frames: 1 + 2k, sides: multiples of 8)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
@@ -198,8 +206,8 @@ def tiny_wan_pipeline(*, two_stage: bool = False, seed: int = 0, complete: bool 
         text_encoder=tiny_umt5_encoder(seed=seed) if complete else None,
         vae=tiny_wan_vae(seed=seed) if complete else None,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        transformer=tiny_wan_transformer(seed=seed),
-        transformer_2=tiny_wan_transformer(seed=seed + 1) if two_stage else None,
+        transformer=tiny_wan_transformer(seed=seed, head_dim=head_dim),
+        transformer_2=tiny_wan_transformer(seed=seed + 1, head_dim=head_dim) if two_stage else None,
         boundary_ratio=0.5 if two_stage else None,
     )
 
@@ -222,21 +230,22 @@ def wan_pipeline_kwargs(*, steps: int = 3, cfg: bool = True, seed: int = 2):
     return kwargs
 
 
-def tiny_qwen_image_transformer(*, layers: int = 2, seed: int = 0):
-    """``QwenImageTransformer2DModel``: 2 heads of 16, rotary axes (4, 6, 6); in_channels 16 is
-    4 latent channels packed 2x2."""
+def tiny_qwen_image_transformer(*, layers: int = 2, seed: int = 0, head_dim: int = 16):
+    """``QwenImageTransformer2DModel``: 2 heads of ``head_dim``, rotary axes split 1:1.5:1.5 over
+    the head (4, 6, 6 at 16); in_channels 16 is 4 latent channels packed 2x2."""
     from diffusers import QwenImageTransformer2DModel
 
     _seeded(seed)
+    axis = head_dim // 8 * 2
     model = QwenImageTransformer2DModel(
         patch_size=2,
         in_channels=16,
         out_channels=4,
         num_layers=layers,
-        attention_head_dim=16,
+        attention_head_dim=head_dim,
         num_attention_heads=2,
         joint_attention_dim=QWEN_TEXT_DIM,
-        axes_dims_rope=(4, 6, 6),
+        axes_dims_rope=(head_dim - 2 * (3 * axis // 2), 3 * axis // 2, 3 * axis // 2),
     )
     return model.eval()
 
@@ -288,9 +297,17 @@ def qwen_image_pipeline_kwargs(*, steps: int = 3, cfg: bool = True, seed: int = 
     return kwargs
 
 
-def tiny_qwen3_moe(*, seed: int = 0, attn_implementation: str = "sdpa", vocab_size: int = 128):
-    """``Qwen3MoeForCausalLM``: 2 layers, hidden 64, 4 query heads sharing 2 KV heads (GQA),
-    4 experts with top-2 routing. ``vocab_size=tiny_vocab_size()`` pairs it with :func:`tiny_tokenizer`."""
+def tiny_qwen3_moe(
+    *,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    vocab_size: int = 128,
+    layers: int = 2,
+    head_dim: int = 16,
+):
+    """``Qwen3MoeForCausalLM``: ``layers`` layers, hidden 64, 4 query heads of ``head_dim`` sharing 2 KV
+    heads (GQA), 4 experts with top-2 routing. ``vocab_size=tiny_vocab_size()`` pairs it with
+    :func:`tiny_tokenizer`."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     config = Qwen3MoeConfig(
@@ -298,10 +315,10 @@ def tiny_qwen3_moe(*, seed: int = 0, attn_implementation: str = "sdpa", vocab_si
         hidden_size=64,
         intermediate_size=96,
         moe_intermediate_size=32,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=head_dim,
         num_experts=4,
         num_experts_per_tok=2,
         max_position_embeddings=128,

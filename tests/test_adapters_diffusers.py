@@ -14,7 +14,7 @@ import torch
 
 from attnbridge.attention.api import AttentionLayer
 from attnbridge.enable import disable_npu_attention, enable_npu_attention
-from tests.tiny_models import (
+from attnbridge.tiny_models import (
     qwen_image_inputs,
     qwen_image_pipeline_kwargs,
     tiny_qwen_image_pipeline,
@@ -97,19 +97,43 @@ def test_qwen_image_output_matches_unpatched_and_disable_restores(backend, spy):
     assert torch.equal(_run(model, inputs), reference)
 
 
-def test_qwen_image_padded_text_batch_matches_unpatched(spy):
-    """A batch whose second prompt has 2 padding tokens: the joint mask must still apply."""
+PADDED_BATCH_TOLERANCE = {
+    "sdpa": 1e-5,
+    "fa": 1e-4,
+    "sage": 1e-4,
+    "laser": 1e-4,
+    "block_sparse": 1e-4,
+    "rain_fusion": 1e-4,
+}
+
+
+@pytest.mark.parametrize("backend", list(PADDED_BATCH_TOLERANCE))
+def test_qwen_image_padded_text_batch_runs_the_backend_and_matches_unpatched(backend, spy):
+    """A batch whose second prompt has 2 padding tokens: the backend itself serves the padding (as
+    valid key lengths of the [image, text] sequence), per sample equal to the unpatched model."""
     model = tiny_qwen_image_transformer()
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     inputs = qwen_image_inputs(batch=2, text_mask=mask)
     reference = _run(model, inputs)
-    enable_npu_attention(model, "fa")
-    assert _max_abs(_run(model, inputs), reference) <= TOLERANCE["fa"]
-    # An all-valid mask is dropped and the backend runs; a padded one falls back to masked SDPA.
-    assert spy == []
+    options = {"sparsity": 0.0} if backend in ("block_sparse", "rain_fusion") else {}
+    enable_npu_attention(model, backend, **options)
+    patched = _run(model, inputs)
+    for sample in range(2):
+        assert _max_abs(patched[sample], reference[sample]) <= PADDED_BATCH_TOLERANCE[backend], sample
+    assert len(spy) == 2 and all(call[1] == backend for call in spy)
+    assert torch.equal(spy[0][2].key_lengths, torch.tensor([12 + 5, 12 + 3], dtype=torch.int32))
+    spy.clear()
     inputs["encoder_hidden_states_mask"] = torch.ones(2, 5, dtype=torch.long)
     _run(model, inputs)
-    assert len(spy) == 2
+    assert len(spy) == 2 and spy[0][2].key_lengths is None  # no padding: no mask at all
+
+
+def test_qwen_image_padding_in_the_middle_of_a_prompt_is_refused():
+    model = tiny_qwen_image_transformer()
+    inputs = qwen_image_inputs(batch=2, text_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 1, 0]]))
+    enable_npu_attention(model, "fa")
+    with pytest.raises(ValueError, match="real tokens first and its padding last"):
+        _run(model, inputs)
 
 
 def test_wan_fused_projections_match_unpatched():
@@ -150,27 +174,25 @@ def test_wan_context_grid_kind_and_token_counts(spy):
     by_layer = {}
     for name, _, context, q_shape, k_shape in spy:
         by_layer.setdefault(name, []).append((context, q_shape, k_shape))
-        assert context.grid == grid and context.layer_name == name
+        assert context.grid == grid
         assert q_shape[1] == math.prod(grid)
     assert set(by_layer) == {f"blocks.{i}.attn{j}" for i in range(2) for j in (1, 2)}
     for i in range(2):
         ((self_ctx, _, self_k),) = by_layer[f"blocks.{i}.attn1"]
         assert self_ctx.kind == "self" and self_k[1] == math.prod(grid)
-        cross = {ctx.extra["kv"]: k for ctx, _, k in by_layer[f"blocks.{i}.attn2"]}
+        cross_keys = sorted(k[1] for _, _, k in by_layer[f"blocks.{i}.attn2"])
         assert all(ctx.kind == "cross" for ctx, _, _ in by_layer[f"blocks.{i}.attn2"])
-        assert cross["image"][1] == 4 and cross["text"][1] == 512
+        assert cross_keys == [4, 512]  # the image tokens, then the text
 
 
-def test_qwen_image_context_is_joint_with_text_first(spy):
+def test_qwen_image_context_is_joint_with_text_last(spy):
     model = tiny_qwen_image_transformer()
     enable_npu_attention(model, "sdpa")
     _run(model, qwen_image_inputs(grid_h=3, grid_w=4, text_tokens=5))
     assert len(spy) == 2
-    for name, _, context, q_shape, _ in spy:
-        assert context.kind == "joint" and context.layer_name == name
-        assert context.grid == (1, 3, 4)
-        assert context.num_text_tokens == 5 and q_shape[1] == 5 + 12
-        assert "text_first" not in context.extra  # text first is the contract default
+    for _, _, context, q_shape, _ in spy:
+        assert context.kind == "joint" and context.grid == (1, 3, 4)
+        assert context.num_text_tokens == 5 and q_shape[1] == 12 + 5  # [image, text]
 
 
 def test_qwen_image_edit_style_shapes_stack_frames(spy):
@@ -182,7 +204,6 @@ def test_qwen_image_edit_style_shapes_stack_frames(spy):
     enable_npu_attention(model, "sdpa")
     _run(model, inputs)
     assert spy[0][2].grid == (2, 2, 3)
-    assert spy[0][2].extra["img_shapes"] == ((1, 2, 3), (1, 2, 3))
 
 
 def test_qwen_image_mixed_size_images_get_a_raster_grid_sparse_backends_can_use():
@@ -197,24 +218,40 @@ def test_qwen_image_mixed_size_images_get_a_raster_grid_sparse_backends_can_use(
     assert _max_abs(_run(model, inputs), reference) <= TOLERANCE["fa"]
 
 
+def _dense_steps(spy, name):
+    return [ctx.dense_step for layer, _, ctx, _, _ in spy if layer == name]
+
+
+#: A sparse backend that keeps every block, so only the step count (dense_step) differs.
+COUNTING = {"backend": "block_sparse", "sparsity": 0.0}
+
+
 def test_wan_pipeline_step_advances_once_per_step_and_resets(spy):
     pipe = tiny_wan_pipeline()
-    enable_npu_attention(pipe, "sdpa")
+    enable_npu_attention(pipe, skip_first_steps=1, **COUNTING)
     pipe(**wan_pipeline_kwargs(steps=3, cfg=True))
-    # 3 steps x 2 CFG calls x 2 blocks x (attn1 + attn2); attn1 of block 0 shows one call's step.
-    steps = [ctx.step for name, _, ctx, _, _ in spy if name == "blocks.0.attn1"]
-    assert steps == [0, 0, 1, 1, 2, 2]
+    # 3 steps x 2 CFG calls; only step 0 runs dense.
+    assert _dense_steps(spy, "blocks.0.attn1") == [True, True, False, False, False, False]
     spy.clear()
     pipe(**wan_pipeline_kwargs(steps=2, cfg=False))
-    assert [ctx.step for name, _, ctx, _, _ in spy if name == "blocks.0.attn1"] == [0, 1]
+    assert _dense_steps(spy, "blocks.0.attn1") == [True, False]
 
 
-def test_wan22_two_stage_pipeline_counts_steps_across_both_transformers(spy):
+def test_wan22_two_stage_pipeline_counts_steps_across_both_transformers():
+    from attnbridge.attention import observe
+
     pipe = tiny_wan_pipeline(two_stage=True)
-    enable_npu_attention(pipe, "sdpa")
-    pipe(**wan_pipeline_kwargs(steps=4, cfg=True))
-    seen = [(ctx.extra["component"], ctx.step) for name, _, ctx, _, _ in spy if name == "blocks.0.attn1"]
-    assert [step for _, step in seen] == [0, 0, 1, 1, 2, 2, 3, 3]
+    handle = enable_npu_attention(pipe, skip_first_steps=2, **COUNTING)
+    names = {id(layer): name for name, layer in handle.layers.items()}
+    seen = []
+
+    def record(layer, q, k, context):
+        if names[id(layer)].endswith("blocks.0.attn1"):
+            seen.append((names[id(layer)].split(".")[0], context.dense_step))
+
+    with observe(record):
+        pipe(**wan_pipeline_kwargs(steps=4, cfg=True))
+    assert [dense for _, dense in seen] == [True] * 4 + [False] * 4
     components = [component for component, _ in seen]
     assert components[0] == "transformer" and components[-1] == "transformer_2"
     assert components == sorted(components)  # high-noise expert first, then the low-noise one
@@ -222,33 +259,42 @@ def test_wan22_two_stage_pipeline_counts_steps_across_both_transformers(spy):
 
 def test_qwen_image_pipeline_steps_with_true_cfg(spy):
     pipe = tiny_qwen_image_pipeline()
-    enable_npu_attention(pipe, "sdpa")
+    enable_npu_attention(pipe, skip_first_steps=1, **COUNTING)
     pipe(**qwen_image_pipeline_kwargs(steps=3, cfg=True))
     first = [
-        (ctx.step, ctx.num_text_tokens, ctx.grid)
+        (ctx.dense_step, ctx.num_text_tokens, ctx.grid)
         for name, _, ctx, _, _ in spy
         if name == "transformer_blocks.0.attn"
     ]
     # cond (5 text tokens) then uncond (3) at every step, on the (1, 4, 4) packed grid.
-    assert first == [(s, n, (1, 4, 4)) for s in range(3) for n in (5, 3)]
+    assert first == [(s == 0, n, (1, 4, 4)) for s in range(3) for n in (5, 3)]
     spy.clear()
     pipe(**qwen_image_pipeline_kwargs(steps=2, cfg=False))
-    assert [ctx.step for name, _, ctx, _, _ in spy if name == "transformer_blocks.0.attn"] == [0, 1]
+    assert _dense_steps(spy, "transformer_blocks.0.attn") == [True, False]
 
 
 def test_bare_transformer_step_restarts_when_timestep_rises(spy):
     model = tiny_wan_transformer(layers=1)
-    handle = enable_npu_attention(model, "sdpa")
+    handle = enable_npu_attention(model, skip_first_steps=1, **COUNTING)
     inputs = wan_inputs()
-    for t in (900.0, 900.0, 500.0, 100.0, 900.0):
+    for t in (900.0, 900.0, 500.0, 100.0, 900.0):  # steps 0, 0, 1, 2, 0
         inputs["timestep"] = torch.tensor([t])
         _run(model, inputs)
-    assert [ctx.step for name, _, ctx, _, _ in spy if name == "blocks.0.attn1"] == [0, 0, 1, 2, 0]
+    assert _dense_steps(spy, "blocks.0.attn1") == [True, True, False, False, True]
     spy.clear()
     handle.reset_steps()
     inputs["timestep"] = torch.tensor([100.0])
     _run(model, inputs)
-    assert spy[0][2].step == 0
+    assert spy[0][2].dense_step
+
+
+def test_steps_are_not_read_without_skip_first_steps(spy):
+    """Reading the timestep costs a host sync: a backend that needs no step count never does it."""
+    model = tiny_wan_transformer(layers=1)
+    handle = enable_npu_attention(model, **COUNTING)
+    _run(model, wan_inputs())
+    assert spy[0][2].step is None and not spy[0][2].dense_step
+    assert handle._patch.steps.step == -1
 
 
 # ----------------------------------------------------------------------------- errors change nothing
@@ -344,7 +390,7 @@ def test_sparse_backend_keeps_cross_attention_dense():
     handle = enable_npu_attention(model, "block_sparse", sparsity=0.5)
     backends = {name: layer.backend for name, layer in handle.layers.items()}
     assert backends == {"blocks.0.attn1": "block_sparse", "blocks.0.attn2": "fa"}
-    assert handle.layers["blocks.0.attn1"].config == {"sparsity": 0.5}
+    assert handle.layers["blocks.0.attn1"].options.sparsity == 0.5
 
 
 @pytest.mark.parametrize("family", ["wan", "qwen_image"])
@@ -372,7 +418,7 @@ def test_positional_call_still_gives_the_grid(spy):
     enable_npu_attention(model, "sdpa")
     with torch.no_grad():
         model(inputs["hidden_states"], inputs["timestep"], inputs["encoder_hidden_states"])
-    assert spy[0][2].grid == (2, 4, 3) and spy[0][2].step == 0
+    assert spy[0][2].grid == (2, 4, 3)
 
 
 @pytest.mark.parametrize("family", ["wan", "qwen_image"])

@@ -13,7 +13,7 @@ import torch
 
 from attnbridge.attention.api import AttentionLayer
 from attnbridge.enable import disable_npu_attention, enable_npu_attention
-from tests.tiny_models import tiny_qwen3_moe
+from attnbridge.tiny_models import tiny_qwen3_moe
 
 TOLERANCE = {"sdpa": 1e-5, "fa": 1e-4}
 LAYERS = ["model.layers.0.self_attn", "model.layers.1.self_attn"]
@@ -102,8 +102,13 @@ def test_padded_batch_matches_unpatched(side, spy):
     patched = _logits(model, ids, mask)
     valid = mask.bool()
     assert _max_abs(patched[valid], reference[valid]) <= TOLERANCE["fa"]
-    # Padding needs the mask, which the backend contract does not carry: transformers' SDPA runs it.
-    assert spy == []
+    if side == "right":
+        # Right padding is valid key lengths per sample, which the backend itself serves (causal).
+        assert len(spy) == 2 and all(causal for _, _, causal, _, _, _ in spy)
+        assert torch.equal(spy[0][3].key_lengths, torch.tensor([9, 6, 4], dtype=torch.int32))
+    else:
+        # Left padding is not a suffix of the keys: transformers' SDPA runs it, as unpatched.
+        assert spy == []
 
 
 def test_unpadded_mask_goes_through_the_backend(spy):
@@ -131,12 +136,13 @@ def test_greedy_generation_with_kv_cache_matches(spy):
     assert shapes[1:] == [(1, 6 + i, False) for i in range(1, len(shapes))]
 
 
-def test_context_names_the_layer(spy):
+def test_context_is_plain_causal_self_attention(spy):
     model = tiny_qwen3_moe()
     enable_npu_attention(model, "sdpa")
     _logits(model, _ids())
-    for name, _, _, context, _, _ in spy:
-        assert context.kind == "self" and context.layer_name == name and context.grid is None
+    assert {name for name, _, _, _, _, _ in spy} == set(LAYERS)
+    for _, _, _, context, _, _ in spy:
+        assert context.kind == "self" and context.grid is None and context.key_lengths is None
 
 
 def test_sparse_backend_is_refused_and_changes_nothing():

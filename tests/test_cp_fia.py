@@ -160,7 +160,7 @@ def test_all_ranks_together_equal_per_sequence_causal_attention(seq_lens, cp_siz
 
 def test_npu_path_calls_fia_tnd_with_cumulative_lengths(fake_npu):
     seq_lens, cp_size = [5, 17, 9], 2
-    q, k, v = packed_qkv(seq_lens, heads=4, kv_heads=2, dtype=torch.bfloat16)
+    q, k, v = packed_qkv(seq_lens, heads=4, kv_heads=2, head_dim=128, dtype=torch.bfloat16)
     metas = [build_zigzag_metadata(seq_lens, r, cp_size) for r in range(cp_size)]
     outs = [zigzag_cp_attention(zigzag_split(q, m), k, v, m, platform="npu") for m in metas]
     out = restore_natural_order(pad_ranks(outs, metas), metas[0])

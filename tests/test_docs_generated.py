@@ -1,15 +1,16 @@
-"""The committed docs are exactly what ``attnbridge.docs_gen`` renders from the code and from
-``docs/bench_results/``: a backend, platform kernel, option or result that changes without the docs
-fails here, with the command that regenerates them."""
+"""The committed capability docs are exactly what ``attnbridge.docs_gen`` renders from the code: a
+backend, platform kernel or option that changes without the docs fails here, with the command that
+regenerates them. (The benchmark results section is checked in ``tests/test_bench_report.py``.)"""
 
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 
 import pytest
 
-from attnbridge.docs_gen import BENCH_BEGIN, BENCH_END, REGENERATE, generated_docs, replace_bench_section
+from attnbridge.docs_gen import PLATFORMS_DOC, REGENERATE, generated_docs
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = generated_docs(ROOT)
@@ -30,8 +31,10 @@ def test_committed_doc_is_generated(path):
         pytest.fail(f"{path.relative_to(ROOT)} is stale; regenerate it with `{REGENERATE}`\n{diff}")
 
 
-def test_bench_section_replacement_keeps_the_hand_written_text():
-    text = f"intro\n{BENCH_BEGIN}\nold rows\n{BENCH_END}\noutro\n"
-    new = replace_bench_section(text, f"{BENCH_BEGIN}\nnew rows\n{BENCH_END}")
-    assert new == f"intro\n{BENCH_BEGIN}\nnew rows\n{BENCH_END}\noutro\n"
-    assert replace_bench_section("intro\n", "S") == "intro\n\nS\n"
+def test_platform_links_land_on_a_section():
+    """The generated docs link to ``platforms.md#<platform>``; each such section must exist there."""
+    platforms = (ROOT / "docs" / PLATFORMS_DOC).read_text()
+    headings = {line[3:].strip() for line in platforms.splitlines() if line.startswith("## ")}
+    for text in GENERATED.values():
+        for anchor in set(re.findall(rf"\({re.escape(PLATFORMS_DOC)}#([\w-]+)\)", text)):
+            assert anchor in headings, f"{PLATFORMS_DOC} has no section '## {anchor}'"

@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageSequence
 
-from attnbridge.attention.api import AttentionLayer
 from attnbridge.cli import main
 from attnbridge.generation.run import run_generate
 from attnbridge.tiny_models import tiny_qwen3_moe, tiny_tokenizer, tiny_vocab_size, tiny_wan_pipeline
@@ -60,12 +59,14 @@ def _frames(path: Path) -> list[np.ndarray]:
     return [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(Image.open(path))]
 
 
-def _check_output(path: Path, suffix: str) -> None:
-    """The file holds decoded pixels / generated text, not an empty placeholder."""
+def _check_output(path: Path, suffix: str, frames: int = 17, size: tuple[int, int] = (64, 128)) -> None:
+    """The file holds decoded pixels / generated text, not an empty placeholder (videos: the tiny
+    Wan's 17 frames of 64x128 unless told otherwise)."""
     assert path.suffix == suffix and path.is_file()
     if suffix == ".gif":
-        frames = _frames(path)
-        assert len(frames) == 5 and frames[0].shape == (32, 32, 3)  # 5 frames of 32x32 asked for
+        frames_read = _frames(path)
+        assert len(frames_read) == frames and frames_read[0].shape == (*size, 3)
+        frames = frames_read
         assert np.std(np.stack(frames)) > 0
     elif suffix == ".png":
         image = np.asarray(Image.open(path))
@@ -100,25 +101,31 @@ def test_wan_timing_splits_self_and_cross(tmp_path):
 
 
 def test_timing_measures_time_spent_in_attention(tmp_path, monkeypatch):
-    """A kernel that sleeps 20 ms must show up as >= 20 ms per call, and not in layers' idle time."""
-    original = AttentionLayer.__call__
+    """A kernel that sleeps 20 ms must show up as >= 20 ms per call, and not in layers' idle time; a
+    layer's first call is reported apart from the rest."""
+    from attnbridge.attention.backends.sdpa import TorchSDPAImpl
+
+    original = TorchSDPAImpl.forward
 
     def slow(self, q, k, v, **kwargs):
         time.sleep(0.02)
         return original(self, q, k, v, **kwargs)
 
-    monkeypatch.setattr(AttentionLayer, "__call__", slow)
+    monkeypatch.setattr(TorchSDPAImpl, "forward", slow)
     summary = _generate(tmp_path, "qwen3-moe-tiny")
-    calls = summary["attention"]["calls"]
-    assert calls == 2 * STEPS
-    assert 0.02 * calls <= summary["attention"]["seconds"] < 0.02 * calls + 1.0
-    fraction = summary["attention"]["fraction_of_pipeline"]
-    assert fraction == pytest.approx(summary["attention"]["seconds"] / summary["pipeline_seconds"])
+    attention = summary["attention"]
+    calls, layers = attention["calls"], attention["layers"]
+    assert calls == 2 * STEPS and layers == 2
+    assert 0.02 * layers <= attention["first_call_seconds"] < 0.02 * layers + 1.0
+    assert 0.02 * (calls - layers) <= attention["seconds"] < 0.02 * (calls - layers) + 1.0
+    fraction = attention["fraction_of_pipeline"]
+    total = attention["seconds"] + attention["first_call_seconds"]
+    assert fraction == pytest.approx(total / summary["pipeline_seconds"])
     assert fraction < 1
 
 
 def test_layers_are_restored_after_the_run(tmp_path):
-    """The timer swaps the layers' class for the run only; a later run times from zero again."""
+    """The timer observes the layers for the run only; a later run times from zero again."""
     first = run_generate("qwen3-moe-tiny", steps=1, output=tmp_path)
     second = run_generate("qwen3-moe-tiny", steps=1, output=tmp_path)
     assert first["attention"]["calls"] == second["attention"]["calls"] == 2
@@ -130,7 +137,7 @@ def test_saved_diffusers_pipeline_folder_runs(tmp_path):
     sizes = ["height=32", "width=32", "num_frames=5", "max_sequence_length=16"]
     summary = _generate(tmp_path / "out", str(folder), *[a for s in sizes for a in ("--option", s)])
     assert summary["model"] == "my-wan" and summary["notes"] == []
-    _check_output(Path(summary["files"]["video"]), ".gif")
+    _check_output(Path(summary["files"]["video"]), ".gif", frames=5, size=(32, 32))
     assert summary["attention"]["calls"] == 4 * 2 * STEPS
 
 
@@ -203,10 +210,10 @@ def test_two_processes_share_the_sequence_and_rank0_writes(tmp_path):
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("attention total") == 1  # rank 0 reports
-    summary = json.loads((tmp_path / "wan-tiny-sdpa.timing.json").read_text())
+    summary = json.loads((tmp_path / "wan-tiny-sdpa-ulysses_degree2.timing.json").read_text())
     assert summary["world_size"] == 2 and summary["backend_options"] == {"ulysses_degree": 2}
     assert summary["attention"]["calls"] == 4 * 2 * STEPS  # Ulysses: one kernel call per attention call
-    ours = np.stack(_frames(tmp_path / "wan-tiny-sdpa.gif")).astype(int)
+    ours = np.stack(_frames(tmp_path / "wan-tiny-sdpa-ulysses_degree2.gif")).astype(int)
     reference = np.stack(_frames(Path(single["files"]["video"]))).astype(int)
     assert ours.shape == reference.shape and np.abs(ours - reference).max() <= 8
 

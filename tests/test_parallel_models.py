@@ -22,14 +22,14 @@ import pytest
 import torch
 
 from attnbridge.enable import HANDLE_ATTR, disable_npu_attention, enable_npu_attention
-from tests.parallel_utils import run_cases, values
-from tests.tiny_models import (
+from attnbridge.tiny_models import (
     qwen_image_inputs,
     tiny_qwen3_moe,
     tiny_qwen_image_transformer,
     tiny_wan_transformer,
     wan_inputs,
 )
+from tests.parallel_utils import run_cases, values
 
 TOL = 1e-5
 
@@ -114,7 +114,7 @@ def diffusers_case(info, *, family, ring, ulysses, variant="t2v"):
 
 def wan_pipeline_case(info):
     """A whole (tiny) WanPipeline run, 2 steps, with the transformer's sequence split over the ranks."""
-    from tests.tiny_models import tiny_wan_pipeline, wan_pipeline_kwargs
+    from attnbridge.tiny_models import tiny_wan_pipeline, wan_pipeline_kwargs
 
     pipe = tiny_wan_pipeline()
     reference = pipe(**wan_pipeline_kwargs(steps=2, cfg=False)).frames
@@ -198,7 +198,7 @@ MODEL_CASES = {
 }
 ERROR_KINDS = {
     "degrees": r"ring_degree \(2\) x ulysses_degree \(2\) = 4 must equal the world size \(2\)",
-    "ring_sdpa": r"ring_degree=2 needs backend 'fa'.*'sdpa' does not return",
+    "ring_sdpa": r"ring attention \(ring_degree > 1\) merges partial results through the softmax LSE, which backend 'sdpa' does not return",
     "cp_short": r"cp_size=2 cuts every sequence into 4 blocks.*\[5, 3\]",
     "cp_not_enabled": r"not enabled for context parallelism: call enable_npu_attention\(model, 'fa', cp_size=N\)",
 }
@@ -315,7 +315,8 @@ def no_launcher(monkeypatch):
             r"= 2 must equal the world size \(1\).*launch with torchrun",
         ),
         (tiny_wan_transformer, dict(ring_degree=0), "ring_degree must be a positive integer; got 0"),
-        (tiny_wan_transformer, dict(ring_degree=2, backend="sage"), "ring_degree=2 needs backend 'fa'"),
+        (tiny_wan_transformer, dict(ring_degree=2, backend="sdpa"), "backend 'sdpa' does not return"),
+        (tiny_wan_transformer, dict(ring_degree=2, backend="block_sparse"), "splits the keys across ranks"),
         (tiny_wan_transformer, dict(cp_size=2), "cp_size is zigzag context parallelism for causal LLM"),
         (tiny_qwen3_moe, dict(ulysses_degree=2), r"for causal LLMs use cp_size=N"),
         (tiny_qwen3_moe, dict(cp_size=2, ring_degree=2), "cannot be combined"),

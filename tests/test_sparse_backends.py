@@ -3,12 +3,18 @@
 What a user relies on, each against an independent float64 reference:
 
 * the block-sparse executor attends exactly the listed blocks, tail blocks and pad keys included
-  (relative L2 <= 1e-5 in float32, <= 1.5e-2 in bfloat16; LSE to 1e-5);
-* sparsity 0 and dense steps (``step < skip_first_steps``) give the dense result, dense steps bit
-  for bit the ``fa`` backend's output; cross-attention and bare calls are dense;
-* selection keeps what it must (first frame, diagonal, text of joint attention) and picks the
-  expected blocks on hand-made scores; RainFusion's 8x8 reordering is the documented one;
-* bad options fail naming the backend and the allowed range.
+  (relative L2 <= 1e-5 in float32, <= 1.5e-2 in bfloat16; LSE to 1e-5); a row that lists no block
+  gives 0 and LSE -inf;
+* sparsity 0 and dense steps (``step < skip_first_steps`` or ``dense_step=True``) give the dense
+  result, dense steps bit for bit the ``fa`` backend's output; cross-attention and bare calls are
+  dense; the default is sparsity 0.75 from the first step;
+* selection keeps what it must (first frame, diagonal, the text of joint attention, which comes
+  last) and picks the expected blocks on hand-made scores; RainFusion's 8x8 reordering is the
+  documented one;
+* NaN is not hidden: a NaN key or query gives NaN in every row that attends it;
+* block_sparse, rain_fusion, vsa and fa run one after another in one process, each matching its
+  float64 reference (CPU, and CUDA where present);
+* bad options fail when the layer is made, naming the backend and the allowed range.
 """
 
 from __future__ import annotations
@@ -20,30 +26,34 @@ import pytest
 import torch
 
 from attnbridge import AttentionLayer, attend
-from attnbridge.attention.backends.block_select import (
-    dense_selection,
+from attnbridge.attention.backends.block_sparse import select_block_sparse
+from attnbridge.attention.backends.laser import range_shift, uses_laser_kernel
+from attnbridge.attention.backends.rain_fusion import rain_fusion_order, select_rain_fusion
+from attnbridge.attention.contract import AttentionContext
+from attnbridge.attention.sparse import impl as sparse_impl
+from attnbridge.attention.sparse.flex import block_sparse_attention
+from attnbridge.attention.sparse.impl import SparseOptions
+from attnbridge.attention.sparse.layout import is_dense_step, resolve_layout
+from attnbridge.attention.sparse.selection import (
     indices_to_mask,
     mask_to_selection,
     pool_blocks,
     select_top_blocks,
     threshold_mask,
 )
-from attnbridge.attention.backends.block_sparse import select_block_sparse
-from attnbridge.attention.backends.flex_block_sparse import block_sparse_attention
-from attnbridge.attention.backends.rain_fusion import rain_fusion_order, select_rain_fusion
-from attnbridge.attention.backends.sparse_common import (
-    SparseMetadataBuilder,
-    SparseStepMetadata,
-    resolve_layout,
-)
-from attnbridge.attention.contract import AttentionContext
 from tests.emulation.reference import dense_reference, rel_l2
 
 FP32_TOL = 1e-5
 BF16_TOL = 1.5e-2
 FP16_TOL = 3e-3  # laser computes from fp16-rounded inputs
 SPARSE_BACKENDS = ["block_sparse", "rain_fusion"]
+SELECTORS = {"block_sparse": select_block_sparse, "rain_fusion": select_rain_fusion}
+IMAGE_ORDERS = {"block_sparse": None, "rain_fusion": rain_fusion_order}
 GRID = (3, 8, 40)  # 960 tokens: 320 per frame, first frame = 3 blocks, last block half full
+CPU = torch.device("cpu")
+HAS_CUDA = torch.cuda.is_available()
+cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
 
 
 def _qkv(batch, seq, heads, kv_heads, dim, dtype=torch.float32, device="cpu"):
@@ -55,7 +65,8 @@ def _qkv(batch, seq, heads, kv_heads, dim, dtype=torch.float32, device="cpu"):
 
 
 def block_masked_reference(q, k, v, block_mask, block_size, key_valid=None):
-    """float64 attention where query i sees key j iff block (i // bs, j // bs) is kept."""
+    """float64 attention where query i sees key j iff block (i // bs, j // bs) is kept (and
+    ``key_valid[j]``); a row that sees no key gives 0 and LSE -inf."""
     s_q, s_kv = q.shape[1], k.shape[1]
     group = q.shape[2] // k.shape[2]
     visible = block_mask.repeat_interleave(block_size, -2)[..., :s_q, :]
@@ -65,12 +76,21 @@ def block_masked_reference(q, k, v, block_mask, block_size, key_valid=None):
     q64, k64, v64 = q.double(), k.double().repeat_interleave(group, 2), v.double().repeat_interleave(group, 2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q64, k64) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, -1), v64), torch.logsumexp(scores, -1)
+    probs = torch.softmax(scores, -1).masked_fill(~visible.any(-1, keepdim=True), 0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v64), torch.logsumexp(scores, -1)
 
 
 def _random_block_mask(batch, heads, nq, nk):
     mask = torch.rand(batch, heads, nq, nk) < 0.4
     return mask | torch.eye(nq, nk, dtype=torch.bool)  # every row keeps a block
+
+
+def _selection_mask(backend, q, k, context, sparsity):
+    """(layout, kept-block mask in mask order) the backend's selector gives for this call."""
+    layout = resolve_layout(backend, q, context, IMAGE_ORDERS[backend])
+    qs, ks = layout.to_mask_order(q), layout.to_mask_order(k)
+    selection = SELECTORS[backend](qs, ks, q.shape[-1] ** -0.5, SparseOptions(sparsity=sparsity), layout)
+    return layout, selection.mask()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,52 +125,29 @@ def test_executor_gives_pad_keys_no_weight_with_64_token_blocks():
     assert rel_l2(out, ref_out) < FP32_TOL
 
 
-def test_executor_rejects_index_lists_that_do_not_fit():
-    q, k, v = _qkv(1, 256, 2, 2, 16)
-    with pytest.raises(ValueError, match="does not fit q"):
-        block_sparse_attention(
-            q,
-            k,
-            v,
-            torch.zeros(1, 2, 3, 2, dtype=torch.int32),
-            torch.ones(1, 2, 3, dtype=torch.int32),
-            block_size=128,
-        )
-
-
-@pytest.mark.parametrize("row_chunk", [1, 2, 4])
-def test_split_long_rows_give_the_same_attention(row_chunk):
-    """Dense rows run as chunks merged by LSE (GPU load balance) equal the unsplit rows: partial
-    last block, a row with no key at all, broadcast heads, GQA."""
+def test_executor_broadcast_lists_and_a_row_that_sees_nothing():
+    """Lists with batch and head 1 apply to every sample and head (GQA); a row with no listed
+    block gives 0 and LSE -inf (no NaN); a partial last block."""
     q, k, v = _qkv(2, 300, 4, 2, 32)  # 3 blocks of 128, the last with 44 tokens
-    mask = _random_block_mask(2, 1, 3, 3)
+    mask = _random_block_mask(1, 1, 3, 3)
     mask[:, :, 0] = True  # a dense row
-    mask[1, 0, 1] = False  # a row that sees nothing
+    mask[0, 0, 1] = False  # a row that sees nothing
     selection = mask_to_selection(mask)
     out, lse = block_sparse_attention(
-        q,
-        k,
-        v,
-        selection.indices,
-        selection.counts,
-        block_size=128,
-        return_lse=True,
-        long_rows=(0, 1, 2),
-        row_chunk=row_chunk,
+        q, k, v, selection.indices, selection.counts, block_size=128, return_lse=True
     )
     ref_out, ref_lse = block_masked_reference(q, k, v, mask.expand(2, 4, 3, 3), 128)
     seen = torch.isfinite(ref_lse)
-    assert out.shape == q.shape and lse.shape == (2, 4, 300)
-    assert rel_l2(out[seen.transpose(1, 2)], ref_out.nan_to_num()[seen.transpose(1, 2)]) < FP32_TOL
+    assert out.shape == q.shape and lse.shape == (2, 4, 300) and not out.isnan().any()
+    assert rel_l2(out, ref_out) < FP32_TOL
     assert torch.allclose(lse.double()[seen], ref_lse[seen], atol=1e-5)
-    assert torch.equal(torch.isneginf(lse), ~seen) and torch.all(out[1, 128:256] == 0)
+    assert torch.equal(torch.isneginf(lse), ~seen) and torch.all(out[:, 128:256] == 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pad", ["none", "whole block", "tail"])
-def test_split_rows_with_pad_keys_and_without_lse_match_the_reference(dtype, pad):
-    """The split also holds with pad keys (key_valid), batch- and head-broadcast lists, bf16, and
-    when no LSE is asked for (the merge needs the kernel's LSE internally)."""
+def test_executor_with_pad_keys_and_broadcast_lists_matches_the_reference(dtype, pad):
+    """Pad keys (key_valid), a whole block of them included, with batch- and head-broadcast lists."""
     q, k, v = _qkv(2, 300, 4, 4, 32, dtype)
     key_valid = torch.ones(300, dtype=torch.bool)
     if pad == "whole block":
@@ -168,21 +165,40 @@ def test_split_rows_with_pad_keys_and_without_lse_match_the_reference(dtype, pad
         selection.counts,
         block_size=128,
         key_valid=None if pad == "none" else key_valid,
-        long_rows=(2,),
-        row_chunk=1,
     )
     ref_out, _ = block_masked_reference(q, k, v, mask.expand(2, 4, 3, 3), 128, key_valid)
-    seen = ref_out.isfinite().all(dim=-1)
     assert out.dtype == dtype and not out.isnan().any()
-    assert rel_l2(out[seen], ref_out[seen]) < (FP32_TOL if dtype == torch.float32 else BF16_TOL)
+    assert rel_l2(out, ref_out) < (FP32_TOL if dtype == torch.float32 else BF16_TOL)
 
 
-def test_split_rows_outside_the_query_blocks_are_an_error():
+def test_executor_gives_the_padded_keys_of_each_sample_no_weight():
+    """``key_lengths`` (int [B]): keys from there on are that sample's padding."""
+    q, k, v = _qkv(2, 300, 2, 2, 32)
+    mask = _random_block_mask(2, 2, 3, 3)
+    mask[..., 0] = True
+    selection = mask_to_selection(mask)
+    lengths = torch.tensor([300, 170])
+    out = block_sparse_attention(
+        q, k, v, selection.indices, selection.counts, block_size=128, key_lengths=lengths
+    )
+    for b, length in enumerate(lengths.tolist()):
+        key_valid = torch.arange(300) < length
+        ref_out, _ = block_masked_reference(
+            q[b : b + 1], k[b : b + 1], v[b : b + 1], mask[b : b + 1], 128, key_valid
+        )
+        assert rel_l2(out[b : b + 1], ref_out) < FP32_TOL
+
+
+def test_executor_rejects_index_lists_that_do_not_fit():
     q, k, v = _qkv(1, 256, 2, 2, 16)
-    selection = dense_selection(1, 2, 2, 2, "cpu")
-    with pytest.raises(ValueError, match="long_rows"):
+    with pytest.raises(ValueError, match="does not fit q"):
         block_sparse_attention(
-            q, k, v, selection.indices, selection.counts, block_size=128, long_rows=(2,), row_chunk=1
+            q,
+            k,
+            v,
+            torch.zeros(1, 2, 3, 2, dtype=torch.int32),
+            torch.ones(1, 2, 3, dtype=torch.int32),
+            block_size=128,
         )
 
 
@@ -208,8 +224,28 @@ def test_dense_steps_are_exactly_the_fa_output_and_later_steps_are_sparse(backen
     for step in (0, 4):
         out = layer(q, k, v, context=AttentionContext(kind="self", grid=GRID, step=step))
         assert torch.equal(out, dense)
+    # The adapter may say so directly, whatever the step.
+    assert torch.equal(layer(q, k, v, context=AttentionContext(grid=GRID, step=40, dense_step=True)), dense)
     sparse = layer(q, k, v, context=AttentionContext(kind="self", grid=GRID, step=5))
     assert rel_l2(sparse, dense) > 1e-3  # random inputs: dropping blocks must change the output
+
+
+def test_dense_step_rule():
+    assert is_dense_step(AttentionContext(step=4), 5) and not is_dense_step(AttentionContext(step=5), 5)
+    assert is_dense_step(AttentionContext(step=9, dense_step=True), 0)
+    assert not is_dense_step(AttentionContext(), 5)  # no step: past the dense steps
+    assert not is_dense_step(None, 5)
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_default_options_are_sparsity_075_from_the_first_step(backend):
+    layer = AttentionLayer(backend)
+    assert layer.options == SparseOptions(sparsity=0.75, skip_first_steps=0)
+    q, k, v = _qkv(1, 960, 2, 2, 32)
+    context = AttentionContext(grid=GRID, step=0)
+    out = layer(q, k, v, context=context)
+    assert torch.equal(out, attend(q, k, v, backend=backend, context=context, sparsity=0.75))
+    assert rel_l2(out, attend(q, k, v, backend="fa")) > 1e-3
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
@@ -243,12 +279,21 @@ def documented_rain_fusion_order(grid):
     return torch.tensor(order)
 
 
+def documented_row_budget(sparsity, nb, n_dense):
+    """block_sparse's documented budget: ``1 - sparsity`` of the nb x nb pairs per head; the dense
+    rows take nb each, the other rows share the rest evenly, each keeping at least its forced
+    blocks (the dense columns and the diagonal)."""
+    total = math.ceil(round((1 - sparsity) * nb * nb, 9))
+    return min(nb, max((total - n_dense * nb) // (nb - n_dense), n_dense + 1))
+
+
 def documented_block_mask(backend, q, k, sparsity, dense_blocks):
     """The kept blocks by each backend's documented rule, with plain loops over rows (q, k in mask
     order, float64 pooling): no code shared with the selectors under test."""
     batch, seq, heads, dim = q.shape
     nb = math.ceil(seq / 128)
     group = heads // k.shape[2]
+    budget = documented_row_budget(sparsity, nb, len(dense_blocks))
     q_bar = torch.stack([q[:, i * 128 : (i + 1) * 128].double().mean(1) for i in range(nb)], 1)
     k_bar = torch.stack([k[:, i * 128 : (i + 1) * 128].double().mean(1) for i in range(nb)], 1)
     mask = torch.zeros(batch, heads, nb, nb, dtype=torch.bool)
@@ -261,13 +306,26 @@ def documented_block_mask(backend, q, k, sparsity, dense_blocks):
                 elif backend == "block_sparse":  # forced blocks, then the best others up to the budget
                     forced = set(dense_blocks) | {i}
                     others = sorted(set(range(nb)) - forced, key=lambda j: -scores[j])
-                    kept = forced | set(others[: BLOCK_SPARSE_ROW_BUDGET - len(forced)])
+                    kept = forced | set(others[: budget - len(forced)])
                 else:  # rain_fusion: probability >= the ceil(nb * (1 - s))-th largest, plus dense columns
                     probs = torch.softmax(torch.tensor(scores), 0)
                     threshold = probs.sort(descending=True).values[math.ceil(nb * (1 - sparsity)) - 1]
                     kept = {j for j in range(nb) if probs[j] >= threshold} | set(dense_blocks)
                 mask[b, h, i, sorted(kept)] = True
     return mask
+
+
+def documented_sparse_reference(backend, q, k, v, grid, sparsity):
+    """float64 attention over the blocks the documented rule keeps, in the caller's token order."""
+    frames, height, width = grid
+    order = documented_rain_fusion_order(grid) if backend == "rain_fusion" else torch.arange(q.shape[1])
+    qs, ks, vs = (x.cpu()[:, order] for x in (q, k, v))
+    first_frame = math.ceil(height * width / 128) if frames > 1 else 0
+    mask = documented_block_mask(backend, qs, ks, sparsity, dense_blocks=list(range(first_frame)))
+    ref_sorted, _ = block_masked_reference(qs, ks, vs, mask, 128)
+    ref = torch.empty_like(ref_sorted)
+    ref[:, order] = ref_sorted
+    return ref, mask
 
 
 #: 9 frames of 8x12 = 864 tokens: 7 blocks (the last 96 tokens), the first frame is block 0, and
@@ -282,35 +340,49 @@ BLOCK_SPARSE_ROW_BUDGET = 3
 def test_sparse_output_is_exact_attention_over_the_documented_blocks(backend):
     """End to end (reordering included): the output is the float64 attention over the blocks the
     documented rule keeps, derived here independently of the selectors, in the caller's order."""
+    assert documented_row_budget(0.5, 7, 1) == BLOCK_SPARSE_ROW_BUDGET
     q, k, v = _qkv(1, 864, 4, 2, 32)
     context = AttentionContext(grid=SELECTION_GRID, step=1)
     out = attend(q, k, v, backend=backend, context=context, sparsity=0.5)
-    order = documented_rain_fusion_order(SELECTION_GRID) if backend == "rain_fusion" else torch.arange(864)
-    qs, ks, vs = q[:, order], k[:, order], v[:, order]
-    mask = documented_block_mask(backend, qs, ks, 0.5, dense_blocks=[0])
+    ref, mask = documented_sparse_reference(backend, q, k, v, SELECTION_GRID, 0.5)
     forced = torch.eye(7, dtype=torch.bool) | (torch.arange(7) == 0)[:, None] | (torch.arange(7) == 0)
     assert (mask & ~forced).any() and not mask.all()  # the scores decide some blocks, and some go
-    ref_sorted, _ = block_masked_reference(qs, ks, vs, mask, 128)
-    ref = torch.empty_like(ref_sorted)
-    ref[:, order] = ref_sorted
     assert rel_l2(out, ref) < FP32_TOL
 
 
-def test_joint_attention_keeps_text_dense_both_ways():
-    """Qwen-Image style: 150 text tokens first, then a one-frame 16x24 image."""
-    n_text, grid = 150, (1, 16, 24)
-    q, k, v = _qkv(1, n_text + 384, 2, 2, 32)
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize(
+    "grid", [(1, 16, 24), (1, 20, 20)], ids=["image-fills-blocks", "text-shares-a-block"]
+)
+def test_joint_attention_keeps_text_dense_both_ways(backend, grid):
+    """Qwen-Image style: a one-frame image, then 150 text tokens LAST. Every block holding a text
+    token is a dense row (those queries see everything, image tokens sharing the block included)
+    and a dense column (every query sees all text); the image part is sparse."""
+    n_text, n_image = 150, math.prod(grid)
+    seq = n_image + n_text
+    q, k, v = _qkv(1, seq, 2, 2, 32)
     context = AttentionContext(kind="joint", grid=grid, step=2, num_text_tokens=n_text)
-    out = attend(q, k, v, backend="block_sparse", context=context, sparsity=0.75)
-    ref, _ = dense_reference(q, k, v)
-    assert rel_l2(out[:, :n_text], ref[:, :n_text]) < FP32_TOL  # text queries see everything
-    metadata = SparseStepMetadata(step=2, sparsity=0.75, skip_first_steps=0, grid=grid)
-    layout = resolve_layout("block_sparse", q, metadata, context)
+    out = attend(q, k, v, backend=backend, context=context, sparsity=0.75)
+    layout, mask = _selection_mask(backend, q, k, context, 0.75)
+    text_start = n_image // 128  # 3 in both: blocks 3-4 hold text (400 image tokens: block 3 mixes)
     assert layout.first_frame_blocks == 0  # an image has no first frame to protect
-    mask = select_block_sparse(layout.to_mask_order(q), layout.to_mask_order(k), 0.1, 0.75, layout).mask()
-    text_blocks = slice(384 // 128, None)  # image tokens fill blocks 0-2 exactly; text is 3-4
-    assert mask[..., text_blocks, :].all() and mask[..., :, text_blocks].all()
+    assert layout.text_start_block == text_start and layout.dense_rows == (text_start, text_start + 1)
+    assert mask[..., text_start:, :].all() and mask[..., :, text_start:].all()
     assert not mask.all()  # the image part is sparse
+    ref, _ = dense_reference(q, k, v)
+    dense_from = text_start * 128
+    assert rel_l2(out[:, dense_from:], ref[:, dense_from:]) < FP32_TOL  # text queries see everything
+    sparse_ref, _ = block_masked_reference(q, k, v, mask, 128)
+    assert rel_l2(out, sparse_ref) < FP32_TOL
+
+
+def test_joint_text_that_does_not_fit_is_an_error():
+    q, k, v = _qkv(1, 384, 2, 2, 32)
+    context = AttentionContext(kind="joint", grid=(1, 16, 24), step=1, num_text_tokens=384)
+    with pytest.raises(
+        ValueError, match="joint attention with 384 text tokens does not fit a sequence of 384"
+    ):
+        attend(q, k, v, backend="block_sparse", context=context, sparsity=0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,11 +441,9 @@ def test_block_budget_is_one_minus_sparsity_per_head_first_frame_included():
 def test_first_frame_and_diagonal_are_always_kept(backend):
     q, k, _ = _qkv(2, 960, 4, 2, 32)
     context = AttentionContext(kind="self", grid=GRID, step=7)
-    metadata = SparseMetadataBuilder(backend).build(context, sparsity=0.9)
-    assert metadata.block_frame_stride == 3  # ceil(8 * 40 / 128)
-    layout = resolve_layout(backend, q, metadata, context)
-    select = select_rain_fusion if backend == "rain_fusion" else select_block_sparse
-    mask = select(q, k, 0.2, 0.9, layout).mask()
+    layout, mask = _selection_mask(backend, q, k, context, 0.9)
+    assert layout.first_frame_blocks == 3  # ceil(8 * 40 / 128)
+    assert layout.dense_rows == (0, 1, 2) and layout.text_start_block == layout.num_blocks == 8
     assert mask[..., :3, :].all() and mask[..., :, :3].all()
     if backend == "block_sparse":
         assert mask.diagonal(dim1=-2, dim2=-1).all()
@@ -391,6 +461,14 @@ def test_rain_fusion_threshold_keeps_ties_and_forced_blocks():
     assert forced[3].all() and forced[:, 3].all()
 
 
+def test_rain_fusion_threshold_keeps_every_block_of_a_nan_row():
+    scores = torch.randn(1, 2, 4, 4)
+    scores[0, 1, 2, 3] = float("nan")
+    mask = threshold_mask(scores, 0.75, torch.zeros(4, dtype=torch.bool))
+    assert mask[0, 1, 2].all()  # the NaN reaches the output instead of being dropped
+    assert mask[0, 0].sum(-1).eq(1).all() and mask[0, 1, [0, 1, 3]].sum(-1).eq(1).all()
+
+
 def test_rain_fusion_order_tiles_8x8_patches():
     order = rain_fusion_order((2, 16, 16)).tolist()  # aligned: every frame tiled
     assert order[:16] == list(range(8)) + list(range(16, 24))  # patch (0, 0): rows 0-1 of it
@@ -406,6 +484,59 @@ def test_rain_fusion_order_tiles_8x8_patches():
     assert rain_fusion_order((1, 16, 16)) is None and rain_fusion_order((4, 6, 16)) is None
 
 
+def test_layout_permutation_is_built_once_per_grid():
+    q = torch.randn(1, 960, 2, 32)
+    context = AttentionContext(grid=GRID, step=3)
+    first = resolve_layout("rain_fusion", q, context, rain_fusion_order)
+    again = resolve_layout("rain_fusion", q, context, rain_fusion_order)
+    assert first.perm is again.perm and torch.equal(first.perm, documented_rain_fusion_order(GRID))
+    assert torch.equal(first.perm[first.inverse], torch.arange(960))
+    other = resolve_layout("rain_fusion", q, AttentionContext(grid=(3, 16, 20), step=3), rain_fusion_order)
+    assert other.perm is not first.perm and torch.equal(other.perm, documented_rain_fusion_order((3, 16, 20)))
+    assert resolve_layout("block_sparse", q, context).perm is None  # raster order: no gather
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN is not hidden
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_a_nan_key_gives_nan_in_every_row_that_attends_it(backend):
+    """One NaN in one key of kv head 1 (query heads 2-3 read it): its block's pooled score is NaN,
+    which every row of those heads keeps (top-k ranks NaN first; RainFusion keeps every block of a
+    NaN row), so every query of those heads is NaN; heads 0-1 stay finite and right."""
+    q, k, v = _qkv(1, 960, 4, 2, 32)
+    k[0, 500, 1, 3] = float("nan")
+    context = AttentionContext(grid=GRID, step=3)
+    out = attend(q, k, v, backend=backend, context=context, sparsity=0.75)
+    layout, mask = _selection_mask(backend, q, k, context, 0.75)
+    nan_block = int(layout.inverse[500]) // 128 if layout.inverse is not None else 500 // 128
+    assert mask[0, 2:, :, nan_block].all()  # every row of heads 2-3 attends the NaN key's block
+    assert out[:, :, 2:].isnan().all(dim=-1).all()
+    assert torch.isfinite(out[:, :, :2]).all()
+    qs, ks, vs = (layout.to_mask_order(x) for x in (q, k, v))
+    ref, _ = block_masked_reference(qs[:, :, :2], ks[:, :, :1], vs[:, :, :1], mask[:, :2], 128)
+    assert rel_l2(layout.to_mask_order(out)[:, :, :2], ref) < FP32_TOL
+    # dense steps run fa, which does not hide NaN either
+    dense = attend(q, k, v, backend=backend, context=AttentionContext(grid=GRID, step=3, dense_step=True))
+    assert dense[:, :, 2:].isnan().all() and torch.isfinite(dense[:, :, :2]).all()
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_a_nan_query_gives_nan_in_its_own_row_only(backend):
+    q, k, v = _qkv(1, 960, 4, 2, 32)
+    q[0, 500, 3, 7] = float("nan")
+    context = AttentionContext(grid=GRID, step=3)
+    out = attend(q, k, v, backend=backend, context=context, sparsity=0.75)
+    assert out[0, 500, 3].isnan().all()
+    finite = torch.ones(960, 4, dtype=torch.bool)
+    finite[500, 3] = False
+    assert torch.isfinite(out[0][finite]).all()
+    if backend == "rain_fusion":  # the NaN query's block row keeps every block
+        layout, mask = _selection_mask(backend, q, k, context, 0.75)
+        assert mask[0, 3, int(layout.inverse[500]) // 128].all()
+
+
 # ---------------------------------------------------------------------------------------------
 # Options and errors
 
@@ -418,33 +549,41 @@ def test_rain_fusion_order_tiles_8x8_patches():
         ({"sparsity": -0.1}, r"sparsity must be a number in \[0, 1\)"),
         ({"sparsity": "0.5"}, r"sparsity must be a number in \[0, 1\)"),
         ({"sparsity": 0.5, "skip_first_steps": -1}, "skip_first_steps must be an integer >= 0"),
+        ({"skip_first_steps": 1.5}, "skip_first_steps must be an integer >= 0"),
+        (
+            {"sparsty": 0.5},
+            r"does not take option\(s\) \['sparsty'\]; it accepts: sparsity, skip_first_steps",
+        ),
     ],
 )
 def test_bad_options_name_backend_and_range(backend, options, match):
+    """Checked once, when the layer is made (before any call), and by ``attend``."""
+    with pytest.raises(ValueError, match=f"'{backend}'.*{match}"):
+        AttentionLayer(backend, **options)
     q, k, v = _qkv(1, 960, 2, 2, 32)
     with pytest.raises(ValueError, match=f"'{backend}'.*{match}"):
         attend(q, k, v, backend=backend, context=AttentionContext(grid=GRID, step=0), **options)
 
 
-def test_sparsity_zero_warns_once_that_dense_is_better(caplog):
-    builder = SparseMetadataBuilder("block_sparse")
+def test_sparsity_zero_warns_once_per_process_that_dense_is_better(caplog, monkeypatch):
+    monkeypatch.setattr(sparse_impl, "_warned_dense", set())
+    q, k, v = _qkv(1, 960, 2, 2, 32)
     with caplog.at_level(logging.WARNING, logger="attnbridge"):
-        for step in range(3):
-            builder.build(AttentionContext(grid=GRID, step=step), sparsity=0.0)
-    assert caplog.text.count("dense backend") == 1
-
-
-def test_metadata_is_cached_per_step_and_grid():
-    builder = SparseMetadataBuilder("rain_fusion")
-    first = builder.build(AttentionContext(grid=GRID, step=3), sparsity=0.5, skip_first_steps=5)
-    assert builder.build(AttentionContext(grid=GRID, step=3), sparsity=0.5, skip_first_steps=5) is first
-    assert first.dense and not builder.build(AttentionContext(grid=GRID, step=5), sparsity=0.5).dense
-    assert builder.build(AttentionContext(grid=(3, 8, 41), step=3), sparsity=0.5) is not first
+        for _ in range(3):  # three layers (a model's blocks), each called twice
+            layer = AttentionLayer("block_sparse", sparsity=0.0)
+            for step in range(2):
+                layer(q, k, v, context=AttentionContext(grid=GRID, step=step))
+        AttentionLayer("block_sparse", sparsity=0.5).impl_for(CPU)
+        assert caplog.text.count("dense backend") == 1 and "'block_sparse' with sparsity=0" in caplog.text
+        AttentionLayer("rain_fusion", sparsity=0.0).impl_for(CPU)  # once per backend
+    assert caplog.text.count("dense backend") == 2 and "'rain_fusion' with sparsity=0" in caplog.text
 
 
 def test_grid_that_does_not_match_the_sequence_is_an_error():
     q, k, v = _qkv(1, 960, 2, 2, 32)
-    with pytest.raises(ValueError, match=r"grid \(3, 8, 41\) holds 984 tokens but the call has 960"):
+    with pytest.raises(
+        ValueError, match=r"grid \(3, 8, 41\) holds 984 tokens but the call has 960 image tokens"
+    ):
         attend(
             q, k, v, backend="block_sparse", context=AttentionContext(grid=(3, 8, 41), step=1), sparsity=0.5
         )
@@ -455,6 +594,70 @@ def test_causal_is_refused(backend):
     q, k, v = _qkv(1, 256, 2, 2, 32)
     with pytest.raises(ValueError, match=f"'{backend}' does not support causal"):
         attend(q, k, v, backend=backend, causal=True, sparsity=0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every sparse backend and fa in one process, each against its float64 reference
+
+
+def vsa_sparse_reference(q, k, v, grid, sparsity):
+    """VSA from its definition, in float64: tokens grouped into 4x4x4 tiles of the grid (edge tiles
+    partial); coarse = softmax attention between the tiles' means (over their real tokens),
+    broadcast to every token of the query tile; each query tile keeps its ceil((1 - sparsity) *
+    n_tiles) best key tiles by coarse score; fine = exact attention over the tokens of those tiles;
+    out = fine + coarse. (tests/test_matrix.py's ``vsa_reference`` is the case that keeps every tile.)"""
+    frames, height, width = grid
+    t, h, w = torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij")
+    tiles_h, tiles_w = math.ceil(height / 4), math.ceil(width / 4)
+    tile = (((t // 4) * tiles_h + h // 4) * tiles_w + w // 4).flatten()
+    n_tiles = math.ceil(frames / 4) * tiles_h * tiles_w
+    members = torch.nn.functional.one_hot(tile, n_tiles).double()  # [S, n_tiles]
+    group = q.shape[2] // k.shape[2]
+    q64, k64, v64 = q.double(), k.double().repeat_interleave(group, 2), v.double().repeat_interleave(group, 2)
+
+    def pool(x):
+        return torch.einsum("sn,bshd->bnhd", members, x) / members.sum(0)[None, :, None, None]
+
+    scale = q.shape[-1] ** -0.5
+    tile_scores = torch.einsum("bihd,bjhd->bhij", pool(q64), pool(k64)) * scale
+    coarse = torch.einsum("bhij,bjhd->bihd", torch.softmax(tile_scores, -1), pool(v64))
+    top = tile_scores.topk(math.ceil((1 - sparsity) * n_tiles), dim=-1).indices
+    kept = torch.zeros_like(tile_scores, dtype=torch.bool).scatter_(-1, top, True)
+    visible = kept[:, :, tile][:, :, :, tile]  # [B, H, S, S]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q64, k64) * scale
+    fine = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores.masked_fill(~visible, -math.inf), -1), v64)
+    return fine + coarse[:, tile]
+
+
+#: (grid, sparsity): 1152 tokens = 9 full blocks; 864 = 7 blocks, the last with 96 tokens. Both
+#: have a one-block first frame; block_sparse's other rows keep 4 and 3 blocks (2 and 1 chosen).
+ONE_PROCESS_SHAPES = [(9, 8, 16), (9, 8, 12)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_backends_in_one_process_match_references(device, dtype):
+    """block_sparse, rain_fusion, vsa and fa one after another at two shapes (one not a multiple of
+    128), as a model with mixed layers would run them: shared compiled kernels and caches must not
+    leak from one backend or shape into the next. Each output against its float64 reference."""
+    tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
+    for grid in ONE_PROCESS_SHAPES:
+        seq = math.prod(grid)
+        q, k, v = _qkv(1, seq, 4, 2, 64, dtype, device)
+        context = AttentionContext(grid=grid, step=1)
+        for backend in ("block_sparse", "rain_fusion", "vsa", "fa"):
+            out = attend(
+                q, k, v, backend=backend, context=context, **({} if backend == "fa" else {"sparsity": 0.5})
+            )
+            assert out.shape == q.shape and out.dtype == dtype and out.device == q.device
+            if backend == "fa":
+                ref, _ = dense_reference(q.cpu(), k.cpu(), v.cpu())
+            elif backend == "vsa":
+                ref = vsa_sparse_reference(q.cpu(), k.cpu(), v.cpu(), grid, 0.5)
+            else:
+                ref, mask = documented_sparse_reference(backend, q, k, v, grid, 0.5)
+                assert not mask.all()
+            assert rel_l2(out.cpu(), ref) < tol, (backend, grid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,6 +685,29 @@ def test_laser_reference_keeps_bf16_values_beyond_the_fp16_range():
     assert rel_l2(out, dense_reference(q, k, v)[0]) < BF16_TOL
 
 
+def test_laser_range_shift_keeps_the_kernel_scale_within_fp16():
+    """bf16 is divided by the largest power of two <= 256 with scale * shift**2 <= 65504 (the
+    kernel holds its scale in fp16); fp16 is not shifted; a scale no shift fits runs dense fa."""
+    assert range_shift(torch.bfloat16, 1 / 8) == 256  # 8192
+    assert range_shift(torch.bfloat16, 1.0) == 128  # 256**2 = 65536 > 65504
+    assert range_shift(torch.bfloat16, 4.0) == 64
+    assert range_shift(torch.float16, 1.0) == 1 and range_shift(torch.float16, 60000.0) == 1
+    assert range_shift(torch.bfloat16, 1e5) is None and range_shift(torch.float16, 1e5) is None
+    q = torch.randn(1, 2304, 2, 64).bfloat16()
+    assert uses_laser_kernel(q, q, causal=False, return_lse=False, scale=1.0, context=None)
+    assert not uses_laser_kernel(q, q, causal=False, return_lse=False, scale=1e5, context=None)
+
+
+def test_laser_reference_takes_a_prescaled_bf16_query_with_scale_1():
+    """q already multiplied by 1/sqrt(D), scale=1.0: the shift drops to 128 (256 would put the
+    kernel's scale at 65536, past fp16); the result is finite and right."""
+    q, k, v = _qkv(1, 2100, 2, 2, 64, torch.bfloat16)
+    q = (q.float() / 8).bfloat16()
+    out = attend(q, k, v, backend="laser", scale=1.0)
+    assert torch.isfinite(out).all()
+    assert rel_l2(out, dense_reference(q, k, v, scale=1.0)[0]) < BF16_TOL
+
+
 def test_laser_reference_is_dense_fa_below_2048_tokens_and_for_cross_attention():
     q, k, v = _qkv(1, 1000, 2, 2, 64)
     assert torch.equal(attend(q, k, v, backend="laser"), attend(q, k, v, backend="fa"))
@@ -491,9 +717,6 @@ def test_laser_reference_is_dense_fa_below_2048_tokens_and_for_cross_attention()
 
 # ---------------------------------------------------------------------------------------------
 # CUDA: the compiled FlexAttention path
-
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @cuda
@@ -524,17 +747,19 @@ def test_cuda_compiled_executor_matches_reference(block_size):
 
 
 @cuda
-def test_cuda_split_dense_rows_match_reference():
-    """The GPU default splits a layout's dense rows (first frame): same result as the reference."""
-    q, k, v = _qkv(1, 1000, 4, 4, 64, torch.bfloat16, "cuda")
+def test_cuda_compiled_executor_with_key_lengths_matches_reference():
+    q, k, v = _qkv(2, 1000, 4, 4, 64, torch.float32, "cuda")
     mask = _random_block_mask(1, 4, 8, 8).cuda()
-    mask[:, :, :2] = True
+    mask[:, :, :2] = True  # dense rows, as a first frame makes
     selection = mask_to_selection(mask)
+    lengths = torch.tensor([1000, 700], device="cuda")
     out = block_sparse_attention(
-        q, k, v, selection.indices, selection.counts, block_size=128, long_rows=(0, 1), row_chunk=3
+        q, k, v, selection.indices, selection.counts, block_size=128, key_lengths=lengths
     )
-    ref_out, _ = block_masked_reference(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), 128)
-    assert rel_l2(out.cpu(), ref_out) < BF16_TOL
+    for b, length in enumerate(lengths.tolist()):
+        key_valid = torch.arange(1000) < length
+        ref, _ = block_masked_reference(*(x[b : b + 1].cpu() for x in (q, k, v)), mask.cpu(), 128, key_valid)
+        assert rel_l2(out[b : b + 1].cpu(), ref) < FP32_TOL
 
 
 @cuda

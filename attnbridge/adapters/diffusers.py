@@ -2,8 +2,9 @@
 
 For each attention module the family names, the upstream processor is swapped for ours (same
 projections, norms and rotary embedding; the kernel call goes through an :class:`AttentionLayer`
-made here, once). A forward pre-hook on the transformer reads the token grid and the denoising
-step from its inputs into a :class:`ForwardState` its processors share.
+made here, once). A forward pre-hook on the transformer reads the token grid, the denoising step
+(only where ``skip_first_steps`` needs it) and the text padding from its inputs into the
+:class:`ForwardState` of this call, per thread.
 
 With sequence parallelism (``groups`` given) the model also gets the split/gather hooks of its
 ``_cp_plan`` (:mod:`attnbridge.adapters.sequence_shards`) and processors that attend across ranks.
@@ -21,14 +22,13 @@ import torch
 from attnbridge.adapters.context_parallel import check_heads
 from attnbridge.adapters.forward_state import ForwardState
 from attnbridge.adapters.layers import make_layers, model_device
-from attnbridge.adapters.pipeline_call import PipelineCallPatch
 from attnbridge.adapters.qwen_image_processor import QwenImageAttnBridgeProcessor
 from attnbridge.adapters.sequence_shards import SequenceShardPatch, plan_sequence_shards
-from attnbridge.adapters.steps import StepTracker
+from attnbridge.adapters.steps import step_source
 from attnbridge.adapters.wan_processor import WanAttnBridgeProcessor
 from attnbridge.attention.api import AttentionLayer
 from attnbridge.attention.parallel import ParallelGroups
-from attnbridge.attention.registry import BackendSpec
+from attnbridge.attention.registry import Backend
 from attnbridge.models import FAMILIES, ModelFamily, find_family
 
 PROCESSORS = {"wan": WanAttnBridgeProcessor, "qwen_image": QwenImageAttnBridgeProcessor}
@@ -52,6 +52,11 @@ def _bound_inputs(model, signature: inspect.Signature | None, args: tuple, kwarg
         return kwargs
 
 
+def _head_size(module: torch.nn.Module) -> int | None:
+    heads, inner = getattr(module, "heads", None), getattr(module, "inner_dim", None)
+    return inner // heads if isinstance(heads, int) and isinstance(inner, int) and heads else None
+
+
 @dataclass
 class DiffusersModelPatch:
     """Everything changed on one diffusers transformer, and how to undo it."""
@@ -59,10 +64,12 @@ class DiffusersModelPatch:
     model: torch.nn.Module
     family: ModelFamily
     state: ForwardState
-    tracker: StepTracker
+    steps: Any
+    skip_first_steps: int
     layers: dict[str, AttentionLayer]
     #: path -> (module, our processor)
     processors: dict[str, tuple[torch.nn.Module, Any]]
+    component: str = ""
     #: path -> the processor that was there when the patch was applied (restored by ``remove``)
     originals: dict[str, Any] = field(default_factory=dict)
     #: Sequence-parallel split/gather hooks, when enabled with ring/Ulysses degrees.
@@ -72,31 +79,40 @@ class DiffusersModelPatch:
 
     def _before_forward(self, module, args, kwargs) -> None:
         inputs = _bound_inputs(module, self._signature, args, kwargs)
-        grid, extra = (None, {})
-        if self.family.grid_from_inputs is not None:
-            grid, extra = self.family.grid_from_inputs(module, inputs)
-        self.state.grid, self.state.extra = grid, extra
-        if self.family.timestep_arg is not None:
-            self.state.step = self.tracker.observe(inputs.get(self.family.timestep_arg))
-        if self.family.text_mask_arg is not None:
-            mask = inputs.get(self.family.text_mask_arg)
-            self.state.text_mask_all_valid = None if mask is None else bool(mask.all())
+        grid = self.family.grid_from_inputs(module, inputs) if self.family.grid_from_inputs else None
+        dense_step = False
+        if self.skip_first_steps:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    "skip_first_steps counts denoising steps on the host, which a compiled transformer "
+                    "forward cannot; compile its blocks instead (transformer.compile_repeated_blocks())"
+                )
+            step = self.steps.observe(inputs.get(self.family.timestep_arg))
+            dense_step = step is not None and step < self.skip_first_steps
+        key_lengths = (
+            self.family.key_lengths_from_inputs(inputs) if self.family.key_lengths_from_inputs else None
+        )
+        self.state.set(grid=grid, dense_step=dense_step, key_lengths=key_lengths)
 
     def _after_forward(self, module, args, output) -> None:
-        self.state.text_mask_all_valid = None
+        self.state.clear()
 
     def apply(self) -> None:
+        """Swap the processors in and hook the model; on any failure undo what was done and raise."""
         self._signature = _forward_signature(self.model)
-        # Originals are read now, not at planning: re-enabling plans while our processors are still in.
         self.originals = {path: module.get_processor() for path, (module, _) in self.processors.items()}
-        for module, ours in self.processors.values():
-            module.set_processor(ours)
-        self._hooks = [
-            self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-            self.model.register_forward_hook(self._after_forward, always_call=True),
-        ]
-        if self.sharding is not None:  # after the pre-hook above, which must see the full inputs
-            self.sharding.apply()
+        try:
+            for module, ours in self.processors.values():
+                module.set_processor(ours)
+            self._hooks = [
+                self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+                self.model.register_forward_hook(self._after_forward, always_call=True),
+            ]
+            if self.sharding is not None:  # after the pre-hook above, which must see the full inputs
+                self.sharding.apply()
+        except BaseException:
+            self.remove()
+            raise
 
     def remove(self) -> None:
         if self.sharding is not None:
@@ -112,12 +128,12 @@ class DiffusersModelPatch:
 def plan_diffusers_model(
     model: torch.nn.Module,
     family: ModelFamily,
-    spec: BackendSpec,
-    config: dict[str, Any],
+    backend: Backend,
+    options: Any,
     *,
     platform: str | None,
     strict: bool,
-    tracker: StepTracker,
+    steps: Any,
     component: str = "",
     groups: ParallelGroups | None = None,
 ) -> DiffusersModelPatch:
@@ -132,7 +148,7 @@ def plan_diffusers_model(
     for path, module, _ in sites:
         processor = module.get_processor() if hasattr(module, "get_processor") else None
         name = type(processor).__name__
-        if name not in family.processor_names and not isinstance(processor, PROCESSORS[family.name]):
+        if name not in family.processor_names:
             raise ValueError(
                 f"{type(model).__name__}.{path} uses attention processor {name}, not the upstream "
                 f"{' / '.join(family.processor_names)}; attnbridge would drop its behaviour, so it refuses "
@@ -144,14 +160,14 @@ def plan_diffusers_model(
                 "processors do not support it (disable it first)"
             )
     layers = make_layers(
-        [(path, site.kind) for path, _, site in sites],
-        spec,
-        config,
+        [(path, site.kind, _head_size(module)) for path, module, site in sites],
+        backend,
+        options,
         platform=platform,
         strict=strict,
         device=model_device(model),
     )
-    state = ForwardState(component=component)
+    state = ForwardState()
     sharding = None
     if groups is not None:
         for path, module, _ in sites:
@@ -166,7 +182,10 @@ def plan_diffusers_model(
         )
         for path, module, site in sites
     }
-    return DiffusersModelPatch(model, family, state, tracker, layers, processors, sharding=sharding)
+    skip = getattr(options, "skip_first_steps", 0)
+    return DiffusersModelPatch(
+        model, family, state, steps, skip, layers, processors, component, sharding=sharding
+    )
 
 
 def is_pipeline(obj: Any) -> bool:
@@ -196,28 +215,32 @@ def supported_pipeline_components() -> str:
 
 @dataclass
 class DiffusersPipelinePatch:
-    """The transformer patches of one pipeline, their shared step counter and the call wrapper."""
+    """The transformer patches of one pipeline, sharing one step count (its scheduler's)."""
 
     pipe: Any
     models: list[DiffusersModelPatch]
-    tracker: StepTracker
-    call_patch: PipelineCallPatch
+    steps: Any
 
     def apply(self) -> None:
-        for patch in self.models:
-            patch.apply()
-        self.call_patch.apply()
+        applied = []
+        try:
+            for patch in self.models:
+                patch.apply()
+                applied.append(patch)
+        except BaseException:
+            for patch in reversed(applied):
+                patch.remove()
+            raise
 
     def remove(self) -> None:
-        self.call_patch.remove()
         for patch in self.models:
             patch.remove()
 
 
 def plan_pipeline(
     pipe: Any,
-    spec: BackendSpec,
-    config: dict[str, Any],
+    backend: Backend,
+    options: Any,
     *,
     platform: str | None,
     strict: bool,
@@ -230,21 +253,19 @@ def plan_pipeline(
             f"{type(pipe).__name__} has no transformer attnbridge supports (components: {names}); "
             f"supported: {supported_pipeline_components()}"
         )
-    # Reset on every pipe(...) call; restarting when the timestep rises also covers pipelines made
-    # from this one (DiffusionPipeline.from_pipe), whose calls are not wrapped.
-    tracker = StepTracker()
+    steps = step_source(pipe)
     models = [
         plan_diffusers_model(
             model,
             family,
-            spec,
-            config,
+            backend,
+            options,
             platform=platform,
             strict=strict,
-            tracker=tracker,
+            steps=steps,
             component=name,
             groups=groups,
         )
         for name, model, family in components
     ]
-    return DiffusersPipelinePatch(pipe, models, tracker, PipelineCallPatch(pipe, tracker.reset))
+    return DiffusersPipelinePatch(pipe, models, steps)

@@ -1,39 +1,58 @@
-"""What the current transformer forward call looks like, shared by that transformer's processors.
+"""What the current transformer forward call looks like, for that call's attention processors.
 
-A forward pre-hook on the transformer fills it (grid, step, padding facts) once per call; every
-attention processor reads it to build its :class:`AttentionContext`, so nothing is recomputed per
-layer and nothing lives in globals.
+A forward pre-hook on the transformer reads the token grid, whether the denoising step runs dense,
+and the text padding once per call; the processors build their :class:`AttentionContext` from it.
+The facts are kept per thread, so two threads running one patched model each see their own call.
+They live in a plain ``threading.local`` read through ``getattr`` with a default: that is the form
+``torch.compile`` traces correctly (a subclass of ``threading.local`` with class defaults, or a
+``ContextVar``, it does not).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import threading
 
 from attnbridge.attention.contract import AttentionContext
 
 
-@dataclass
 class ForwardState:
-    grid: tuple[int, int, int] | None = None
-    step: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    #: True/False while a forward runs and its text mask was seen; None outside a forward.
-    text_mask_all_valid: bool | None = None
-    #: Pipeline attribute of the transformer ("transformer", "transformer_2"), "" for a bare model.
-    component: str = ""
+    """The facts of the forward call running on this thread (defaults outside any call)."""
 
-    def context(
-        self, kind: str, layer_name: str, *, num_text_tokens: int = 0, **extra: Any
-    ) -> AttentionContext:
-        merged = {**self.extra, **extra}
-        if self.component:
-            merged["component"] = self.component
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def set(self, *, grid=None, dense_step: bool = False, key_lengths=None) -> None:
+        self._local.grid, self._local.dense_step, self._local.key_lengths = grid, dense_step, key_lengths
+
+    def clear(self) -> None:
+        self.set()
+
+    @property
+    def grid(self):
+        return getattr(self._local, "grid", None)
+
+    @property
+    def dense_step(self) -> bool:
+        return getattr(self._local, "dense_step", False)
+
+    @property
+    def key_lengths(self):
+        """Valid keys per sample of a joint sequence with padded text, int ``[B]`` (None: no padding)."""
+        return getattr(self._local, "key_lengths", None)
+
+    def context(self, kind: str, *, num_text_tokens: int = 0, gate=None) -> AttentionContext:
         return AttentionContext(
             kind=kind,
             grid=self.grid,
-            step=self.step,
+            dense_step=self.dense_step,
             num_text_tokens=num_text_tokens,
-            layer_name=layer_name,
-            extra=merged,
+            key_lengths=self.key_lengths if kind == "joint" else None,
+            gate=gate,
         )
+
+    def __getstate__(self) -> dict:
+        # Per-thread facts of a running call are not state: a pickled model starts with none.
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()

@@ -4,7 +4,7 @@ Qwen-Image's text stream is short (a prompt: tens to hundreds of tokens against 
 tokens) and its length is arbitrary, so attnbridge keeps it replicated: every rank runs the whole
 text stream and holds the full text q/k/v, and only the image tokens are split (right-padded,
 ``real_len`` image tokens real). Each rank computes the joint attention of its queries
-``[all text, its image chunk]`` over all keys ``[all text, all image]``:
+``[its image chunk, all text]`` over all keys ``[all image, all text]``:
 
 * Ulysses (``ulysses_degree`` U): image q/k/v go through the all-to-all (sequence shard -> head
   shard); the text, already whole, is just sliced to the same heads. Afterwards the image output
@@ -67,25 +67,26 @@ def joint_attention_replicated_text(
         img_q, img_k, img_v = sequence_to_heads(torch.cat(image), groups.ulysses_group).chunk(3)
     else:
         img_q, img_k, img_v = image
-    num_text = txt_q.shape[1]
+    num_image = img_q.shape[1]
     if groups.config.ring_degree == 1:
-        # This rank holds the whole (padded) image sequence for its heads: one call, real tokens only.
+        # This rank holds the whole (padded) image sequence for its heads: one call over the real
+        # tokens, in the contract's joint order [image, text].
         out = layer(
-            torch.cat([txt_q, img_q[:, :real_len]], dim=1),
-            torch.cat([txt_k, img_k[:, :real_len]], dim=1),
-            torch.cat([txt_v, img_v[:, :real_len]], dim=1),
+            torch.cat([img_q[:, :real_len], txt_q], dim=1),
+            torch.cat([img_k[:, :real_len], txt_k], dim=1),
+            torch.cat([img_v[:, :real_len], txt_v], dim=1),
             context=context,
         )
-        pad = img_q.shape[1] - real_len
-        out = torch.cat([out, out.new_zeros(out.shape[0], pad, *out.shape[2:])], dim=1)
+        pad = out.new_zeros(out.shape[0], num_image - real_len, *out.shape[2:])
+        out = torch.cat([out[:, :real_len], pad, out[:, real_len:]], dim=1)
     else:
-        q = torch.cat([txt_q, img_q], dim=1)
+        q = torch.cat([img_q, txt_q], dim=1)
         img_part = ring_attention(
             q, img_k, img_v, layer=layer, group=groups.ring_group, real_len=real_len, return_lse=True
         )
         txt_part = layer(q, txt_k, txt_v, return_lse=True)
         out, _ = merge_partials(*img_part, *txt_part)
         out = out.to(q.dtype)
-    text_out = _gather_heads(out[:, :num_text], groups)
-    image_out = heads_to_sequence(out[:, num_text:], groups.ulysses_group)
+    text_out = _gather_heads(out[:, num_image:], groups)
+    image_out = heads_to_sequence(out[:, :num_image], groups.ulysses_group)
     return text_out, image_out

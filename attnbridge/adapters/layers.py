@@ -1,4 +1,5 @@
-"""Making the per-module :class:`AttentionLayer` objects at enable time."""
+"""Making the per-module :class:`AttentionLayer` objects at enable time, and checking them against
+what the model's config already tells (attention kinds, head sizes) before anything is patched."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from typing import Any
 
 import torch
 
-from attnbridge.attention.api import AttentionLayer, platform_name_for
-from attnbridge.attention.registry import BackendSpec
+from attnbridge.attention.api import AttentionLayer
+from attnbridge.attention.registry import Backend, Unavailable, get_backend
+from attnbridge.platforms import detect_platform
 
 #: Dense backend used where a sparse backend does not apply (cross-attention to text/image tokens:
 #: there is no square token grid to sparsify); the same one the sparse kernels use for their own
@@ -18,11 +20,12 @@ DENSE_FOR_SPARSE = "fa"
 logger = logging.getLogger("attnbridge")
 
 
-def backend_for_kind(spec: BackendSpec, config: dict[str, Any], kind: str) -> tuple[str, dict[str, Any]]:
+def backend_for_kind(backend: Backend, options: Any, kind: str) -> tuple[Backend, Any]:
     """The backend and options one attention module of ``kind`` gets."""
-    if spec.sparse and kind == "cross":
-        return DENSE_FOR_SPARSE, {}
-    return spec.name, config
+    if backend.sparse and kind == "cross":
+        dense = get_backend(DENSE_FOR_SPARSE)
+        return dense, dense.options()
+    return backend, options
 
 
 def model_device(model: torch.nn.Module) -> torch.device | None:
@@ -30,51 +33,86 @@ def model_device(model: torch.nn.Module) -> torch.device | None:
     return None if param is None else param.device
 
 
-def check_resolves(layer: AttentionLayer, device: torch.device | None, kinds: set[str]) -> None:
-    """Resolve the layer's kernel for ``device`` now, so a missing package (``strict=True``), a bad
-    option the impl rejects or an attention kind it cannot serve fails at enable time, before
-    anything is patched. Devices no platform serves yet (``meta``) are left to the first call."""
+def check_resolves(
+    layer: AttentionLayer, device: torch.device | None, kinds: set[str], head_sizes: set[int]
+) -> None:
+    """Check the layer's kernel for ``device`` now: an attention kind or a head size the model's
+    config already tells it cannot serve, then a missing package (``strict=True``), fail at enable
+    time, before anything is patched. Devices no platform serves yet (``meta``) are left to the
+    first call."""
     if device is None:
         return
     try:
-        platform_name_for(device, layer.platform)
+        platform = layer.platform_for(device)
     except ValueError:
         return
-    impl = layer.impl_for(device)
+    entry = layer.spec.entry(platform)
+    if not isinstance(entry, Unavailable):
+        _check_limits(layer.backend, entry, kinds, head_sizes)
+    _check_limits(layer.backend, type(layer.impl_for(device)), kinds, head_sizes)
+
+
+def _check_limits(backend: str, impl, kinds: set[str], head_sizes: set[int]) -> None:
     refused = sorted(kinds - set(impl.attention_kinds))
     if refused:
         raise ValueError(
-            f"backend {layer.backend!r} ({impl.kernel}) does not serve {' / '.join(refused)} attention, "
+            f"backend {backend!r} ({impl.description}) does not serve {' / '.join(refused)} attention, "
             f"which this model has; it serves: {', '.join(impl.attention_kinds)}"
+        )
+    allowed = impl.supported_head_sizes
+    wrong = sorted(h for h in head_sizes if allowed is not None and h not in allowed)
+    if wrong:
+        raise ValueError(
+            f"backend {backend!r} does not support head size {wrong[0]}, which this model has; "
+            f"allowed: {list(allowed)}"
         )
 
 
+def resolve_ahead(layer: AttentionLayer, device: torch.device | None) -> None:
+    """Resolve the layer's kernels now for the model's device and this machine's accelerator (a
+    model moved there after enabling), so that no call under ``torch.compile`` has to: resolving
+    imports and reads the registry, which a traced graph cannot do."""
+    for device_type in dict.fromkeys((device.type if device else "cpu", detect_platform().device_type)):
+        try:
+            layer.impl_for(torch.device(device_type))
+        except (ValueError, ImportError):
+            continue  # no platform for that device here, or a kernel missing: the first call says so
+
+
 def make_layers(
-    names_and_kinds: list[tuple[str, str]],
-    spec: BackendSpec,
-    config: dict[str, Any],
+    sites: list[tuple[str, str, int | None]],
+    backend: Backend,
+    options: Any,
     *,
     platform: str | None,
     strict: bool,
     device: torch.device | None,
 ) -> dict[str, AttentionLayer]:
-    """One layer per attention module; the first layer of each backend is resolved eagerly."""
+    """One layer per attention module ``(path, kind, head size)``; the first layer of each backend
+    is resolved and checked eagerly."""
     layers: dict[str, AttentionLayer] = {}
-    kinds_by_backend: dict[str, set[str]] = {}
+    kinds: dict[str, set[str]] = {}
+    heads: dict[str, set[int]] = {}
     first_layer: dict[str, AttentionLayer] = {}
-    for name, kind in names_and_kinds:
-        backend, options = backend_for_kind(spec, config, kind)
-        layer = AttentionLayer(backend, platform=platform, strict=strict, name=name, **options)
-        kinds_by_backend.setdefault(backend, set()).add(kind)
-        first_layer.setdefault(backend, layer)
+    for name, kind, head_size in sites:
+        served, served_options = backend_for_kind(backend, options, kind)
+        layer = AttentionLayer.with_options(
+            served.name, served_options, platform=platform, strict=strict, name=name
+        )
+        kinds.setdefault(served.name, set()).add(kind)
+        if head_size is not None:
+            heads.setdefault(served.name, set()).add(head_size)
+        first_layer.setdefault(served.name, layer)
         layers[name] = layer
-    for backend, layer in first_layer.items():
-        check_resolves(layer, device, kinds_by_backend[backend])
-    if spec.sparse and DENSE_FOR_SPARSE in kinds_by_backend:
-        count = sum(1 for _, kind in names_and_kinds if kind == "cross")
+    for name, layer in first_layer.items():
+        check_resolves(layer, device, kinds[name], heads.get(name, set()))
+    for layer in layers.values():
+        resolve_ahead(layer, device)
+    if backend.sparse and DENSE_FOR_SPARSE in kinds:
+        count = sum(1 for _, kind, _ in sites if kind == "cross")
         logger.info(
             "backend %r: %d cross-attention layers run dense %r (no token grid to sparsify)",
-            spec.name,
+            backend.name,
             count,
             DENSE_FOR_SPARSE,
         )

@@ -1,8 +1,11 @@
 """attnbridge's attention processor for Qwen-Image's joint (text + image) attention.
 
 Same math as diffusers' ``QwenDoubleStreamAttnProcessor2_0`` (separate text/image projections,
-per-head RMS norms, complex rotary embedding, ``[text, image]`` concatenation, split output
-projections), with the attention kernel call replaced by the module's :class:`AttentionLayer`.
+per-head RMS norms, complex rotary embedding, one joint attention, split output projections), with
+the attention kernel call replaced by the module's :class:`AttentionLayer`. The joint sequence is
+``[image, text]`` (upstream concatenates ``[text, image]``; attention does not depend on the order of
+its keys), so the padding of a batch of prompts of different lengths is at the end of each sample's
+keys and every backend takes it as valid key lengths.
 
 With sequence parallelism (``shards`` given) the image stream arrives as this rank's chunk and the
 text stream whole (see :mod:`attnbridge.adapters.joint_parallel`).
@@ -13,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from attnbridge.adapters.joint_parallel import joint_attention_replicated_text
-from attnbridge.adapters.masked import masked_sdpa
 from attnbridge.adapters.processor_base import BridgeProcessor
 
 
@@ -29,13 +31,6 @@ def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 class QwenImageAttnBridgeProcessor(BridgeProcessor):
     """Replaces ``QwenDoubleStreamAttnProcessor2_0`` on one ``transformer_blocks.N.attn``."""
-
-    def _text_mask_is_trivial(self, mask: torch.Tensor | None) -> bool:
-        if mask is None:
-            return True
-        if self.state.text_mask_all_valid is not None:
-            return self.state.text_mask_all_valid
-        return bool(mask.all())
 
     def __call__(
         self,
@@ -78,34 +73,25 @@ class QwenImageAttnBridgeProcessor(BridgeProcessor):
             txt_q, txt_k = _qwen_rotary(txt_q, txt_freqs), _qwen_rotary(txt_k, txt_freqs)
 
         if self.shards is not None:
-            return self._sharded(
-                attn, (txt_q, txt_k, txt_v), (img_q, img_k, img_v), encoder_hidden_states_mask
-            )
+            return self._sharded(attn, (txt_q, txt_k, txt_v), (img_q, img_k, img_v))
 
-        # Text first, then image: the order upstream uses and the contract assumes.
-        query = torch.cat([txt_q, img_q], dim=1)
-        key = torch.cat([txt_k, img_k], dim=1)
-        value = torch.cat([txt_v, img_v], dim=1)
+        # Image first, then text: the contract's joint order, and the text padding ends each sample.
+        query = torch.cat([img_q, txt_q], dim=1)
+        key = torch.cat([img_k, txt_k], dim=1)
+        value = torch.cat([img_v, txt_v], dim=1)
+        context = self.state.context(self.kind, num_text_tokens=seq_txt)
+        joint = self.layer(query, key, value, context=context).flatten(2, 3).to(query.dtype)
+        seq_img = hidden_states.shape[1]
+        return self._project(attn, joint[:, seq_img:], joint[:, :seq_img])
 
-        if self._text_mask_is_trivial(encoder_hidden_states_mask):
-            context = self.state.context(self.kind, self.layer_name, num_text_tokens=seq_txt)
-            joint = self.layer(query, key, value, context=context)
-        else:
-            image_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
-            mask = torch.cat([encoder_hidden_states_mask.to(torch.bool), image_mask], dim=1)[:, None, None, :]
-            joint = masked_sdpa(query, key, value, mask, backend=self.layer.backend, where=self.layer_name)
-
-        joint = joint.flatten(2, 3).to(query.dtype)
-        return self._project(attn, joint[:, :seq_txt], joint[:, seq_txt:])
-
-    def _sharded(self, attn, text, image, text_mask):
+    def _sharded(self, attn, text, image):
         """Joint attention with this rank's image chunk and the whole (replicated) text."""
-        if not self._text_mask_is_trivial(text_mask):
+        if self.state.key_lengths is not None:
             raise ValueError(
                 f"{self.layer_name}: a padded text batch (encoder_hidden_states_mask with zeros) is not "
                 "supported with sequence parallelism; run prompts of one length per batch"
             )
-        context = self.state.context(self.kind, self.layer_name, num_text_tokens=text[0].shape[1])
+        context = self.state.context(self.kind, num_text_tokens=text[0].shape[1])
         txt_out, img_out = joint_attention_replicated_text(
             self.layer, self.shards.groups, text, image, real_len=self.shards.real_len, context=context
         )

@@ -1,12 +1,17 @@
-"""Which denoising step a transformer call belongs to.
+"""Which denoising step a transformer call belongs to (only read when ``skip_first_steps`` needs it).
 
 Pipelines call the transformer once per step, or twice with classifier-free guidance (cond and
-uncond, same timestep), and Wan 2.2 A14B switches between two transformers mid-run. Counting calls
-would be wrong in all but the first case, so the counter advances when the timestep value changes
-and is shared by every transformer of one pipeline.
+uncond, same step), and Wan 2.2 A14B switches between two transformers mid-run. In a pipeline the
+scheduler's ``step_index`` says the step (``None`` until its first ``step()``: step 0), the same for
+every transformer of the pipeline. A bare transformer driven by the user's own loop has no scheduler
+in reach; the step then advances when the timestep value changes and restarts when it rises, since
+denoising only ever lowers it.
 """
 
 from __future__ import annotations
+
+import threading
+from typing import Any
 
 import torch
 
@@ -23,30 +28,55 @@ def timestep_key(timestep: object) -> float | None:
     return float(timestep)
 
 
-class StepTracker:
-    """Step index of the current generation: -1 before the first call, then 0, 1, ...
+class SchedulerSteps:
+    """Steps of a pipeline: its scheduler's ``step_index``."""
 
-    ``reset()`` starts a new generation (the pipeline wrapper calls it on every ``pipe(...)``). A
-    rising timestep also starts one, since denoising only ever lowers it: that covers bare
-    transformers driven by the user's own loop.
-    """
-
-    def __init__(self) -> None:
-        self.step = -1
-        self._last: float | None = None
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
 
     def reset(self) -> None:
-        self.step = -1
-        self._last = None
+        """Nothing to do: the scheduler restarts its count on every pipeline call."""
+
+    def observe(self, timestep: object) -> int | None:
+        index = self.scheduler.step_index
+        return 0 if index is None else int(index)
+
+
+class TimestepSteps:
+    """Steps of a bare transformer, from its timesteps: -1 before the first call, then 0, 1, ...;
+    per thread, so two threads' loops do not advance each other's count."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    @property
+    def step(self) -> int:
+        return getattr(self._local, "step", -1)
+
+    def reset(self) -> None:
+        self._local.step, self._local.last = -1, None
 
     def observe(self, timestep: object) -> int | None:
         """Record one transformer call; returns its step index (``None`` if no step is known)."""
         key = timestep_key(timestep)
+        last = getattr(self._local, "last", None)
         if key is None:
             return self.step if self.step >= 0 else None
-        if self._last is None or key != self._last:
-            if self._last is not None and key > self._last:
-                self.step = -1
-            self.step += 1
-            self._last = key
+        if last is None or key != last:
+            step = -1 if last is not None and key > last else self.step
+            self._local.step, self._local.last = step + 1, key
         return self.step
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
+def step_source(pipe: Any = None) -> SchedulerSteps | TimestepSteps:
+    """How the steps of the transformers of ``pipe`` (or of a bare transformer) are counted."""
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is not None and hasattr(scheduler, "step_index"):
+        return SchedulerSteps(scheduler)
+    return TimestepSteps()

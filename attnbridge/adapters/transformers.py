@@ -4,16 +4,21 @@ One attention function, registered as ``attnbridge_<backend>``, serves every pat
 up the :class:`AttentionLayer` stored on the attention module it is called with. The same name is
 registered in ``AttentionMaskInterface`` with the SDPA mask builder, so padding masks are still
 made (transformers makes no mask for names it does not know, which would silently ignore padding).
+Every backend name is registered as soon as both attnbridge and transformers are imported, so a
+patched model saved with ``torch.save`` loads in a new process.
 
 Calls without a mask (no padding: prefill and decode) go through the backend with ``causal=True``.
-Calls with a mask (padded batches, sliding windows) or with dropout run transformers' own SDPA
-attention, exactly what the unpatched model runs.
+A right-padded batch (each sample's real tokens first, as a forward pre-hook reads from the model's
+2-D ``attention_mask`` once per call) goes through the backend with the valid key lengths. Other
+masks (left padding, sliding windows) and dropout run transformers' own SDPA attention, exactly
+what the unpatched model runs, with a warning once per process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,14 +28,16 @@ import torch
 from attnbridge.adapters.layers import make_layers, model_device
 from attnbridge.attention.api import AttentionLayer
 from attnbridge.attention.contract import AttentionContext
-from attnbridge.attention.registry import BackendSpec
+from attnbridge.attention.registry import Backend, backend_names
 from attnbridge.models import ModelFamily
 
 logger = logging.getLogger("attnbridge")
 
 #: Attribute on each patched attention module holding its AttentionLayer.
 LAYER_ATTR = "_attnbridge_layer"
-_warned_masked: set[str] = set()
+#: Attribute on each patched attention module holding its model's :class:`PaddingState`.
+PADDING_ATTR = "_attnbridge_padding"
+_warned_masked: set[bool] = set()
 
 
 def implementation_name(backend: str) -> str:
@@ -55,19 +62,25 @@ def attnbridge_attention_forward(
             f"{type(module).__name__} runs attn_implementation 'attnbridge_*' but was not patched by "
             "enable_npu_attention (no AttentionLayer on the module)"
         )
-    if attention_mask is not None or dropout:
+    q_len, kv_len = query.shape[2], key.shape[2]
+    key_lengths = None
+    if attention_mask is not None:
+        # A right-padded prefill (no cache): causal attention over each sample's real keys.
+        padding = getattr(module, PADDING_ATTR, None)
+        if padding is not None and padding.key_lengths is not None and q_len == kv_len == padding.seq_len:
+            key_lengths = padding.key_lengths
+    if dropout or kwargs.get("sliding_window") or (attention_mask is not None and key_lengths is None):
         return _masked_fallback(
-            module, layer, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs
+            module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs
         )
 
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    q_len, kv_len = query.shape[2], key.shape[2]
     causal = bool(is_causal) and q_len > 1
-    if causal and kv_len > q_len:
+    if causal and kv_len > q_len and attention_mask is None:
         # Same as transformers' SDPA path: with no mask this is a prefill into an empty static cache,
         # whose real keys are the first q_len (SDPA's is_causal is top-left aligned).
         key, value = key[:, :, :q_len], value[:, :, :q_len]
-    context = AttentionContext(kind="self", layer_name=layer.name, extra={"causal": causal})
+    context = AttentionContext(kind="self", key_lengths=key_lengths)
     out = layer(
         query.transpose(1, 2),
         key.transpose(1, 2),
@@ -79,17 +92,14 @@ def attnbridge_attention_forward(
     return out, None
 
 
-def _masked_fallback(module, layer, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+def _masked_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if layer.name not in _warned_masked:
-        _warned_masked.add(layer.name)
+    if not _warned_masked:
+        _warned_masked.add(True)
         logger.warning(
-            "%s: attention with a mask (padded batch or sliding window) runs through transformers' SDPA, "
-            "not backend %r; unmasked calls still use %r",
-            layer.name,
-            layer.backend,
-            layer.backend,
+            "attention with a mask attnbridge backends do not take (left padding, sliding window) or "
+            "with dropout runs through transformers' SDPA; unmasked and right-padded calls use the backend"
         )
     return sdpa_attention_forward(
         module,
@@ -102,6 +112,45 @@ def _masked_fallback(module, layer, query, key, value, attention_mask, dropout, 
         is_causal=is_causal,
         **kwargs,
     )
+
+
+class PaddingState:
+    """Valid key lengths of the model call running on this thread (None: no right padding), and the
+    length of the 2-D mask they come from (per thread; see :mod:`.forward_state` for the form)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def set(self, key_lengths: torch.Tensor | None = None, seq_len: int = 0) -> None:
+        self._local.key_lengths, self._local.seq_len = key_lengths, seq_len
+
+    @property
+    def key_lengths(self) -> torch.Tensor | None:
+        return getattr(self._local, "key_lengths", None)
+
+    @property
+    def seq_len(self) -> int:
+        return getattr(self._local, "seq_len", 0)
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
+def right_padding_lengths(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Each sample's real tokens when the 2-D ``mask`` [B, S] marks them first and padding last
+    (checked outside ``torch.compile``: one host sync per model call); None otherwise."""
+    if mask is None or mask.dim() != 2:
+        return None
+    mask = mask.bool()
+    lengths = mask.sum(dim=-1)
+    if not torch.compiler.is_compiling():
+        suffix = torch.arange(mask.shape[-1], device=mask.device)[None, :] < lengths[:, None]
+        if not torch.equal(mask, suffix):
+            return None
+    return lengths.to(torch.int32)
 
 
 def register_implementation(backend: str) -> str:
@@ -153,6 +202,10 @@ def attn_implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
             _write_implementation(config, value)
 
 
+#: Why sparse backends are refused for causal LLMs (the support table and docs show it too).
+SPARSE_LM_REFUSAL = "is a sparse video/image backend (it needs a latent token grid)"
+
+
 @dataclass
 class TransformersModelPatch:
     """Our layers on a transformers model's attention modules and its attn implementation switched."""
@@ -161,47 +214,74 @@ class TransformersModelPatch:
     backend: str
     layers: dict[str, AttentionLayer]
     modules: dict[str, torch.nn.Module]
+    padding: PaddingState = field(default_factory=PaddingState)
     originals: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    _hooks: list = field(default_factory=list)
+
+    def _before_forward(self, module, args, kwargs) -> None:
+        mask = kwargs.get("attention_mask")
+        self.padding.set(right_padding_lengths(mask), mask.shape[-1] if isinstance(mask, torch.Tensor) else 0)
+
+    def _after_forward(self, module, args, output) -> None:
+        self.padding.set()
 
     def apply(self) -> None:
+        """Switch the attention implementation; on any failure undo what was done and raise."""
         self.originals = {id(c): (c, _read_implementation(c)) for c in _configs(self.model)}
-        name = register_implementation(self.backend)
-        for path, module in self.modules.items():
-            setattr(module, LAYER_ATTR, self.layers[path])
         try:
+            name = register_implementation(self.backend)
+            for path, module in self.modules.items():
+                module.__dict__[LAYER_ATTR] = self.layers[path]
+                module.__dict__[PADDING_ATTR] = self.padding
+            self._hooks = [
+                self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+                self.model.register_forward_hook(self._after_forward, always_call=True),
+            ]
             self.model.set_attn_implementation(name)
             if self.model.config._attn_implementation != name:
                 raise ValueError(
                     f"{type(self.model).__name__} did not accept attn_implementation {name!r} "
                     "(its attention does not go through transformers' AttentionInterface)"
                 )
-        except Exception:
+        except BaseException:
             self.remove()
             raise
 
     def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         for config, value in self.originals.values():
             _write_implementation(config, value)
         self.originals = {}
         for module in self.modules.values():
-            if LAYER_ATTR in module.__dict__:
-                delattr(module, LAYER_ATTR)
+            module.__dict__.pop(LAYER_ATTR, None)
+            module.__dict__.pop(PADDING_ATTR, None)
+
+
+def _head_size(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    head_dim = getattr(config, "head_dim", None)
+    if isinstance(head_dim, int):
+        return head_dim
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
 
 
 def plan_transformers_model(
     model: torch.nn.Module,
     family: ModelFamily,
-    spec: BackendSpec,
-    config: dict[str, Any],
+    backend: Backend,
+    options: Any,
     *,
     platform: str | None,
     strict: bool,
 ) -> TransformersModelPatch:
     """Check the model and build its layers, changing nothing yet."""
-    if spec.sparse:
+    if backend.sparse:
         raise ValueError(
-            f"backend {spec.name!r} is a sparse video/image backend (it needs a latent token grid); "
-            f"{type(model).__name__} is a causal LM: use a dense backend (sdpa, fa, sage, laser)"
+            f"backend {backend.name!r} {SPARSE_LM_REFUSAL}; {type(model).__name__} is a causal LM: use a "
+            f"dense backend ({', '.join(backend_names(sparse=False))})"
         )
     if not hasattr(model, "set_attn_implementation"):
         raise ValueError(
@@ -214,10 +294,11 @@ def plan_transformers_model(
             f"{[s.pattern for s in family.attention_sites]}; this transformers version is not supported"
         )
     device = model_device(model)
+    head_size = _head_size(model)
     layers = make_layers(
-        [(path, site.kind) for path, _, site in sites],
-        spec,
-        config,
+        [(path, site.kind, head_size) for path, _, site in sites],
+        backend,
+        options,
         platform=platform,
         strict=strict,
         device=device,
@@ -230,6 +311,12 @@ def plan_transformers_model(
             impl = None  # a device no platform serves (meta): checked on first call
         if impl is not None and not impl.supports_causal:
             raise ValueError(
-                f"backend {spec.name!r} ({impl.kernel}) has no causal attention; {family.name} needs it"
+                f"backend {backend.name!r} ({impl.description}) has no causal attention; {family.name} needs it"
             )
-    return TransformersModelPatch(model, spec.name, layers, {path: module for path, module, _ in sites})
+    return TransformersModelPatch(model, backend.name, layers, {path: module for path, module, _ in sites})
+
+
+def register_all() -> None:
+    """Register every backend's attention function with transformers (idempotent)."""
+    for name in backend_names(sparse=False):
+        register_implementation(name)

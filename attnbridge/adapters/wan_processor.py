@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from attnbridge.adapters.masked import masked_sdpa
 from attnbridge.adapters.processor_base import BridgeProcessor
 from attnbridge.attention.api import AttentionLayer
 from attnbridge.attention.parallel import ParallelAttention
@@ -57,16 +56,14 @@ class WanAttnBridgeProcessor(BridgeProcessor):
         sharded = self.shards is not None and self.kind == "self"
         self.parallel = ParallelAttention(layer, self.shards.groups) if sharded else None
 
-    def _attend(self, q, k, v, mask, *, sharded_keys: bool = False, **extra) -> torch.Tensor:
-        sharded_keys = sharded_keys and self.parallel is not None
+    def _attend(self, q, k, v, mask, *, sharded_keys: bool = False) -> torch.Tensor:
         if mask is not None:
-            if sharded_keys:
-                raise ValueError(
-                    f"{self.layer_name}: attention_mask is not supported with sequence parallelism"
-                )
-            return masked_sdpa(q, k, v, mask, backend=self.layer.backend, where=self.layer_name)
-        context = self.state.context(self.kind, self.layer_name, **extra)
-        if sharded_keys:
+            raise ValueError(
+                f"{self.layer_name}: an attention_mask for Wan attention is not supported (diffusers' Wan "
+                "blocks pass none); remove it or disable_npu_attention first"
+            )
+        context = self.state.context(self.kind)
+        if sharded_keys and self.parallel is not None:
             return self.parallel(q, k, v, real_len=self.shards.real_len, context=context)
         return self.layer(q, k, v, context=context)
 
@@ -100,11 +97,10 @@ class WanAttnBridgeProcessor(BridgeProcessor):
             key_img, value_img = _image_kv(attn, image_states)
             key_img = attn.norm_added_k(key_img).unflatten(2, (attn.heads, -1))
             value_img = value_img.unflatten(2, (attn.heads, -1))
-            image_out = self._attend(query, key_img, value_img, None, kv="image")
+            image_out = self._attend(query, key_img, value_img, None)
             image_out = image_out.flatten(2, 3).type_as(query)
 
-        extra = {"sharded_keys": True} if is_self else {"kv": "text"}
-        out = self._attend(query, key, value, attention_mask, **extra)
+        out = self._attend(query, key, value, attention_mask, sharded_keys=is_self)
         out = out.flatten(2, 3).type_as(query)
         if image_out is not None:
             out = out + image_out

@@ -1,23 +1,18 @@
-"""The backend layer: contract, registry, and the single ``attend`` call."""
+"""The backend layer: contract, declarations, and the single ``attend`` call."""
 
-from attnbridge.attention.api import AttentionLayer, attend
-from attnbridge.attention.contract import (
-    AttentionContext,
-    AttentionImpl,
-    AttentionMetadata,
-    AttentionMetadataBuilder,
-)
-from attnbridge.attention.registry import BACKENDS, BackendSpec, backend_names, get_backend_spec
+from attnbridge.attention.api import AttentionLayer, attend, observe
+from attnbridge.attention.contract import AttentionContext, AttentionImpl
+from attnbridge.attention.registry import Backend, Unavailable, backend_names, backends, get_backend
 
 __all__ = [
-    "BACKENDS",
     "AttentionContext",
     "AttentionImpl",
     "AttentionLayer",
-    "AttentionMetadata",
-    "AttentionMetadataBuilder",
-    "BackendSpec",
+    "Backend",
+    "Unavailable",
     "attend",
     "backend_names",
-    "get_backend_spec",
+    "backends",
+    "get_backend",
+    "observe",
 ]

@@ -1,40 +1,53 @@
 """The one call every model goes through: ``attend(q, k, v, backend=...)``.
 
-A backend is resolved to a platform kernel once per :class:`AttentionLayer` (and once per backend
-name for bare ``attend`` calls), never per step.
+A backend's options are checked once, when its :class:`AttentionLayer` is made, and its kernel is
+resolved once per platform and kept. Nothing in the call path imports, syncs with the host or reads
+per-layer strings, so ``torch.compile`` traces it whole, once per shape however many layers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-from attnbridge.attention.contract import (
-    AttentionContext,
-    AttentionImpl,
-    AttentionMetadata,
-    AttentionMetadataBuilder,
-)
-from attnbridge.attention.registry import BackendSpec, get_backend_spec
+from attnbridge.attention.contract import AttentionContext, AttentionImpl
+from attnbridge.attention.registry import Backend, get_backend, make_impl
+from attnbridge.platforms import PLATFORM_ENV, get_platform, platform_name_for_device
 
-PLATFORM_ENV = "ATTNBRIDGE_PLATFORM"
+#: ``observer(layer, q, k, context)`` callbacks run before every layer call outside ``torch.compile``;
+#: each may return a function that is called with the output (timing, tests). See :func:`observe`.
+_OBSERVERS: list[Callable] = []
 
 
-def platform_name_for(device: torch.device, override: str | None = None) -> str:
-    """The platform whose kernels run on ``device``; ``override`` or $ATTNBRIDGE_PLATFORM win."""
-    from attnbridge.platforms import platform_name_for_device
-
+def platform_for(device: torch.device, override: str | None = None) -> str:
+    """The platform whose kernels run on ``device``: ``override``, ``$ATTNBRIDGE_PLATFORM``, or the
+    device's own."""
     return override or os.environ.get(PLATFORM_ENV) or platform_name_for_device(device)
 
 
-class AttentionLayer:
-    """A backend bound to one attention layer: resolves its kernel once per platform and keeps it.
+@contextlib.contextmanager
+def observe(observer: Callable) -> Iterator[None]:
+    """Run ``observer`` around every :class:`AttentionLayer` call in the process for the block.
+    Observers see every layer; each keeps what it wants (its own layers)."""
+    _OBSERVERS.append(observer)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(observer)
 
-    ``config`` holds the backend options (``sparsity=0.75``, ``skip_first_steps=5``...); it is passed
-    to the impl and to the metadata builder of sparse backends.
+
+class AttentionLayer:
+    """A backend bound to one attention layer: checks its options once, resolves its kernel once per
+    platform and keeps it.
+
+    ``options`` are the backend's (``sparsity=0.75``, ``skip_first_steps=5``...); ``platform``
+    forces a platform's kernels (default: the tensors' device, or ``$ATTNBRIDGE_PLATFORM``);
+    ``strict=True`` makes a kernel that cannot run an error instead of the declared fallback.
     """
 
     def __init__(
@@ -44,42 +57,44 @@ class AttentionLayer:
         platform: str | None = None,
         strict: bool = False,
         name: str = "",
-        **config: Any,
+        **options: Any,
     ) -> None:
-        self.spec: BackendSpec = get_backend_spec(backend)
-        unknown = sorted(set(config) - set(self.spec.options))
-        if unknown:  # a misspelt option must not silently give the default behaviour
-            accepted = ", ".join(self.spec.options) or "no options"
-            raise ValueError(f"backend {backend!r} does not take option(s) {unknown}; it accepts: {accepted}")
+        self.spec: Backend = get_backend(backend)
+        platform = platform or os.environ.get(PLATFORM_ENV) or None
+        if platform is not None:
+            get_platform(platform)
+        self.options = self.spec.parse(options)
         self.platform = platform
         self.strict = strict
         self.name = name
-        self.config = config
         self._impls: dict[str, AttentionImpl] = {}
-        self._builder: AttentionMetadataBuilder | None = None
+
+    @classmethod
+    def with_options(cls, backend: str, options: Any, **kwargs: Any) -> AttentionLayer:
+        """A layer for options already checked by ``get_backend(backend).parse``."""
+        layer = cls(backend, **kwargs)
+        layer.options = options
+        return layer
 
     @property
     def backend(self) -> str:
         return self.spec.name
 
-    def impl_for(self, device: torch.device) -> AttentionImpl:
-        """The kernel for ``device``'s platform, resolved on first use and cached."""
-        from attnbridge.platforms import get_platform
+    def platform_for(self, device: torch.device) -> str:
+        return platform_for(device, self.platform)
 
-        platform = platform_name_for(device, self.platform)
-        impl = self._impls.get(platform)
+    def impl_for(self, device: torch.device) -> AttentionImpl:
+        """The kernel for ``device``'s platform, resolved on first use and kept (keyed by device
+        type, a constant under ``torch.compile``)."""
+        impl = self._impls.get(device.type)
         if impl is None:
-            impl_cls = get_platform(platform).resolve(self.spec.name, strict=self.strict)
-            impl = impl_cls(backend_name=self.spec.name, **self.config)
-            self._impls[platform] = impl
+            impl = make_impl(self.spec.name, self.platform_for(device), self.options, strict=self.strict)
+            self._impls[device.type] = impl
         return impl
 
-    def metadata_for(self, impl: AttentionImpl, context: AttentionContext | None):
-        if context is None:
-            return None
-        if self._builder is None:
-            self._builder = impl.make_metadata_builder()
-        return self._builder.build(context, **self.config)
+    def __getstate__(self) -> dict[str, Any]:
+        # Resolved kernels may hold modules (torch_npu); a loaded copy resolves its own.
+        return {**self.__dict__, "_impls": {}}
 
     def __call__(
         self,
@@ -90,21 +105,27 @@ class AttentionLayer:
         causal: bool = False,
         scale: float | None = None,
         return_lse: bool = False,
-        metadata: AttentionMetadata | None = None,
         context: AttentionContext | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(q, torch.Tensor):
+            raise ValueError(f"backend {self.backend!r} expects q as a torch tensor; got {type(q).__name__}")
         impl = self.impl_for(q.device)
         impl.check_inputs(q, k, v, causal=causal, return_lse=return_lse)
-        if metadata is None:
-            metadata = self.metadata_for(impl, context)
-        return impl.forward(
-            q, k, v, causal=causal, scale=scale, return_lse=return_lse, metadata=metadata, context=context
-        )
+        if q.shape[1] == 0:  # no queries: nothing to compute, as torch SDPA does
+            lse = torch.empty(q.shape[0], q.shape[2], 0, dtype=torch.float32, device=q.device)
+            return (torch.empty_like(q), lse) if return_lse else torch.empty_like(q)
+        after = []
+        if not torch.compiler.is_compiling() and _OBSERVERS:
+            after = [a for a in (observer(self, q, k, context) for observer in list(_OBSERVERS)) if a]
+        out = impl.forward(q, k, v, causal=causal, scale=scale, return_lse=return_lse, context=context)
+        for callback in after:
+            callback(out)
+        return out
 
 
 @functools.lru_cache(maxsize=64)
-def _shared_layer(backend: str, platform: str | None, strict: bool, config: tuple) -> AttentionLayer:
-    return AttentionLayer(backend, platform=platform, strict=strict, **dict(config))
+def _shared_layer(backend: str, platform: str | None, strict: bool, options: Any) -> AttentionLayer:
+    return AttentionLayer.with_options(backend, options, platform=platform, strict=strict)
 
 
 def attend(
@@ -117,11 +138,10 @@ def attend(
     causal: bool = False,
     scale: float | None = None,
     return_lse: bool = False,
-    metadata: AttentionMetadata | None = None,
     context: AttentionContext | None = None,
     platform: str | None = None,
     strict: bool = False,
-    **config: Any,
+    **options: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention on BSHD tensors through ``backend`` (or through ``layer``, which fixes the backend).
 
@@ -129,7 +149,7 @@ def attend(
     ``[B, H_q, S_q]`` float32.
     """
     if layer is None:
-        layer = _shared_layer(backend, platform, strict, tuple(sorted(config.items())))
-    return layer(
-        q, k, v, causal=causal, scale=scale, return_lse=return_lse, metadata=metadata, context=context
-    )
+        if platform is not None:
+            get_platform(platform)
+        layer = _shared_layer(backend, platform, strict, get_backend(backend).parse(options))
+    return layer(q, k, v, causal=causal, scale=scale, return_lse=return_lse, context=context)

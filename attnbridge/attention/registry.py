@@ -1,76 +1,163 @@
-"""The named backends users ask for, independent of the platform that will run them."""
+"""The named backends users ask for: each declared once, as ``BACKEND`` in its own module.
+
+Every module in :mod:`attnbridge.attention.backends` that defines ``BACKEND = Backend(...)`` is a
+backend: its name, its options (a frozen dataclass, :mod:`.options`) and, per platform, the impl class
+that runs it or :class:`Unavailable` with the reason. The registry, ``attnbridge backends``, the
+support table and the docs are all read from these declarations. Adding a backend is adding one
+module there (and its tests).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import importlib
+import logging
+import pkgutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from attnbridge.attention.contract import AttentionImpl
+from attnbridge.attention.options import NoOptions, option_fields, parse_options
+from attnbridge.errors import BackendUnavailableError
+from attnbridge.platforms import PLATFORMS, get_platform
+
+logger = logging.getLogger("attnbridge")
+#: (platform, backend) pairs whose fallback was already logged: once per process, not once per layer.
+_fallbacks_logged: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)
-class BackendSpec:
-    """What a backend name means to the user; platforms decide which kernel serves it."""
+class Unavailable:
+    """No kernel of a backend on a platform, and why; ``install`` when a package would provide one."""
+
+    reason: str
+    install: str | None = None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend: what the user asks for by ``name``, and what runs it on each platform.
+
+    ``fallback`` names the backend that serves the calls, with a logged warning, where this one
+    cannot run (no kernel here, or its package is missing) and the user did not pass ``strict=True``.
+    ``order`` places it in listings (dense first).
+    """
 
     name: str
-    sparse: bool
     summary: str
-    #: Config keys ``enable_npu_attention(..., **config)`` accepts for this backend.
-    options: tuple[str, ...] = ()
+    platforms: Mapping[str, type[AttentionImpl] | Unavailable]
+    options: type = NoOptions
+    sparse: bool = False
+    fallback: str | None = None
+    order: int = 100
+    #: Platforms missing from ``platforms`` have no kernel: this says why.
+    elsewhere: str = field(default="no kernel for this platform", compare=False)
+
+    def parse(self, given: Mapping[str, Any]) -> Any:
+        """The user's options checked into this backend's frozen options instance."""
+        return parse_options(self.name, self.options, given)
+
+    def entry(self, platform: str) -> type[AttentionImpl] | Unavailable:
+        return self.platforms.get(platform) or Unavailable(self.elsewhere)
+
+    def option_help(self) -> dict[str, str]:
+        return {f.name: f.metadata["help"] for f in option_fields(self.options)}
 
 
-_SPARSE_OPTIONS = ("sparsity", "skip_first_steps")
+@functools.cache
+def _declared() -> dict[str, tuple[Backend, ModuleType]]:
+    import attnbridge.attention.backends as package
 
-BACKENDS: dict[str, BackendSpec] = {
-    spec.name: spec
-    for spec in (
-        BackendSpec("sdpa", False, "torch scaled_dot_product_attention (npu_fusion_attention on Ascend)"),
-        BackendSpec("fa", False, "flash attention that can return the softmax LSE (for ring attention)"),
-        BackendSpec("sage", False, "SageAttention int8 QK (CUDA/MUSA); falls back to fa unless strict"),
-        BackendSpec("laser", False, "Ascend Laser Attention (BNSD, padded to 256); fa elsewhere"),
-        BackendSpec("block_sparse", True, "top-k 128-token block-sparse attention", _SPARSE_OPTIONS),
-        BackendSpec(
-            "rain_fusion", True, "RainFusion adaptive spatial/temporal/textural sparsity", _SPARSE_OPTIONS
-        ),
-        BackendSpec(
-            "vsa",
-            True,
-            "video sparse attention over 4x4x4 tiles",
-            ("sparsity", "VSA_sparsity", "fastvideo_kernel"),
-        ),
-    )
-}
+    found = []
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        backend = getattr(module, "BACKEND", None)
+        if isinstance(backend, Backend):
+            found.append((backend, module))
+    return {b.name: (b, m) for b, m in sorted(found, key=lambda bm: (bm[0].order, bm[0].name))}
 
 
-def get_backend_spec(name: str) -> BackendSpec:
-    """Look a backend up by name; an unknown name is a ValueError listing the known ones."""
-    try:
-        return BACKENDS[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown attention backend {name!r}; known backends: {', '.join(BACKENDS)}"
-        ) from None
+def backends() -> dict[str, Backend]:
+    """Every declared backend by name, in listing order."""
+    return {name: backend for name, (backend, _) in _declared().items()}
 
 
-def check_sparsity(backend: str, sparsity: object, *, key: str = "sparsity") -> float:
-    """``sparsity`` as a float in ``[0, 1)``; anything else is a ValueError naming the backend.
-
-    The one range check every sparse backend and the adapters' option check share.
-    """
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(
-            f"backend {backend!r}: {key} must be a number in [0, 1) (the fraction of attention work "
-            f"skipped); got {sparsity!r}"
-        )
-    return float(sparsity)
-
-
-_PARTS_PER_MILLION = 1_000_000
-
-
-def kept_count(sparsity: float, total: int) -> int:
-    """``ceil((1 - sparsity) * total)`` clamped to ``[1, total]``, in integer parts per million so
-    that float error (``1 - 0.85 = 0.15000000000000002``) cannot keep one block too many."""
-    keep_ppm = _PARTS_PER_MILLION - round(sparsity * _PARTS_PER_MILLION)
-    return max(1, min(total, -(-keep_ppm * total // _PARTS_PER_MILLION)))
+def declaring_module(name: str) -> ModuleType:
+    """The module that declares backend ``name`` (its docstring documents the backend)."""
+    get_backend(name)
+    return _declared()[name][1]
 
 
 def backend_names(*, sparse: bool | None = None) -> list[str]:
-    return [n for n, s in BACKENDS.items() if sparse is None or s.sparse == sparse]
+    return [n for n, b in backends().items() if sparse is None or b.sparse == sparse]
+
+
+def get_backend(name: str) -> Backend:
+    """Look a backend up by name; an unknown name is a ValueError listing the known ones."""
+    try:
+        return backends()[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown attention backend {name!r}; known backends: {', '.join(backends())}"
+        ) from None
+
+
+def kernel_for(name: str, platform: str) -> type[AttentionImpl]:
+    """The impl class of backend ``name`` on ``platform`` if it can run here, else the error why."""
+    backend = get_backend(name)
+    get_platform(platform)
+    entry = backend.entry(platform)
+    if isinstance(entry, Unavailable):
+        raise BackendUnavailableError(name, platform, entry.reason, entry.install)
+    try:
+        entry.check_available(platform)
+    except BackendUnavailableError as error:
+        if error.backend == name:
+            raise
+        raise BackendUnavailableError(name, platform, error.reason, error.install) from error
+    return entry
+
+
+def resolve(name: str, platform: str, *, strict: bool = False) -> tuple[Backend, type[AttentionImpl]]:
+    """``(backend that serves, its impl class)`` for ``name`` on ``platform``: the backend itself, or
+    its declared fallback (logged once per process) unless ``strict``."""
+    backend = get_backend(name)
+    try:
+        return backend, kernel_for(name, platform)
+    except BackendUnavailableError:
+        if strict or backend.fallback is None:
+            raise
+        if (platform, name) not in _fallbacks_logged:
+            _fallbacks_logged.add((platform, name))
+            logger.warning(
+                "attention backend %r cannot run on %s, using %r instead (pass strict=True to make "
+                "this an error)",
+                name,
+                platform,
+                backend.fallback,
+            )
+        return resolve(backend.fallback, platform, strict=True)
+
+
+def make_impl(name: str, platform: str, options: Any = None, *, strict: bool = False) -> AttentionImpl:
+    """An impl instance of backend ``name`` on ``platform`` (its fallback's, with its default
+    options, where the fallback serves)."""
+    served, impl_cls = resolve(name, platform, strict=strict)
+    if served.name != name or options is None:
+        options = served.options()
+    return impl_cls(backend=name, platform=platform, options=options)
+
+
+__all__ = [
+    "PLATFORMS",
+    "Backend",
+    "Unavailable",
+    "backend_names",
+    "backends",
+    "get_backend",
+    "kernel_for",
+    "make_impl",
+    "resolve",
+]

@@ -50,17 +50,19 @@ def _tiny_llm(seed: int):
 TINY_MODELS: dict[str, TinyModel] = {
     "wan-tiny": TinyModel(
         "diffusion",
-        lambda seed: tiny_models.tiny_wan_pipeline(seed=seed, complete=True),
-        # 5 frames of 32x32 -> latent grid (3, 4, 4) after the transformer's 2x2 patches.
+        lambda seed: tiny_models.tiny_wan_pipeline(seed=seed, complete=True, head_dim=64),
+        # 17 frames of 64x128 -> latents 9 x 16 x 32 -> a (9, 8, 16) grid of 1,152 tokens after the
+        # transformer's 2x2 patches: nine 128-token blocks (the first frame is one) and 4x4x4 tiles,
+        # so sparse backends skip most of the work; heads of 64, which every sparse kernel takes.
         {
-            "height": 32,
-            "width": 32,
-            "num_frames": 5,
+            "height": 64,
+            "width": 128,
+            "num_frames": 17,
             "max_sequence_length": 16,
             "guidance_scale": 5.0,
             "negative_prompt": "blurry",
         },
-        "WanPipeline: UMT5 text encoder, 2-block Wan transformer, Wan VAE",
+        "WanPipeline: UMT5 text encoder, 2-block Wan transformer (heads of 64), Wan VAE",
     ),
     "qwen-image-tiny": TinyModel(
         "diffusion",

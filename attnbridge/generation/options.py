@@ -10,17 +10,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+#: Every ``--option`` key that is not a backend option, with what it does.
+OPTION_KEYS = {
+    "height": "pipeline output height in pixels",
+    "width": "pipeline output width in pixels",
+    "num_frames": "video frames (Wan)",
+    "guidance_scale": "classifier-free guidance scale (Wan)",
+    "true_cfg_scale": "classifier-free guidance scale (Qwen-Image)",
+    "negative_prompt": "negative prompt",
+    "max_sequence_length": "text tokens the prompt is padded/cut to",
+    "max_new_tokens": "tokens to generate (text models)",
+    "dtype": "float32 | bfloat16 | float16 (default: bfloat16 on accelerators, float32 on CPU)",
+    "fps": "frames per second of the written video",
+    "strict": "true: a missing kernel package is an error, not a fallback",
+    "platform": "force a platform's kernels (cpu, cuda, npu, musa)",
+    "ring_degree": "ranks in a ring (context parallelism; torchrun / accelerate launch)",
+    "ulysses_degree": "ranks splitting heads (context parallelism)",
+    "cp_size": "ranks sharing an LLM prefill",
+}
 #: Arguments of the pipeline call (checked against its signature) or of ``generate`` for LLMs.
-CALL_OPTIONS = (
-    "height",
-    "width",
-    "num_frames",
-    "guidance_scale",
-    "true_cfg_scale",
-    "negative_prompt",
-    "max_sequence_length",
-    "max_new_tokens",
-)
+CALL_OPTIONS = tuple(list(OPTION_KEYS)[:8])
 #: Settings of the run itself.
 RUN_OPTIONS = ("dtype", "fps")
 ENABLE_OPTIONS = ("strict", "platform")

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from attnbridge.adapters.diffusers import pipeline_transformers
-from attnbridge.adapters.options import validate_backend
+from attnbridge.attention.registry import get_backend
 from attnbridge.enable import enable_npu_attention
 from attnbridge.generation import outputs
 from attnbridge.generation.loading import LoadedModel, load_model
@@ -54,7 +54,7 @@ def run_generate(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     options = split_options(config or {})
-    validate_backend(backend, options.backend_without_parallel(), options.enable.get("platform"))
+    get_backend(backend).parse(options.backend_without_parallel())
     launcher_device, started_group = start_distributed()
     try:
         torch_device = pick_device(device, launcher_device)
@@ -160,7 +160,8 @@ def _generate_text(loaded: LoadedModel, options: GenerateOptions, steps: int, pr
 def _report(summary: dict[str, Any], result: dict[str, Any], output: Path) -> None:
     """Write the output file and the timing JSON (which names both in ``files``), print the table."""
     output.mkdir(parents=True, exist_ok=True)
-    stem = output / f"{summary['model']}-{summary['backend']}"
+    options = "".join(f"-{k}{v}" for k, v in sorted(summary["backend_options"].items()))
+    stem = output / f"{summary['model']}-{summary['backend']}{options}"
     if result["type"] == "video":
         written = outputs.write_video(result["data"], stem, fps=result["fps"])
     elif result["type"] == "image":

@@ -40,7 +40,14 @@ def pick_device(requested: str | None, launcher_device: torch.device | None = No
             from attnbridge.platforms.npu import load_torch_npu
 
             load_torch_npu()  # registers the "npu" device type
-        return torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError as error:
+            raise ValueError(f"--device {requested!r} is not a device torch knows ({error})") from None
+        module = getattr(torch, device.type, None) if device.type != "cpu" else None
+        if device.type != "cpu" and not (module is not None and module.is_available()):
+            raise ValueError(f"--device {requested!r}: no {device.type} device is available on this machine")
+        return device
     if launcher_device is not None:
         return launcher_device
     from attnbridge.platforms import detect_platform

@@ -1,10 +1,12 @@
 """How long a pipeline spends in attention, per backend, attention kind and layer.
 
-Every :class:`AttentionLayer` that ``enable_npu_attention`` made is switched, for the run only, to
-:class:`TimedAttentionLayer` (same object, same kernel; the class swap is undone afterwards), and a
-forward pre-hook counts the calls of each patched model. On CPU a call is timed with the wall clock;
-on accelerators with device events around it, read once at the end, so timing does not force a
-synchronisation per call. Attention that bypasses the layers (masked fallbacks) is not counted.
+An observer on every :class:`AttentionLayer` call (:func:`attnbridge.attention.observe`) times the
+calls of the layers ``enable_npu_attention`` made, and a forward pre-hook counts the calls of each
+patched model. A layer's first call is reported apart from the rest: it holds the compilation and
+warm-up (selection graphs, kernel autotuning) that later calls do not pay. On CPU a call is timed
+with the wall clock; on accelerators with device events around it, read once at the end. For
+sparse backends the fraction of key blocks kept is measured once per layer, on its first call
+after warm-up, outside the timed region.
 """
 
 from __future__ import annotations
@@ -16,9 +18,7 @@ from typing import Any
 
 import torch
 
-from attnbridge.attention.api import AttentionLayer
-
-_RECORD_ATTR = "_attnbridge_timing"
+from attnbridge.attention.api import AttentionLayer, observe
 
 
 def device_module(device: torch.device) -> Any | None:
@@ -34,48 +34,32 @@ def synchronize(device: torch.device) -> None:
 
 @dataclass
 class LayerRecord:
-    """Calls of one layer: wall seconds on CPU, (start, end) event pairs on accelerators."""
+    """Calls of one layer: seconds of its first call and of the rest (wall on CPU, events else)."""
 
     backend: str
     kinds: Counter = field(default_factory=Counter)
     calls: int = 0
+    first_seconds: float = 0.0
     seconds: float = 0.0
+    kept_fraction: float | None = None
     events: list[tuple[Any, Any]] = field(default_factory=list)
+
+    def add(self, seconds: float) -> None:
+        if self.calls == 1:
+            self.first_seconds += seconds
+        else:
+            self.seconds += seconds
 
     def resolve_events(self) -> None:
         if self.events:
             self.events[-1][1].synchronize()  # the last call's end event: every earlier one is done too
-            self.seconds += sum(start.elapsed_time(end) for start, end in self.events) / 1000.0
+            for start, end in self.events:
+                self.add(start.elapsed_time(end) / 1000.0)
             self.events = []
 
     @property
     def kind(self) -> str:
         return self.kinds.most_common(1)[0][0] if self.kinds else "unknown"
-
-
-class TimedAttentionLayer(AttentionLayer):
-    """An :class:`AttentionLayer` that records each call's time in its :class:`LayerRecord`."""
-
-    def __call__(self, q, k, v, **kwargs):
-        record: LayerRecord = self.__dict__[_RECORD_ATTR]
-        context = kwargs.get("context")
-        record.kinds[context.kind if context is not None else "self"] += 1
-        record.calls += 1
-        module = device_module(q.device)
-        event_cls = getattr(module, "Event", None) if module is not None else None
-        if event_cls is None:
-            synchronize(q.device)
-            start = time.perf_counter()
-            out = super().__call__(q, k, v, **kwargs)
-            synchronize(q.device)
-            record.seconds += time.perf_counter() - start
-            return out
-        start, end = event_cls(enable_timing=True), event_cls(enable_timing=True)
-        start.record()
-        out = super().__call__(q, k, v, **kwargs)
-        end.record()
-        record.events.append((start, end))
-        return out
 
 
 class AttentionTimer:
@@ -89,15 +73,38 @@ class AttentionTimer:
         self.layers = layers
         self.models = models
         self.records = {name: LayerRecord(layer.backend) for name, layer in layers.items()}
+        self._by_layer = {id(layer): self.records[name] for name, layer in layers.items()}
         self.forward_calls = dict.fromkeys(models, 0)
-        self._classes: dict[str, type] = {}
         self._hooks: list = []
+        self._observing = None
+
+    def _observer(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, context):
+        record = self._by_layer.get(id(layer))
+        if record is None:
+            return None
+        record.kinds[context.kind if context is not None else "self"] += 1
+        record.calls += 1
+        if record.calls == 2 and layer.spec.sparse:
+            record.kept_fraction = layer.impl_for(q.device).kept_fraction(q, k, context)
+        module = device_module(q.device)
+        event_cls = getattr(module, "Event", None) if module is not None else None
+        if event_cls is None:
+            synchronize(q.device)
+            start = time.perf_counter()
+
+            def done(out) -> None:
+                synchronize(q.device)
+                record.add(time.perf_counter() - start)
+
+            return done
+        start_event, end_event = event_cls(enable_timing=True), event_cls(enable_timing=True)
+        start_event.record()
+        record.events.append((start_event, end_event))
+        return lambda out: end_event.record()
 
     def __enter__(self) -> AttentionTimer:
-        for name, layer in self.layers.items():
-            self._classes[name] = type(layer)
-            layer.__dict__[_RECORD_ATTR] = self.records[name]
-            layer.__class__ = TimedAttentionLayer
+        self._observing = observe(self._observer)
+        self._observing.__enter__()
         for key, model in self.models.items():
             self._hooks.append(model.register_forward_pre_hook(self._counter(key)))
         return self
@@ -112,9 +119,7 @@ class AttentionTimer:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        for name, layer in self.layers.items():
-            layer.__class__ = self._classes.pop(name)
-            layer.__dict__.pop(_RECORD_ATTR, None)
+        self._observing.__exit__(*exc)
         for record in self.records.values():
             record.resolve_events()
 
@@ -129,31 +134,52 @@ class AttentionTimer:
     def summary(self, pipeline_seconds: float) -> dict[str, Any]:
         """Attention time and calls against the pipeline's wall time, as a JSON-ready dict."""
         groups: dict[tuple[str, str], dict[str, Any]] = defaultdict(
-            lambda: {"layers": 0, "calls": 0, "seconds": 0.0}
+            lambda: {"layers": 0, "calls": 0, "first_call_seconds": 0.0, "seconds": 0.0, "kept": []}
         )
         for record in self.records.values():
             group = groups[(record.backend, record.kind)]
             group["layers"] += 1
             group["calls"] += record.calls
+            group["first_call_seconds"] += record.first_seconds
             group["seconds"] += record.seconds
+            if record.kept_fraction is not None:
+                group["kept"].append(record.kept_fraction)
         share = (lambda s: s / pipeline_seconds) if pipeline_seconds > 0 else (lambda s: 0.0)
-        attention_seconds = sum(r.seconds for r in self.records.values())
+        first = sum(r.first_seconds for r in self.records.values())
+        steady = sum(r.seconds for r in self.records.values())
+        rows = []
+        for (backend, kind), group in sorted(groups.items()):
+            kept = group.pop("kept")
+            rows.append(
+                {
+                    "backend": backend,
+                    "kind": kind,
+                    **group,
+                    "kept_fraction": sum(kept) / len(kept) if kept else None,
+                    "fraction_of_pipeline": share(group["seconds"] + group["first_call_seconds"]),
+                }
+            )
         return {
             "pipeline_seconds": pipeline_seconds,
             "attention": {
-                "seconds": attention_seconds,
+                "seconds": steady,
+                "first_call_seconds": first,
                 "calls": sum(r.calls for r in self.records.values()),
                 "layers": len(self.records),
-                "fraction_of_pipeline": share(attention_seconds),
+                "fraction_of_pipeline": share(steady + first),
             },
-            "by_backend_kind": [
-                {"backend": backend, "kind": kind, **group, "fraction_of_pipeline": share(group["seconds"])}
-                for (backend, kind), group in sorted(groups.items())
-            ],
+            "by_backend_kind": rows,
             "forward_calls": dict(self.forward_calls),
             "attention_layers_per_model": self.layers_per_model(),
             "layers": {
-                name: {"backend": r.backend, "kind": r.kind, "calls": r.calls, "seconds": r.seconds}
+                name: {
+                    "backend": r.backend,
+                    "kind": r.kind,
+                    "calls": r.calls,
+                    "first_call_seconds": r.first_seconds,
+                    "seconds": r.seconds,
+                    "kept_fraction": r.kept_fraction,
+                }
                 for name, r in self.records.items()
             },
         }
@@ -165,13 +191,16 @@ def format_summary(summary: dict[str, Any]) -> str:
     calls = ", ".join(f"{k or 'model'}={v}" for k, v in summary["forward_calls"].items())
     lines = [
         f"pipeline total   {summary['pipeline_seconds']:9.3f} s   (model forward calls: {calls})",
-        f"attention total  {attention['seconds']:9.3f} s   {100 * attention['fraction_of_pipeline']:5.1f}% "
-        f"of the pipeline, {attention['calls']} calls over {attention['layers']} layers",
-        f"  {'backend':<14}{'kind':<7}{'layers':>7}{'calls':>8}{'seconds':>10}{'share':>8}",
+        f"attention total  {attention['seconds']:9.3f} s   after each layer's first call, "
+        f"+ {attention['first_call_seconds']:.3f} s in first calls (compilation, warm-up); "
+        f"{100 * attention['fraction_of_pipeline']:.1f}% of the pipeline, {attention['calls']} calls over "
+        f"{attention['layers']} layers",
+        f"  {'backend':<14}{'kind':<7}{'layers':>7}{'calls':>7}{'first s':>9}{'rest s':>9}{'kept':>7}",
     ]
     for row in summary["by_backend_kind"]:
+        kept = "-" if row["kept_fraction"] is None else f"{row['kept_fraction']:.2f}"
         lines.append(
-            f"  {row['backend']:<14}{row['kind']:<7}{row['layers']:>7}{row['calls']:>8}"
-            f"{row['seconds']:>10.4f}{100 * row['fraction_of_pipeline']:>7.1f}%"
+            f"  {row['backend']:<14}{row['kind']:<7}{row['layers']:>7}{row['calls']:>7}"
+            f"{row['first_call_seconds']:>9.4f}{row['seconds']:>9.4f}{kept:>7}"
         )
     return "\n".join(lines)

@@ -14,9 +14,8 @@ from typing import Any
 
 import torch
 
-#: ``(grid, extra)`` read from a forward call: the ``(T, H, W)`` token grid (or ``None``) and facts
-#: that go into ``AttentionContext.extra``.
-GridInfo = tuple[tuple[int, int, int] | None, dict[str, Any]]
+#: The ``(T, H, W)`` token grid read from a forward call's inputs, or ``None``.
+Grid = tuple[int, int, int] | None
 
 
 @dataclass(frozen=True)
@@ -49,11 +48,11 @@ class ModelFamily:
     #: diffusers processor classes we know how to replace (anything else is a user customisation).
     processor_names: tuple[str, ...] = ()
     #: Reads the token grid from the bound forward arguments of the model.
-    grid_from_inputs: Callable[[torch.nn.Module, Mapping[str, Any]], GridInfo] | None = None
+    grid_from_inputs: Callable[[torch.nn.Module, Mapping[str, Any]], Grid] | None = None
     #: Forward argument carrying the diffusion timestep (the step counter watches it).
     timestep_arg: str | None = None
-    #: Forward argument carrying the text padding mask of a joint sequence, if any.
-    text_mask_arg: str | None = None
+    #: Reads the valid keys per sample of a joint sequence with padded text (int ``[B]``), or None.
+    key_lengths_from_inputs: Callable[[Mapping[str, Any]], torch.Tensor | None] | None = None
     #: Pipeline attributes that hold models of this family (Wan 2.2 A14B has two).
     pipeline_components: tuple[str, ...] = ()
     #: Entries of the diffusers model's ``_cp_plan`` that sequence parallelism keeps replicated on

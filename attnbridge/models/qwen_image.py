@@ -5,8 +5,10 @@
 * Image tokens are 2x2-packed latents: the pipeline passes ``img_shapes``, per sample a list of
   ``(frames, latent_h // 2, latent_w // 2)``; edit pipelines append the condition images, which the
   rotary embedding places as further frames.
-* A text padding mask (``encoder_hidden_states_mask``) masks keys only; pipelines drop it when every
-  token is valid.
+* attnbridge puts the text LAST in the joint sequence (``[image, text]``; attention over keys does
+  not depend on their order), so a text padding mask (``encoder_hidden_states_mask``, padding at the
+  end of each prompt) becomes valid key lengths per sample, which every backend takes. Pipelines
+  drop the mask when every token is valid.
 * Sequence parallelism splits the image tokens only; the text stream (a prompt of any length) stays
   replicated on every rank, so the text entries of diffusers' ``_cp_plan`` are dropped.
 """
@@ -18,7 +20,7 @@ from typing import Any
 
 import torch
 
-from attnbridge.models.family import AttentionSite, GridInfo, ModelFamily
+from attnbridge.models.family import AttentionSite, Grid, ModelFamily
 
 
 def _image_shapes_of_first_sample(img_shapes: Any) -> list[tuple[int, int, int]]:
@@ -29,24 +31,45 @@ def _image_shapes_of_first_sample(img_shapes: Any) -> list[tuple[int, int, int]]
     return [tuple(int(n) for n in shape) for shape in shapes]
 
 
-def qwen_image_grid(model: torch.nn.Module, inputs: Mapping[str, Any]) -> GridInfo:
+def qwen_image_grid(model: torch.nn.Module, inputs: Mapping[str, Any]) -> Grid:
     """Grid of the image tokens from ``img_shapes``.
 
     Images of one size stack along T (as their rotary frame index does), so ``T*H*W`` equals the
     image token count. Mixed sizes (edit pipelines with reference images of other sizes) have no
     common spatial grid: the tokens are then one raster row ``(1, 1, N)``, which block masks can
-    still cut into consecutive blocks. ``extra["img_shapes"]`` lists every image either way.
+    still cut into consecutive blocks.
     """
     img_shapes = inputs.get("img_shapes")
     if not img_shapes:
-        return None, {}
+        return None
     shapes = _image_shapes_of_first_sample(img_shapes)
     _, height, width = shapes[0]
     if all((h, w) == (height, width) for _, h, w in shapes):
-        grid = (sum(f for f, _, _ in shapes), height, width)
-    else:
-        grid = (1, 1, sum(f * h * w for f, h, w in shapes))
-    return grid, {"img_shapes": tuple(shapes)}
+        return (sum(f for f, _, _ in shapes), height, width)
+    return (1, 1, sum(f * h * w for f, h, w in shapes))
+
+
+def qwen_image_key_lengths(inputs: Mapping[str, Any]) -> torch.Tensor | None:
+    """Valid keys per sample of the ``[image, text]`` sequence, from ``encoder_hidden_states_mask``
+    (``[B, S_txt]``, 1 for real text tokens). The padding must be at the end of each prompt, as the
+    pipelines' tokenizers make it; that is checked outside ``torch.compile`` (one host sync per
+    forward). A mask without padding gives None."""
+    mask = inputs.get("encoder_hidden_states_mask")
+    hidden = inputs.get("hidden_states")
+    if mask is None or not isinstance(hidden, torch.Tensor):
+        return None
+    mask = mask.bool()
+    text = mask.sum(dim=-1)
+    if not torch.compiler.is_compiling():
+        suffix = torch.arange(mask.shape[-1], device=mask.device)[None, :] < text[:, None]
+        if not torch.equal(mask, suffix):
+            raise ValueError(
+                "encoder_hidden_states_mask must mark each prompt's real tokens first and its padding "
+                "last (as the Qwen-Image pipelines' tokenizer makes it)"
+            )
+        if bool((text == mask.shape[-1]).all()):
+            return None
+    return (hidden.shape[1] + text).to(torch.int32)
 
 
 QWEN_IMAGE = ModelFamily(
@@ -57,7 +80,7 @@ QWEN_IMAGE = ModelFamily(
     processor_names=("QwenDoubleStreamAttnProcessor2_0",),
     grid_from_inputs=qwen_image_grid,
     timestep_arg="timestep",
-    text_mask_arg="encoder_hidden_states_mask",
+    key_lengths_from_inputs=qwen_image_key_lengths,
     pipeline_components=("transformer",),
     sequence_replicated=(
         "transformer_blocks.0/encoder_hidden_states",

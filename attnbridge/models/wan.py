@@ -15,17 +15,17 @@ from typing import Any
 
 import torch
 
-from attnbridge.models.family import AttentionSite, GridInfo, ModelFamily
+from attnbridge.models.family import AttentionSite, Grid, ModelFamily
 
 
-def wan_grid(model: torch.nn.Module, inputs: Mapping[str, Any]) -> GridInfo:
+def wan_grid(model: torch.nn.Module, inputs: Mapping[str, Any]) -> Grid:
     """``(T, H, W)`` after patching, from ``hidden_states`` ``[B, C, F, H, W]`` and ``config.patch_size``."""
     hidden_states = inputs.get("hidden_states")
     if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 5:
-        return None, {}
+        return None
     p_t, p_h, p_w = model.config.patch_size
     _, _, frames, height, width = hidden_states.shape
-    return (frames // p_t, height // p_h, width // p_w), {}
+    return (frames // p_t, height // p_h, width // p_w)
 
 
 WAN = ModelFamily(

@@ -1,29 +1,68 @@
-"""Platform detection and lookup. Kernels are chosen per tensor device, so one process can mix them."""
+"""Which accelerator a tensor lives on: platform detection and lookup, nothing else.
+
+Kernels are chosen per tensor device, so one process can mix platforms. What each backend runs on
+each platform is declared in the backend's own module (``attnbridge/attention/backends``).
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
-from attnbridge.platforms.base import Platform
-from attnbridge.platforms.cpu import CpuPlatform
-from attnbridge.platforms.cuda import CudaPlatform
-from attnbridge.platforms.musa import MusaPlatform
-from attnbridge.platforms.npu import NpuPlatform
+
+def _musa_present() -> bool:
+    if importlib.util.find_spec("torch_musa") is None:
+        return False
+    importlib.import_module("torch_musa")  # registers torch.musa
+    return bool(getattr(torch, "musa", None) and torch.musa.is_available())
+
+
+def _npu_present() -> bool:
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    from attnbridge.platforms.npu import load_torch_npu
+
+    load_torch_npu()  # registers torch.npu
+    return bool(getattr(torch, "npu", None) and torch.npu.is_available())
+
+
+@dataclass(frozen=True)
+class Platform:
+    """One accelerator family: its name in attnbridge, its torch device type, and how to detect it."""
+
+    name: str
+    device_type: str
+    is_present: Callable[[], bool]
+
 
 #: Most specific first: an Ascend or MUSA machine may also report a working CPU.
-PLATFORMS: dict[str, type[Platform]] = {
-    p.name: p for p in (NpuPlatform, MusaPlatform, CudaPlatform, CpuPlatform)
+PLATFORMS: dict[str, Platform] = {
+    p.name: p
+    for p in (
+        Platform("npu", "npu", _npu_present),
+        Platform("musa", "musa", _musa_present),
+        Platform("cuda", "cuda", torch.cuda.is_available),
+        Platform("cpu", "cpu", lambda: True),
+    )
 }
+#: Environment variable that forces every layer's platform (as ``platform=`` does for one layer).
+PLATFORM_ENV = "ATTNBRIDGE_PLATFORM"
+#: Column order of every table: the platform that always runs first, then the accelerators.
+PLATFORM_ORDER: tuple[str, ...] = ("cpu", "npu", "cuda", "musa")
 
 
-def get_platform(name: str) -> type[Platform]:
+def get_platform(name: str) -> Platform:
     try:
         return PLATFORMS[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"unknown platform {name!r}; known platforms: {', '.join(PLATFORMS)}") from None
 
 
-def detect_platform() -> type[Platform]:
+def detect_platform() -> Platform:
     """The accelerator this machine has (the first present of npu, musa, cuda), else cpu."""
     return next(p for p in PLATFORMS.values() if p.is_present())
 
@@ -33,12 +72,20 @@ def platform_name_for_device(device: torch.device | str) -> str:
     for platform in PLATFORMS.values():
         if platform.device_type == device_type:
             return platform.name
-    # ROCm builds report "cuda". Other devices (xpu, mps) have no kernel table yet: say so rather
-    # than run something the user did not ask for.
+    # ROCm builds report "cuda". Other devices (xpu, mps) have no kernels yet: say so rather than run
+    # something the user did not ask for.
     raise ValueError(
         f"no attnbridge platform serves device type {device_type!r}; "
         f"supported: {', '.join(p.device_type for p in PLATFORMS.values())}"
     )
 
 
-__all__ = ["PLATFORMS", "Platform", "detect_platform", "get_platform", "platform_name_for_device"]
+__all__ = [
+    "PLATFORMS",
+    "PLATFORM_ENV",
+    "PLATFORM_ORDER",
+    "Platform",
+    "detect_platform",
+    "get_platform",
+    "platform_name_for_device",
+]

@@ -1,22 +1,33 @@
-"""Ascend NPU through torch_npu and sgl-kernel-npu's `attentions` ops.
+"""Ascend NPU packages: torch_npu and sgl-kernel-npu's attention kernels.
 
-The loaders below are the only places that import those packages, so a missing package is one
-clear error naming what to install.
+These loaders are the only places that import those packages, so a missing package is one clear
+error naming what to install. sgl-kernel-npu ships its kernels in two layouts: newer builds register
+them under ``torch.ops.npu`` when ``sgl_kernel_npu`` is imported (``laser_attn``,
+``ada_block_sparse_attention``); older ones under ``torch.ops.attentions`` when ``attentions`` is
+imported (``la``, ``ada_block_sparse_attention`` or, older still, ``block_sparse_attention``,
+``rainfusionattention``). :func:`load_kernel_op` looks for the newest first.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 
 from attnbridge.errors import BackendUnavailableError
-from attnbridge.platforms.base import Kernel, Platform
 
 TORCH_NPU_INSTALL = "pip install torch-npu (matching your torch and CANN versions)"
-ATTENTIONS_INSTALL = "pip install sgl-kernel-npu (provides the 'attentions' torch ops)"
+SGL_KERNEL_NPU_INSTALL = "pip install sgl-kernel-npu"
+
+#: (package to import, torch.ops namespace it registers), newest layout first.
+KERNEL_LAYOUTS: tuple[tuple[str, str], ...] = (("sgl_kernel_npu", "npu"), ("attentions", "attentions"))
+
+#: ``torch_npu.npu.get_soc_version()`` of Ascend 950 (A5): no Laser kernel, and the block-sparse
+#: kernel wants ``inner_precise=4`` there.
+ASCEND_A5_SOC = 260
 
 
 def load_torch_npu(backend: str = "npu") -> ModuleType:
@@ -29,24 +40,41 @@ def load_torch_npu(backend: str = "npu") -> ModuleType:
         ) from error
 
 
-def load_attentions_ops(backend: str) -> object:
-    """Import sgl-kernel-npu's `attentions` package and return its `torch.ops.attentions` namespace."""
+@dataclass(frozen=True)
+class KernelOp:
+    """An sgl-kernel-npu op and where it was found (``torch.ops.npu.laser_attn``)."""
+
+    fn: Callable
+    qualified_name: str
+    package: str
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def load_kernel_op(backend: str, names: dict[str, tuple[str, ...]]) -> KernelOp:
+    """The first op found of ``names`` (namespace -> op names, in preference order), newest layout
+    first; an error listing every layout and op that was tried."""
     load_torch_npu(backend)
-    try:
-        importlib.import_module("attentions")
-    except ImportError as error:
-        raise BackendUnavailableError(
-            backend,
-            "npu",
-            f"the 'attentions' kernel package cannot be imported ({error})",
-            ATTENTIONS_INSTALL,
-        ) from error
-    return torch.ops.attentions
-
-
-#: ``torch_npu.npu.get_soc_version()`` of Ascend 950 (A5): no Laser kernel, and the block-sparse
-#: kernel wants ``inner_precise=4`` there.
-ASCEND_A5_SOC = 260
+    tried = []
+    for package, namespace in KERNEL_LAYOUTS:
+        wanted = names.get(namespace, ())
+        if not wanted:
+            continue
+        try:
+            importlib.import_module(package)
+        except ImportError as error:
+            tried.append(f"import {package} ({error})")
+            continue
+        ops = getattr(torch.ops, namespace)
+        for name in wanted:
+            try:
+                return KernelOp(getattr(ops, name), f"torch.ops.{namespace}.{name}", package)
+            except (AttributeError, RuntimeError):
+                tried.append(f"torch.ops.{namespace}.{name}")
+    raise BackendUnavailableError(
+        backend, "npu", f"no sgl-kernel-npu kernel found (tried {'; '.join(tried)})", SGL_KERNEL_NPU_INSTALL
+    )
 
 
 def is_ascend_a5(torch_npu: ModuleType) -> bool:
@@ -56,26 +84,3 @@ def is_ascend_a5(torch_npu: ModuleType) -> bool:
         return torch_npu.npu.get_soc_version() == ASCEND_A5_SOC
     except Exception:  # noqa: BLE001 - any failure of the query means "unknown", not an error
         return False
-
-
-class NpuPlatform(Platform):
-    name = "npu"
-    device_type = "npu"
-    kernels = {
-        "sdpa": Kernel("attnbridge.attention.backends.sdpa:NpuFusionAttentionImpl"),
-        "fa": Kernel("attnbridge.attention.backends.fa:NpuFIAImpl"),
-        "sage": Kernel("attnbridge.attention.backends.sage:SageUnsupportedImpl", fallback="fa"),
-        "laser": Kernel("attnbridge.attention.backends.laser:NpuLaserImpl"),
-        "block_sparse": Kernel("attnbridge.attention.backends.block_sparse:NpuBlockSparseImpl"),
-        "rain_fusion": Kernel("attnbridge.attention.backends.rain_fusion:NpuRainFusionImpl"),
-        "vsa": Kernel(
-            None, "no Ascend kernel for video sparse attention; use 'block_sparse' or 'rain_fusion'"
-        ),
-    }
-
-    @classmethod
-    def is_present(cls) -> bool:
-        if importlib.util.find_spec("torch_npu") is None:
-            return False
-        load_torch_npu()
-        return bool(getattr(torch, "npu", None) and torch.npu.is_available())

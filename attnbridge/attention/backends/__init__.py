@@ -1,0 +1,1 @@
+"""One module per backend, each declaring ``BACKEND``; the registry finds them all here."""

@@ -4,6 +4,8 @@
 * CUDA / MUSA: :class:`AtenFAImpl`, torch SDPA's fused kernels called through their aten ops, which
   return the LSE; cuDNN first (the fastest on Hopper), then flash, then mem-efficient.
 * Ascend: :class:`NpuFIAImpl`, ``torch_npu.npu_fused_infer_attention_score`` with ``softmax_lse_flag``.
+
+Every path carries key padding (``context.key_lengths``) and propagates NaN and inf as torch SDPA does.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 
-from attnbridge.attention.backends.masks import bottom_right_causal_mask, npu_compressed_causal_mask
-from attnbridge.attention.contract import HALF_DTYPES, AttentionImpl, default_scale
+from attnbridge.attention.contract import HALF_DTYPES, AttentionImpl, default_scale, repeat_kv_heads
+from attnbridge.attention.masks import bottom_right_causal_mask, key_padding_mask, npu_compressed_causal_mask
+from attnbridge.attention.registry import Backend
+from attnbridge.platforms.npu import TORCH_NPU_INSTALL, load_torch_npu
 
 logger = logging.getLogger("attnbridge")
 
@@ -22,25 +25,37 @@ logger = logging.getLogger("attnbridge")
 _REFERENCE_CHUNK_BYTES = 256 * 1024 * 1024
 
 
-def reference_attention(q, k, v, *, causal: bool, scale: float, return_lse: bool):
-    """Exact attention in float32 on BSHD tensors, chunked over queries to bound memory."""
+def reference_attention(q, k, v, *, causal: bool, scale: float, return_lse: bool, key_lengths=None):
+    """Exact attention in float32 on BSHD tensors, chunked over queries to bound memory.
+
+    A row that sees no key (causal with ``S_q > S_kv``, or every key padded) gives 0 and LSE -inf;
+    NaN and inf in the inputs propagate as in torch SDPA.
+    """
     batch, s_q, heads, _ = q.shape
-    s_kv, kv_heads = k.shape[1], k.shape[2]
+    s_kv = k.shape[1]
     qf = q.float().transpose(1, 2)
-    kf = k.float().transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
-    vf = v.float().transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+    kf, vf = repeat_kv_heads(q, k.float(), v.float())
+    kf, vf = kf.transpose(1, 2), vf.transpose(1, 2)
+    visible = None
+    if causal:
+        visible = bottom_right_causal_mask(s_q, s_kv, q.device)
+    if key_lengths is not None:
+        padding = key_padding_mask(key_lengths, s_kv)
+        visible = padding if visible is None else visible & padding
     chunk = max(1, _REFERENCE_CHUNK_BYTES // (4 * batch * heads * max(s_kv, 1)))
     outs, lses = [], []
     for start in range(0, s_q, chunk):
         scores = torch.matmul(qf[:, :, start : start + chunk], kf.transpose(-1, -2)) * scale
-        if causal:
-            visible = bottom_right_causal_mask(s_q, s_kv, q.device)[start : start + chunk]
-            scores = scores.masked_fill(~visible, float("-inf"))
+        if visible is not None:
+            rows = visible if visible.dim() == 4 else visible[start : start + chunk]
+            scores = scores.masked_fill(~rows, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
-        # Rows that see no key (possible only with causal and s_q > s_kv) give 0, not NaN.
-        probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
+        probs = torch.exp(scores - lse.unsqueeze(-1))
+        probs = torch.where(torch.isneginf(lse).unsqueeze(-1), 0.0, probs)  # rows with no key: 0
         outs.append(torch.matmul(probs, vf))
         lses.append(lse)
+    if not outs:
+        outs, lses = [qf.new_zeros(batch, heads, 0, q.shape[-1])], [qf.new_zeros(batch, heads, 0)]
     out = torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype)
     return (out, torch.cat(lses, dim=2)) if return_lse else out
 
@@ -48,19 +63,18 @@ def reference_attention(q, k, v, *, causal: bool, scale: float, return_lse: bool
 class ReferenceFAImpl(AttentionImpl):
     """Exact float32 attention on the CPU; slow but the ground truth other kernels are held to."""
 
-    kernel = "float32 reference (chunked matmul + logsumexp)"
+    description = "float32 reference (chunked matmul + logsumexp)"
 
-    def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, metadata=None, context=None):
+    def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, context=None):
         return reference_attention(
-            q, k, v, causal=causal, scale=default_scale(q.shape[-1], scale), return_lse=return_lse
+            q,
+            k,
+            v,
+            causal=causal,
+            scale=default_scale(q.shape[-1], scale),
+            return_lse=return_lse,
+            key_lengths=None if context is None else context.key_lengths,
         )
-
-
-def _expand_kv_heads(q, k, v):
-    groups = q.shape[1] // k.shape[1]
-    if groups == 1:
-        return k, v
-    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
 
 
 def _lse_bhs(lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -69,149 +83,201 @@ def _lse_bhs(lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return lse.reshape(batch, heads, -1)[..., :s_q].float()
 
 
-def _cudnn(q, k, v, causal, scale):
-    k, v = _expand_kv_heads(q, k, v)
-    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q, k, v, None, True, 0.0, causal, False, scale=scale
-    )[:2]
-    return out, lse
+def _padding_bias(q, key_lengths, s_kv, causal):
+    """Additive float bias ``[B, 1, S_q, S_kv]`` (0 visible, -inf not) for padding and causality,
+    in a buffer whose rows are 16-element aligned (the raw aten kernels need that)."""
+    visible = key_padding_mask(key_lengths, s_kv) if key_lengths is not None else None
+    if causal:
+        tri = bottom_right_causal_mask(q.shape[2], s_kv, q.device)[None, None]
+        visible = tri if visible is None else visible & tri
+    storage = torch.zeros(
+        visible.shape[0], 1, q.shape[2], -(-s_kv // 16) * 16, dtype=q.dtype, device=q.device
+    )
+    storage[..., :s_kv].masked_fill_(~visible, float("-inf"))
+    return storage[..., :s_kv]
 
 
-def _flash(q, k, v, causal, scale):
-    k, v = _expand_kv_heads(q, k, v)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[
-        :2
-    ]
-    return out, lse
+def _cudnn(q, k, v, causal, scale, lse, bias):
+    k, v = repeat_kv_heads(q, k, v, head_dim=1)
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, bias, lse, 0.0, causal, False, scale=scale
+    )
+    return out[0], out[1]
 
 
-def _efficient(q, k, v, causal, scale):
-    k, v = _expand_kv_heads(q, k, v)
-    batch, heads, s_q, s_kv = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-    bias, is_causal = None, causal and s_q == s_kv  # equal lengths: top-left == bottom-right
-    if causal and s_q != s_kv:
-        # The raw aten op needs the bias rows 16-element aligned (the public SDPA pads for us):
-        # keep a padded buffer and pass a view of its first s_kv columns.
-        padded = -(-s_kv // 16) * 16
-        storage = torch.zeros(s_q, padded, dtype=q.dtype, device=q.device)
-        visible = bottom_right_causal_mask(s_q, s_kv, q.device)
-        storage[:, :s_kv].masked_fill_(~visible, float("-inf"))
-        bias = storage[:, :s_kv].expand(batch, heads, -1, -1)
-    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-        q, k, v, bias, True, 0.0, is_causal, scale=scale
-    )[:2]
-    return out, lse
+def _flash(q, k, v, causal, scale, lse, bias):
+    if bias is not None:
+        raise RuntimeError("flash attention takes no mask")
+    k, v = repeat_kv_heads(q, k, v, head_dim=1)
+    out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    return out[0], out[1]
+
+
+def _efficient(q, k, v, causal, scale, lse, bias):
+    k, v = repeat_kv_heads(q, k, v, head_dim=1)
+    if bias is not None:
+        bias = bias.expand(q.shape[0], q.shape[1], -1, -1)
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, lse, 0.0, causal, scale=scale)
+    return out[0], out[1]
 
 
 class AtenFAImpl(AttentionImpl):
     """Fused SDPA kernels through their aten ops, which also return the LSE.
 
-    Without an LSE request the public SDPA call is used with cuDNN ranked first. With one, the first
-    kernel that accepts the input wins: cuDNN (half dtypes, top-left causal so only S_q == S_kv),
-    flash (same), then mem-efficient (any dtype, bottom-right causal through a bias); if none does,
-    the exact float32 reference, with a warning logged once per kind of input.
+    The first kernel that takes the input wins: cuDNN (half dtypes; causal only with S_q == S_kv,
+    since its causal mask is top-left), flash (the same, no mask), then mem-efficient (any dtype,
+    bottom-right causal and key padding through an additive bias); if none does, the exact float32
+    reference, with a warning logged once per kind of input. Under ``torch.compile`` the kernel is
+    chosen from the input's properties alone (no try-and-fall-back in a traced graph).
     """
 
-    kernel = "cuDNN / flash / mem-efficient SDPA (aten ops, with LSE)"
+    description = "cuDNN / flash / mem-efficient SDPA (aten ops, with LSE)"
 
-    def __init__(self, backend_name: str = "", **config) -> None:
-        super().__init__(backend_name, **config)
-        self._failed: set[tuple] = set()
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._refused: set[tuple] = set()
         self._warned: set[tuple] = set()
 
-    def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, metadata=None, context=None):
+    @staticmethod
+    def _candidates(q, k, causal, masked):
+        half = q.dtype in HALF_DTYPES and q.shape[-1] % 8 == 0
+        aligned = not causal or q.shape[1] == k.shape[1]
+        if not (half and aligned):
+            return [_efficient]
+        if masked:
+            return [_cudnn, _efficient]
+        return [_cudnn, _flash, _efficient] if q.shape[-1] <= 128 else [_flash, _efficient]
+
+    def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, context=None):
         scale = default_scale(q.shape[-1], scale)
+        key_lengths = None if context is None else context.key_lengths
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if not return_lse:
-            return self._forward_public(qt, kt, vt, causal, scale).transpose(1, 2)
-        candidates = [_efficient]
-        if q.dtype in HALF_DTYPES and (not causal or q.shape[1] == k.shape[1]):
-            candidates = [_cudnn, _flash, _efficient]
-        # A kernel that refused an input is not retried for inputs of the same kind (shapes, dtype,
-        # causal, GQA, device); out-of-memory is not a refusal and propagates.
-        kind = (q.shape, k.shape, q.dtype, causal, q.device)
+        candidates = self._candidates(q, k, causal, key_lengths is not None)
+        bias, kernel_causal = None, causal
+        if key_lengths is not None or (causal and q.shape[1] != k.shape[1]):
+            bias, kernel_causal = _padding_bias(qt, key_lengths, k.shape[1], causal), False
+        if torch.compiler.is_compiling():
+            kernel = _efficient if bias is not None else candidates[0]
+            out, lse = kernel(qt, kt, vt, kernel_causal, scale, return_lse, bias)
+            return (out.transpose(1, 2), _lse_bhs(lse, qt)) if return_lse else out.transpose(1, 2)
+        # A kernel that refused an input is not retried for inputs of the same kind; out-of-memory is
+        # not a refusal and propagates.
+        kind = (q.shape, k.shape, q.dtype, causal, bias is not None, q.device)
         for kernel in candidates:
             key = (kernel.__name__, *kind)
-            if key in self._failed:
+            if key in self._refused:
                 continue
             try:
-                out, lse = kernel(qt, kt, vt, causal, scale)
+                out, lse = kernel(qt, kt, vt, kernel_causal, scale, return_lse, bias)
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as error:
                 logger.info("fa: %s kernel rejected this input (%s); trying the next", kernel.__name__, error)
-                self._failed.add(key)
+                self._refused.add(key)
                 continue
-            return out.transpose(1, 2), _lse_bhs(lse, qt)
-        key = kind
-        if key not in self._warned:
-            self._warned.add(key)
+            return (out.transpose(1, 2), _lse_bhs(lse, qt)) if return_lse else out.transpose(1, 2)
+        if kind not in self._warned:
+            self._warned.add(kind)
             logger.warning(
-                "fa: no fused SDPA kernel accepts %s head_dim %d (causal=%s) with an LSE; "
-                "using the exact float32 reference kernel (slow)",
+                "fa: no fused SDPA kernel accepts %s head_dim %d (causal=%s); using the exact float32 "
+                "reference kernel (slow)",
                 q.dtype,
                 q.shape[-1],
                 causal,
             )
-        return reference_attention(q, k, v, causal=causal, scale=scale, return_lse=True)
+        return reference_attention(
+            q, k, v, causal=causal, scale=scale, return_lse=return_lse, key_lengths=key_lengths
+        )
 
-    @staticmethod
-    def _forward_public(qt, kt, vt, causal, scale):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        mask, is_causal = None, causal
-        if causal and qt.shape[2] != kt.shape[2]:
-            mask, is_causal = bottom_right_causal_mask(qt.shape[2], kt.shape[2], qt.device), False
-        order = [
-            SDPBackend.CUDNN_ATTENTION,
-            SDPBackend.FLASH_ATTENTION,
-            SDPBackend.EFFICIENT_ATTENTION,
-            SDPBackend.MATH,
-        ]
-        with sdpa_kernel(order, set_priority=True):
-            return F.scaled_dot_product_attention(
-                qt,
-                kt,
-                vt,
-                attn_mask=mask,
-                is_causal=is_causal,
-                scale=scale,
-                enable_gqa=qt.shape[1] != kt.shape[1],
-            )
+#: FIA's documented limits (torch_npu ``_op_plugin_docs.py``, npu_fused_infer_attention_score).
+FIA_HEAD_ALIGN = 16
+FIA_MAX_HEAD_DIM = 512
+FIA_MAX_HEAD_RATIO = 64
+
+
+def check_fia_limits(backend: str, q: torch.Tensor, k: torch.Tensor) -> None:
+    """FIA's head-size and head-ratio limits, as a ValueError naming the limit."""
+    head_dim, ratio = q.shape[-1], q.shape[2] // k.shape[2]
+    if head_dim % FIA_HEAD_ALIGN or head_dim > FIA_MAX_HEAD_DIM:
+        raise ValueError(
+            f"backend {backend!r} on Ascend (npu_fused_infer_attention_score): head size {head_dim} must be a "
+            f"multiple of {FIA_HEAD_ALIGN} and at most {FIA_MAX_HEAD_DIM}"
+        )
+    if ratio > FIA_MAX_HEAD_RATIO:
+        raise ValueError(
+            f"backend {backend!r} on Ascend (npu_fused_infer_attention_score): {q.shape[2]} query heads per "
+            f"{k.shape[2]} key/value heads is a ratio above {FIA_MAX_HEAD_RATIO}"
+        )
+
+
+def npu_fia(q, k, v, *, causal: bool, scale: float, return_lse: bool, key_lengths=None, backend: str = "fa"):
+    """``npu_fused_infer_attention_score`` on BSHD (BSND) tensors; LSE ``[B, N, S]`` float32.
+
+    Key padding goes in as ``actual_seq_lengths_kv`` (per sample, BSND). A causal call whose
+    queries outnumber its keys would leave rows with no visible key, which FIA does not document.
+    """
+    if causal and q.shape[1] > k.shape[1]:
+        raise ValueError(
+            f"backend {backend!r} on Ascend: causal attention with more queries ({q.shape[1]}) than keys "
+            f"({k.shape[1]}) leaves rows with no visible key, which FIA does not define"
+        )
+    torch_npu = load_torch_npu(backend)
+    extra = {}
+    if causal:
+        extra = {"atten_mask": npu_compressed_causal_mask(q.device), "sparse_mode": 3}
+    if key_lengths is not None:
+        extra["actual_seq_lengths_kv"] = key_lengths.tolist()  # the op takes host-side lengths
+    out, lse = torch_npu.npu_fused_infer_attention_score(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        num_heads=q.shape[2],
+        num_key_value_heads=k.shape[2],
+        input_layout="BSND",
+        scale=scale,
+        softmax_lse_flag=return_lse,
+        **extra,
+    )
+    if not return_lse:
+        return out
+    # Documented LSE layout for BSND input: [B, N, S, 1].
+    return out, lse.reshape(q.shape[0], q.shape[2], q.shape[1]).float()
 
 
 class NpuFIAImpl(AttentionImpl):
     """Ascend ``npu_fused_infer_attention_score`` (BSND in and out); LSE via ``softmax_lse_flag``."""
 
-    kernel = "torch_npu.npu_fused_infer_attention_score (BSND, softmax_lse_flag)"
+    description = "torch_npu.npu_fused_infer_attention_score (BSND, softmax_lse_flag)"
     # The documented FIA kernel takes float16/bfloat16 only: float32 is refused by name, not cast.
     supported_dtypes = HALF_DTYPES
+    install = (TORCH_NPU_INSTALL,)
+    notes = "head size a multiple of 16 up to 512, at most 64 query heads per key/value head"
 
     @classmethod
     def check_available(cls, platform: str) -> None:
-        from attnbridge.platforms.npu import load_torch_npu
-
         load_torch_npu("fa")
 
-    def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, metadata=None, context=None):
-        from attnbridge.platforms.npu import load_torch_npu
+    def check_inputs(self, q, k, v, *, causal, return_lse):
+        super().check_inputs(q, k, v, causal=causal, return_lse=return_lse)
+        check_fia_limits(self.backend, q, k)
 
-        torch_npu = load_torch_npu("fa")
-        extra = {}
-        if causal:
-            extra = {"atten_mask": npu_compressed_causal_mask(q.device), "sparse_mode": 3}
-        out, lse = torch_npu.npu_fused_infer_attention_score(
-            q.contiguous(),
-            k.contiguous(),
-            v.contiguous(),
-            num_heads=q.shape[2],
-            num_key_value_heads=k.shape[2],
-            input_layout="BSND",
+    def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, context=None):
+        return npu_fia(
+            q,
+            k,
+            v,
+            causal=causal,
             scale=default_scale(q.shape[-1], scale),
-            softmax_lse_flag=return_lse,
-            **extra,
+            return_lse=return_lse,
+            key_lengths=None if context is None else context.key_lengths,
+            backend=self.backend,
         )
-        if not return_lse:
-            return out
-        # Documented LSE layout for BSND input: [B, N, S, 1].
-        return out, lse.reshape(q.shape[0], q.shape[2], q.shape[1]).float()
+
+
+BACKEND = Backend(
+    "fa",
+    "flash attention that can return the softmax LSE (for ring attention)",
+    platforms={"cpu": ReferenceFAImpl, "cuda": AtenFAImpl, "musa": AtenFAImpl, "npu": NpuFIAImpl},
+    order=1,
+)

@@ -1,18 +1,26 @@
 """The ``sage`` backend: SageAttention (int8 QK) on CUDA and MUSA.
 
-Where ``sageattention`` is missing, or the platform has no Sage kernel, the platform table falls back
-to ``fa`` with a logged warning, or raises with ``strict=True``.
+Where ``sageattention`` is missing, or the platform has no Sage kernel, ``fa`` serves with a logged
+warning (or an error with ``strict=True``). Calls the installed ``sageattn`` cannot take run ``fa``
+too, with the reason logged once: head sizes other than 64/96/128, causal attention with
+``S_q != S_kv``, key padding, and LSE requests (ring attention). Its K
+smoothing (subtracting the keys' mean, which leaves the softmax unchanged) is done here out of
+place: ``sageattn`` does it in place on the caller's keys.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
+import logging
 
-from attnbridge.attention.contract import HALF_DTYPES, AttentionImpl, default_scale
+from attnbridge.attention.contract import HALF_DTYPES, AttentionImpl, default_scale, repeat_kv_heads
+from attnbridge.attention.registry import Backend, Unavailable, make_impl
 from attnbridge.errors import BackendUnavailableError
 
+logger = logging.getLogger("attnbridge")
+
 SAGE_INSTALL = "pip install sageattention"
+SAGE_HEAD_SIZES = (64, 96, 128)
 
 
 def _load_sageattn(platform: str):
@@ -25,42 +33,70 @@ def _load_sageattn(platform: str):
 
 
 class SageImpl(AttentionImpl):
-    """``sageattention.sageattn`` in NHD (= BSHD) layout; LSE only where the installed version has it."""
+    """``sageattention.sageattn`` in NHD (= BSHD) layout; other calls run dense ``fa``."""
 
-    kernel = "sageattention.sageattn (NHD)"
+    description = "sageattention.sageattn (int8 QK, NHD)"
     supported_dtypes = HALF_DTYPES
-    supported_head_sizes = (64, 96, 128)
+    supports_lse = False
+    install = (SAGE_INSTALL,)
+    notes = (
+        "calls sageattn cannot take (head size not 64/96/128, causal with S_q != S_kv, key padding, "
+        "LSE) run dense `fa`, logged once; on an H200 (Hopper) sageattention 1.0.6's Triton kernels "
+        "were slower than `fa`: a Wan 1.3B 480p step took 710.2 ms against 603.3 ms"
+    )
 
     @classmethod
     def check_available(cls, platform: str) -> None:
         _load_sageattn(platform)
 
-    def __init__(self, backend_name: str = "", **config) -> None:
-        super().__init__(backend_name, **config)
-        self._sageattn = _load_sageattn("cuda")
-        self.supports_lse = "return_lse" in inspect.signature(self._sageattn).parameters
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._sageattn = _load_sageattn(self.platform)
+        self._dense = make_impl("fa", self.platform)
+        self._logged: set[str] = set()
 
-    def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, metadata=None, context=None):
-        groups = q.shape[2] // k.shape[2]
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-        kwargs = {"tensor_layout": "NHD", "is_causal": causal, "sm_scale": default_scale(q.shape[-1], scale)}
+    def check_inputs(self, q, k, v, *, causal, return_lse):
+        self._dense.check_inputs(q, k, v, causal=causal, return_lse=return_lse)
+        super().check_inputs(q, k, v, causal=causal, return_lse=False)
+
+    def _refusal(self, q, k, causal, return_lse, context) -> str | None:
+        """Why ``sageattn`` cannot take this call, or None."""
+        if q.shape[-1] not in SAGE_HEAD_SIZES:
+            return f"head size {q.shape[-1]} (sageattn takes {SAGE_HEAD_SIZES})"
+        if causal and q.shape[1] != k.shape[1]:
+            return "causal attention with S_q != S_kv"
+        if context is not None and context.key_lengths is not None:
+            return "key padding"
         if return_lse:
-            out, lse = self._sageattn(q, k, v, return_lse=True, **kwargs)
-            return out, lse.reshape(q.shape[0], q.shape[2], q.shape[1]).float()
-        return self._sageattn(q, k, v, **kwargs)
+            return "an LSE request"
+        return None
+
+    def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, context=None):
+        refusal = self._refusal(q, k, causal, return_lse, context)
+        if refusal is not None:
+            if refusal not in self._logged:
+                self._logged.add(refusal)
+                logger.warning("backend 'sage': %s runs dense 'fa'", refusal)
+            return self._dense.forward(
+                q, k, v, causal=causal, scale=scale, return_lse=return_lse, context=context
+            )
+        k, v = repeat_kv_heads(q, k, v)
+        k = k - k.mean(dim=1, keepdim=True, dtype=k.dtype)
+        kwargs = {
+            "tensor_layout": "NHD",
+            "is_causal": causal,
+            "sm_scale": default_scale(q.shape[-1], scale),
+            "smooth_k": False,
+        }
+        return self._sageattn(q.contiguous(), k.contiguous(), v.contiguous(), **kwargs)
 
 
-class SageUnsupportedImpl(AttentionImpl):
-    """Placeholder for platforms with no Sage kernel: never instantiated, only resolved and refused."""
+_NO_SAGE = Unavailable("SageAttention needs a CUDA or MUSA GPU")
 
-    kernel = "none"
-
-    @classmethod
-    def check_available(cls, platform: str) -> None:
-        raise BackendUnavailableError(
-            "sage", platform, f"SageAttention has no kernel for {platform}; it needs a CUDA or MUSA GPU"
-        )
-
-    def forward(self, q, k, v, **kwargs):  # pragma: no cover - check_available always refuses
-        raise BackendUnavailableError("sage", "unknown", "SageAttention has no kernel here")
+BACKEND = Backend(
+    "sage",
+    "SageAttention int8 QK (CUDA/MUSA); falls back to fa unless strict",
+    platforms={"cpu": _NO_SAGE, "cuda": SageImpl, "musa": SageImpl, "npu": _NO_SAGE},
+    fallback="fa",
+    order=2,
+)

@@ -8,6 +8,7 @@ holds chunk ``g`` of the (padded) sequence.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -15,26 +16,42 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """``ring_degree`` x ``ulysses_degree`` ranks share one sequence; their product is the world."""
+    """How many ranks share one computation: ``ring_degree`` x ``ulysses_degree`` ranks split a DiT's
+    token sequence; ``cp_size`` ranks split an LLM prefill (zigzag). The two cannot be combined."""
 
     ring_degree: int = 1
     ulysses_degree: int = 1
+    cp_size: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("ring_degree", "ulysses_degree"):
+        for name in ("ring_degree", "ulysses_degree", "cp_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
+            object.__setattr__(self, name, int(value))
+        if self.cp_size > 1 and self.sequence_parallel:
+            raise ValueError(
+                "cp_size (zigzag prefill for LLMs) and ring_degree/ulysses_degree (DiT sequence "
+                "parallelism) cannot be combined"
+            )
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.ring_degree * self.ulysses_degree > 1
 
     @property
     def world_size(self) -> int:
-        return self.ring_degree * self.ulysses_degree
+        return self.cp_size * self.ring_degree * self.ulysses_degree
+
+    def describe(self) -> str:
+        if self.cp_size > 1:
+            return f"cp_size ({self.cp_size})"
+        return f"ring_degree ({self.ring_degree}) x ulysses_degree ({self.ulysses_degree})"
 
     def check_world_size(self, world_size: int) -> None:
         if self.world_size != world_size:
             raise ValueError(
-                f"ring_degree ({self.ring_degree}) x ulysses_degree ({self.ulysses_degree}) = "
-                f"{self.world_size} must equal the world size ({world_size})"
+                f"{self.describe()} = {self.world_size} must equal the world size ({world_size})"
             )
 
     def ulysses_ranks(self, ring_rank: int) -> list[int]:

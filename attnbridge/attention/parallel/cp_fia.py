@@ -9,7 +9,8 @@ keys up to its own position.
   that for TND both ``actual_seq_lengths`` and ``actual_seq_lengths_kv`` are cumulative (each entry
   is the sum over the batch so far); only with paged K/V (``block_table``) is the kv list
   per-sequence. K/V here are packed tensors, so each half gets a compacted K/V holding just the keys
-  it sees, with cumulative kv ends.
+  it sees, with cumulative kv ends. TND is documented for bfloat16 with head size 128 or 192 and at
+  most 65,536 tokens; other calls run one BSND causal FIA call per sequence, which has no such limits.
 * CUDA / MUSA / CPU: the same semantics as a loop over sequences with ``attend(..., causal=True)``.
 """
 
@@ -19,9 +20,10 @@ import itertools
 
 import torch
 
-from attnbridge.attention.api import attend, platform_name_for
-from attnbridge.attention.backends.masks import npu_compressed_causal_mask
+from attnbridge.attention.api import attend, platform_for
+from attnbridge.attention.backends.fa import npu_fia
 from attnbridge.attention.contract import default_scale
+from attnbridge.attention.masks import npu_compressed_causal_mask
 from attnbridge.attention.parallel.zigzag import ZigzagMetadata
 
 
@@ -43,7 +45,7 @@ def zigzag_cp_attention(
     platforms.
     """
     _check(q_local, k, v, meta)
-    platform = platform_name_for(q_local.device, platform)
+    platform = platform_for(q_local.device, platform)
     split = meta.total_q_prev_tokens
     halves = (
         (q_local[:split], meta.actual_seq_q_prev, meta.kv_len_prev, "kv_prev"),
@@ -51,13 +53,30 @@ def zigzag_cp_attention(
     )
     outs = []
     for q_half, q_lens, kv_lens, kv_key in halves:
-        if platform == "npu":
+        if platform == "npu" and not fia_tnd_takes(q_half, k):
+            outs.append(_npu_bsnd_half(q_half, k, v, q_lens, kv_lens, meta, scale))
+        elif platform == "npu":
             kv_rows = meta.index_tensor(kv_key, k.device)
             k_half, v_half = k.index_select(0, kv_rows), v.index_select(0, kv_rows)
             outs.append(_npu_fia_half(q_half, k_half, v_half, q_lens, kv_lens, meta, scale))
         else:
             outs.append(_varlen_half(q_half, k, v, q_lens, kv_lens, meta, scale, platform, backend))
     return torch.cat(outs)
+
+
+#: FIA's documented TND limits (torch_npu ``_op_plugin_docs.py``, npu_fused_infer_attention_score):
+#: bfloat16 only, head size 128 or 192, at most 65,536 tokens.
+FIA_TND_HEAD_SIZES = (128, 192)
+FIA_TND_MAX_TOKENS = 65536
+
+
+def fia_tnd_takes(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether FIA's TND layout documents this call; otherwise each sequence runs BSND causal FIA."""
+    return (
+        q.dtype == torch.bfloat16
+        and q.shape[-1] in FIA_TND_HEAD_SIZES
+        and max(q.shape[0], k.shape[0]) <= FIA_TND_MAX_TOKENS
+    )
 
 
 def _check(q_local, k, v, meta: ZigzagMetadata) -> None:
@@ -98,6 +117,20 @@ def _npu_fia_half(q, k, v, q_lens, kv_lens, meta: ZigzagMetadata, scale):
         actual_seq_lengths_kv=list(itertools.accumulate(kv_lens)),
     )
     return out
+
+
+def _npu_bsnd_half(q, k, v, q_lens, kv_lens, meta: ZigzagMetadata, scale):
+    """One BSND causal FIA call per sequence (bottom-right, ``sparse_mode=3``): no TND limits."""
+    outs, q_start = [], 0
+    for kv_start, q_len, kv_len in zip(meta.kv_starts, q_lens, kv_lens):
+        q_seq = q[q_start : q_start + q_len].unsqueeze(0)
+        k_seq, v_seq = (x[kv_start : kv_start + kv_len].unsqueeze(0) for x in (k, v))
+        out = npu_fia(
+            q_seq, k_seq, v_seq, causal=True, scale=default_scale(q.shape[-1], scale), return_lse=False
+        )
+        outs.append(out.squeeze(0))
+        q_start += q_len
+    return torch.cat(outs)
 
 
 def _varlen_half(q, k, v, q_lens, kv_lens, meta: ZigzagMetadata, scale, platform, backend):

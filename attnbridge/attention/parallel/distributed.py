@@ -33,6 +33,21 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+#: Seconds the process group waits for every rank to join (and for any collective) unless told
+#: otherwise: a rank that was never started then fails the others instead of hanging them.
+TIMEOUT_ENV = "ATTNBRIDGE_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300
+
+
+def default_timeout() -> timedelta:
+    value = os.environ.get(TIMEOUT_ENV)
+    try:
+        seconds = float(value) if value not in (None, "") else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds; got {value!r}") from None
+    return timedelta(seconds=seconds)
+
+
 def init_distributed(
     backend: str | None = None,
     *,
@@ -47,27 +62,33 @@ def init_distributed(
     the platform: HCCL on Ascend, NCCL on CUDA, MCCL on MUSA, gloo on CPU. The local device is
     selected so that collectives and kernels land on the same card. Without a launcher
     (``WORLD_SIZE`` unset or 1, no ``init_method``) nothing is initialised and a one-process
-    :class:`DistributedInfo` is returned.
+    :class:`DistributedInfo` is returned. ``timeout`` defaults to ``$ATTNBRIDGE_DIST_TIMEOUT``
+    seconds, else 300.
     """
-    from attnbridge.platforms import detect_platform, get_platform
+    from attnbridge.platforms import PLATFORM_ENV, detect_platform, get_platform
 
-    platform_cls = get_platform(platform) if platform else detect_platform()
+    platform = platform or os.environ.get(PLATFORM_ENV)
+    platform_info = get_platform(platform) if platform else detect_platform()
     local_rank = _env_int("LOCAL_RANK", default=0)
-    device = _select_device(platform_cls.name, platform_cls.device_type, local_rank)
+    device = _select_device(platform_info.name, platform_info.device_type, local_rank)
     if dist.is_available() and dist.is_initialized():
         return DistributedInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), device)
     rank = _env_int("RANK", default=0)
     world_size = _env_int("WORLD_SIZE", default=1)
     if world_size == 1 and init_method is None:
         return DistributedInfo(0, 1, local_rank, None, device)
-    backend = backend or COLLECTIVE_BACKENDS[platform_cls.name]
-    dist.init_process_group(
-        backend,
-        init_method=init_method or "env://",
-        rank=rank,
-        world_size=world_size,
-        timeout=timeout,
-    )
+    backend = backend or COLLECTIVE_BACKENDS[platform_info.name]
+    timeout = timeout or default_timeout()
+    try:
+        dist.init_process_group(
+            backend, init_method=init_method or "env://", rank=rank, world_size=world_size, timeout=timeout
+        )
+    except (RuntimeError, dist.DistError) as error:
+        raise RuntimeError(
+            f"torch.distributed did not start within {timeout.total_seconds():g} s: rank {rank} of "
+            f"{world_size} waited for the others ({error}). Start every rank (torchrun --nproc_per_node "
+            f"{world_size}), or set {TIMEOUT_ENV}=<seconds>"
+        ) from error
     return DistributedInfo(rank, world_size, local_rank, backend, device)
 
 
@@ -78,7 +99,14 @@ def _select_device(platform: str, device_type: str, local_rank: int) -> torch.de
         from attnbridge.platforms.npu import load_torch_npu
 
         load_torch_npu()  # registers torch.npu and the HCCL backend
-    getattr(torch, device_type).set_device(local_rank)
+    module = getattr(torch, device_type)
+    count = module.device_count()
+    if local_rank >= count:
+        raise ValueError(
+            f"local rank {local_rank} needs {device_type} device {local_rank}, but this machine has {count}: "
+            f"start at most {count} processes per node, or run on the CPU with gloo (ATTNBRIDGE_PLATFORM=cpu)"
+        )
+    module.set_device(local_rank)
     return torch.device(device_type, local_rank)
 
 

@@ -22,16 +22,6 @@ def valid_keys(real_len: int | None, src: int, chunk: int) -> int:
     return min(max(real_len - src * chunk, 0), chunk)
 
 
-def check_lse_support(layer: AttentionLayer, device: torch.device) -> None:
-    """Ring merging needs the softmax LSE; say which backend provides it when this one does not."""
-    impl = layer.impl_for(device)
-    if not impl.supports_lse:
-        raise ValueError(
-            f"ring attention needs a backend that returns the softmax LSE; backend {layer.backend!r} "
-            f"({impl.kernel}) does not: use backend 'fa' (or ring_degree=1 with Ulysses only)"
-        )
-
-
 def _partial(layer, q, k, v, *, causal, scale):
     return layer(q, k, v, causal=causal, scale=scale, return_lse=True)
 
@@ -70,7 +60,6 @@ def ring_attention(
     keys outside the ring (e.g. replicated text keys). Non-causal queries may then be longer or
     shorter than the key chunk.
     """
-    check_lse_support(layer, q.device)
     size, rank = group_size(group), group_rank(group)
     chunk = k.shape[1]
     buffers = [torch.stack([k, v]).contiguous(), None]

@@ -2,37 +2,42 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from attnbridge.attention.api import AttentionLayer
-from attnbridge.attention.contract import AttentionContext
+from attnbridge.attention.contract import AttentionContext, repeat_kv_heads
 from attnbridge.attention.parallel.config import ParallelConfig, ParallelGroups, build_parallel_groups
-from attnbridge.attention.parallel.ring import check_lse_support, ring_attention
+from attnbridge.attention.parallel.ring import ring_attention
 from attnbridge.attention.parallel.ulysses import (
     check_heads_divisible,
     heads_to_sequence,
     sequence_to_heads,
 )
+from attnbridge.attention.registry import resolve
+from attnbridge.platforms import detect_platform
 
 
-def _ring_backend_error(layer: AttentionLayer) -> ValueError | None:
-    """Fail at construction, not at the first forward, when the backend cannot feed a ring."""
-    from attnbridge.attention.api import PLATFORM_ENV
-    from attnbridge.platforms import detect_platform, get_platform
-
-    platform = layer.platform or os.environ.get(PLATFORM_ENV) or detect_platform().name
+def check_ring_backend(layer: AttentionLayer) -> None:
+    """The one rule for a ring: each hop attends one key chunk and the hops merge through their
+    softmax LSE, so the backend must be dense and return the LSE where it runs. Checked when the
+    parallel attention is made, before anything is patched."""
+    if layer.spec.sparse:
+        raise ValueError(
+            f"ring attention (ring_degree > 1) splits the keys across ranks, so sparse backend "
+            f"{layer.backend!r} could select blocks only within one chunk; use ulysses_degree alone with "
+            "it (each rank then holds whole sequences for its heads), or a dense backend such as 'fa'"
+        )
+    platform = layer.platform or detect_platform().name
     try:
-        impl_cls = get_platform(platform).resolve(layer.backend, strict=layer.strict)
+        _, impl_cls = resolve(layer.backend, platform, strict=layer.strict)
     except ImportError:
-        return None  # the backend cannot run here at all; the first call reports that
-    if impl_cls.supports_lse:
-        return None
-    return ValueError(
-        f"ring attention (ring_degree > 1) needs a backend that returns the softmax LSE; backend "
-        f"{layer.backend!r} does not on platform {platform!r}: use backend 'fa'"
-    )
+        return  # the backend cannot run here at all; the first call reports that
+    if not impl_cls.supports_lse:
+        raise ValueError(
+            f"ring attention (ring_degree > 1) merges partial results through the softmax LSE, which "
+            f"backend {layer.backend!r} does not return on platform {platform!r}: use backend 'fa' "
+            "(or ulysses_degree alone with this backend)"
+        )
 
 
 class ParallelAttention:
@@ -51,9 +56,7 @@ class ParallelAttention:
         self.layer = AttentionLayer(layer) if isinstance(layer, str) else layer
         config = parallel.config if isinstance(parallel, ParallelGroups) else (parallel or ParallelConfig())
         if config.ring_degree > 1:
-            error = _ring_backend_error(self.layer)
-            if error is not None:
-                raise error
+            check_ring_backend(self.layer)
         self.groups = parallel if isinstance(parallel, ParallelGroups) else build_parallel_groups(config)
 
     @property
@@ -80,9 +83,7 @@ class ParallelAttention:
         degree = self.config.ulysses_degree
         if degree > 1 and k_local.shape[2] % degree != 0:
             # GQA with fewer kv heads than ranks: give every query head its own kv head first.
-            groups = q_local.shape[2] // k_local.shape[2]
-            k_local = k_local.repeat_interleave(groups, dim=2)
-            v_local = v_local.repeat_interleave(groups, dim=2)
+            k_local, v_local = repeat_kv_heads(q_local, k_local, v_local)
         q, k, v = self._to_heads(q_local, k_local, v_local, ulysses)
         if self.config.ring_degree > 1:
             ring = self.groups.ring_group
@@ -110,8 +111,6 @@ class ParallelAttention:
         total = q.shape[1] * self.config.world_size
         if real_len is not None and not 1 <= real_len <= total:
             raise ValueError(f"real_len={real_len} must be in [1, {total}] (chunk length x ranks)")
-        if self.config.ring_degree > 1:
-            check_lse_support(self.layer, q.device)
 
     @staticmethod
     def _to_heads(q, k, v, group):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 #: Ascend's compressed causal mask for ``sparse_mode`` 2/3/4 is always 2048 x 2048.
@@ -19,7 +21,14 @@ def bottom_right_causal_mask(s_q: int, s_kv: int, device: torch.device) -> torch
     return cols <= rows
 
 
+@functools.lru_cache(maxsize=8)
 def npu_compressed_causal_mask(device: torch.device) -> torch.Tensor:
-    """The 2048 x 2048 upper-triangular bool mask (True = masked) that ``sparse_mode=3`` requires."""
+    """The 2048 x 2048 upper-triangular bool mask (True = masked) that ``sparse_mode=3`` requires;
+    made once per device (4 MiB) and only read afterwards."""
     size = NPU_COMPRESSED_MASK_SIZE
     return torch.triu(torch.ones(size, size, dtype=torch.bool, device=device), diagonal=1)
+
+
+def key_padding_mask(key_lengths: torch.Tensor, s_kv: int) -> torch.Tensor:
+    """Bool ``[B, 1, 1, s_kv]``, True where key ``j < key_lengths[b]`` (a real, not padded, key)."""
+    return (torch.arange(s_kv, device=key_lengths.device) < key_lengths[:, None])[:, None, None, :]

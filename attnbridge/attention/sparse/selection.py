@@ -1,4 +1,4 @@
-"""Which 128-token key blocks each query block attends: pooled scores, top-k, mask <-> index lists.
+"""Which key blocks each query block attends: pooled scores, top-k, thresholds, mask <-> index lists.
 
 Everything is tensor code without Python loops over blocks, so selection stays a few small kernels
 next to the attention itself (pooling reads q and k once; the rest works on ``[B, H, nb, nb]``).
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnbridge.attention.registry import kept_count
+from attnbridge.attention.options import kept_count
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,6 @@ class BlockSelection:
     num_kv_blocks: int
     #: The same selection as a bool mask, when the selector made one (saves rebuilding it).
     kept_mask: torch.Tensor | None = None
-    #: Blocks a non-dense row keeps, when the selector knows it on the host (top-k does).
-    row_count: int | None = None
 
     def mask(self) -> torch.Tensor:
         """Bool ``[B, H, nq, nk]``, True where a block is kept (what the Ascend kernels take)."""
@@ -52,14 +50,25 @@ def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def pooled_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
-    """Block-level attention logits ``q̄ · k̄ᵀ · scale`` per head: float32 ``[B, H_q, nq, nk]``."""
+def pooled_scores(
+    q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float, key_lengths: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Block-level attention logits ``q̄ · k̄ᵀ · scale`` per head: float32 ``[B, H_q, nq, nk]``.
+
+    With ``key_lengths`` (valid keys per sample) a key block holding no valid key scores -inf, so
+    no selection spends its budget on padding.
+    """
     q_bar = pool_blocks(q, block_size).transpose(1, 2)  # [B, Hq, nq, D]
     k_bar = pool_blocks(k, block_size).transpose(1, 2)  # [B, Hkv, nk, D]
     groups = q.shape[2] // k.shape[2]
     if groups > 1:
         k_bar = k_bar.repeat_interleave(groups, dim=1)
-    return torch.matmul(q_bar, k_bar.transpose(-1, -2)) * scale
+    scores = torch.matmul(q_bar, k_bar.transpose(-1, -2)) * scale
+    if key_lengths is not None:
+        starts = torch.arange(scores.shape[-1], device=q.device) * block_size
+        padding = starts[None, :] >= key_lengths[:, None]  # [B, nk]
+        scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))
+    return scores
 
 
 def select_top_blocks(
@@ -107,7 +116,8 @@ def threshold_mask(scores: torch.Tensor, sparsity: float, dense_blocks: torch.Te
     nk = scores.shape[-1]
     probs = torch.softmax(scores, dim=-1)
     threshold = probs.topk(kept_count(sparsity, nk), dim=-1).values[..., -1:]
-    mask = probs >= threshold
+    # A row with NaN keeps every block, so the NaN reaches its output instead of being dropped.
+    mask = (probs >= threshold) | probs.isnan().any(dim=-1, keepdim=True)
     return mask | dense_blocks[None, None, :, None] | dense_blocks[None, None, None, :]
 
 

@@ -1,0 +1,171 @@
+"""Block-sparse attention through FlexAttention, exact on every device: the CPU kernel and the
+reference the Triton kernel (:mod:`.triton_kernel`) is held to.
+
+FlexAttention run without compilation evaluates only the ``mask_mod`` and ignores a BlockMask's
+block lists, so the ``mask_mod`` here looks every (query block, key block) pair up in a table of
+the kept blocks, and checks pad keys (``key_valid``) and each sample's padded keys
+(``key_lengths``): whatever path runs it, the result is the listed blocks' attention. It runs in
+float32, in query chunks that bound the memory of the scores it materializes.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+try:  # torch >= 2.9 asks for the LSE this way; ``return_lse`` is deprecated there
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:  # pragma: no cover - older torch
+    AuxRequest = None
+
+from attnbridge.attention.contract import default_scale
+from attnbridge.attention.sparse.impl import Kernel
+from attnbridge.attention.sparse.selection import indices_to_mask
+
+#: Bytes of float32 scores one CPU chunk may hold (same budget as the dense CPU reference).
+_CPU_CHUNK_BYTES = 256 * 1024 * 1024
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    *,
+    block_size: int,
+    scale: float | None = None,
+    key_valid: torch.Tensor | None = None,
+    key_lengths: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each ``block_size`` query block over its listed key blocks only.
+
+    ``q``/``k``/``v`` BSHD (``H_q % H_kv == 0``); ``kv_indices`` int ``[B, H_q, n_q_blocks, max_k]``
+    (entries past the row's count are ignored), ``kv_counts`` int ``[B, H_q, n_q_blocks]``; B and H
+    may be 1 to broadcast. ``key_valid`` optional bool ``[S_kv]``: False marks a pad key that gets
+    no weight; ``key_lengths`` optional int ``[B]``: keys from there on are a sample's padding.
+    Returns ``out`` BSHD in q's dtype, and with ``return_lse`` the float32 natural-log LSE
+    ``[B, H_q, S_q]``.
+    """
+    _check_args(q, k, kv_indices, kv_counts, block_size, key_valid)
+    scale = default_scale(q.shape[-1], scale)
+    n_kv_blocks = math.ceil(k.shape[1] / block_size)
+    valid = _valid_keys(k, key_valid, key_lengths)
+    return _chunked_forward(q, k, v, kv_indices, kv_counts, n_kv_blocks, block_size, scale, valid, return_lse)
+
+
+def _check_args(q, k, kv_indices, kv_counts, block_size, key_valid) -> None:
+    batch, s_q, heads = q.shape[0], q.shape[1], q.shape[2]
+    n_q_blocks = math.ceil(s_q / block_size)
+    if kv_indices.dim() != 4 or kv_counts.shape != kv_indices.shape[:3]:
+        raise ValueError(
+            "block_sparse_attention: kv_indices must be [B, H, n_q_blocks, max_k] and kv_counts "
+            f"[B, H, n_q_blocks]; got {tuple(kv_indices.shape)} and {tuple(kv_counts.shape)}"
+        )
+    b, h, nq = kv_indices.shape[:3]
+    if b not in (1, batch) or h not in (1, heads) or nq != n_q_blocks:
+        raise ValueError(
+            f"block_sparse_attention: kv_indices {tuple(kv_indices.shape)} does not fit q {tuple(q.shape)} "
+            f"with block_size {block_size} (expected [{batch} or 1, {heads} or 1, {n_q_blocks}, max_k])"
+        )
+    if key_valid is not None and (key_valid.dtype != torch.bool or key_valid.shape != (k.shape[1],)):
+        raise ValueError(
+            f"block_sparse_attention: key_valid must be a bool tensor of shape [{k.shape[1]}] (S_kv); "
+            f"got {key_valid.dtype} {tuple(key_valid.shape)}"
+        )
+
+
+def _valid_keys(k, key_valid, key_lengths) -> torch.Tensor | None:
+    """Bool ``[B or 1, S_kv]``: the keys that may get weight, or None when all may."""
+    valid = None if key_valid is None else key_valid[None, :]
+    if key_lengths is not None:
+        lengths = torch.arange(k.shape[1], device=k.device)[None, :] < key_lengths[:, None]
+        valid = lengths if valid is None else valid & lengths
+    return valid
+
+
+def _exact_mask_mod(table: torch.Tensor, valid: torch.Tensor | None, block_size: int):
+    """``mask_mod`` that keeps exactly the listed blocks (and valid keys): ``table`` ``[B|1, H|1, nq, nk]``."""
+    b_of = (lambda b: b) if table.shape[0] > 1 else (lambda b: 0)
+    h_of = (lambda h: h) if table.shape[1] > 1 else (lambda h: 0)
+    if valid is None:
+
+        def kept(b, h, q_idx, kv_idx):
+            return table[b_of(b), h_of(h), q_idx // block_size, kv_idx // block_size]
+
+        return kept
+    vb_of = (lambda b: b) if valid.shape[0] > 1 else (lambda b: 0)
+
+    def kept_valid(b, h, q_idx, kv_idx):
+        return table[b_of(b), h_of(h), q_idx // block_size, kv_idx // block_size] & valid[vb_of(b), kv_idx]
+
+    return kept_valid
+
+
+def _flex(q, k, v, block_mask, scale, return_lse):
+    """FlexAttention on BHSD tensors (unfused; traced into the caller's graph under ``torch.compile``)."""
+    fn, extra = flex_attention, {}
+    if return_lse:
+        extra.update({"return_aux": AuxRequest(lse=True)} if AuxRequest is not None else {"return_lse": True})
+    if torch.compiler.is_compiling():
+        result = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1], **extra)
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            result = fn(
+                q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1], **extra
+            )
+    if not return_lse:
+        return result, None
+    out, aux = result
+    return out, (aux.lse if hasattr(aux, "lse") else aux).float()
+
+
+def _chunked_forward(q, k, v, kv_indices, kv_counts, n_kv_blocks, block_size, scale, valid, return_lse):
+    batch, s_q, heads, _ = q.shape
+    s_kv = k.shape[1]
+    table = indices_to_mask(kv_indices, kv_counts, n_kv_blocks).expand(batch, heads, -1, -1)
+    qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))
+    rows_per_block = batch * heads * block_size * s_kv * 4 * 3  # scores, mask and probs
+    chunk_blocks = max(1, _CPU_CHUNK_BYTES // rows_per_block)
+    outs, lses = [], []
+    for first in range(0, table.shape[2], chunk_blocks):
+        rows = table[:, :, first : first + chunk_blocks]
+        q_chunk = qf[:, :, first * block_size : (first + chunk_blocks) * block_size]
+        # The unfused path applies only the mask_mod: one block row per chunk row, every key listed.
+        everything = torch.arange(rows.shape[3], dtype=torch.int32).expand(*rows.shape).contiguous()
+        block_mask = BlockMask.from_kv_blocks(
+            torch.full(rows.shape[:3], rows.shape[3], dtype=torch.int32),
+            everything,
+            BLOCK_SIZE=block_size,
+            mask_mod=_exact_mask_mod(rows, valid, block_size),
+            seq_lengths=(q_chunk.shape[2], s_kv),
+            compute_q_blocks=False,
+        )
+        out, lse = _flex(q_chunk, kf, vf, block_mask, scale, return_lse)
+        outs.append(out)
+        lses.append(lse)
+    out = torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype)
+    return (out, torch.cat(lses, dim=2)) if return_lse else out
+
+
+def run_flex(q, k, v, selection, scale: float, return_lse: bool, layout, key_lengths=None):
+    """The :class:`~attnbridge.attention.sparse.impl.Kernel` entry: FlexAttention over ``selection``."""
+    return block_sparse_attention(
+        q,
+        k,
+        v,
+        selection.indices,
+        selection.counts,
+        block_size=layout.block_size,
+        scale=scale,
+        key_lengths=key_lengths,
+        return_lse=return_lse,
+    )
+
+
+FLEX = Kernel("FlexAttention with an exact block mask (float32)", run_flex)

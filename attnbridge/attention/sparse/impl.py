@@ -1,0 +1,152 @@
+"""A block-sparse backend on one platform = a selector (which blocks) composed with a kernel (how).
+
+``block_sparse`` and ``rain_fusion`` differ in their selector; CPU/CUDA and Ascend differ in their
+kernel. :func:`compose` makes the impl class of one pair, whose limits are the kernel's, so the
+backend declarations stay one line per platform.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+
+from attnbridge.attention.contract import DENSE_DTYPES, AttentionImpl, default_scale
+from attnbridge.attention.options import count, fraction, option
+from attnbridge.attention.registry import make_impl
+from attnbridge.attention.sparse.layout import is_dense_step, resolve_layout
+from attnbridge.attention.sparse.selection import BlockSelection
+
+logger = logging.getLogger("attnbridge")
+#: Backends already warned about running at sparsity 0 (once per process).
+_warned_dense: set[str] = set()
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseOptions:
+    """Options of the block-mask backends."""
+
+    sparsity: float = option(0.75, "fraction of key blocks each query block skips, in [0, 1)", fraction)
+    skip_first_steps: int = option(0, "denoising steps run dense before sparsity starts, integer >= 0", count)
+
+
+def _always_available(platform: str) -> None:
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Selector:
+    """Which key blocks each query block keeps: ``select(q, k, scale, options, layout)`` on q, k
+    in mask order; ``image_order(grid)`` the gather order of the image tokens (None: raster)."""
+
+    name: str
+    select: Callable[..., BlockSelection]
+    image_order: Callable[[tuple[int, int, int]], torch.Tensor | None] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """How the kept blocks are computed: ``run(q, k, v, selection, scale, return_lse, layout,
+    key_lengths)`` on BSHD tensors in mask order, and the limits of that kernel."""
+
+    name: str
+    run: Callable[..., Any]
+    supported_dtypes: tuple[torch.dtype, ...] = DENSE_DTYPES
+    supported_head_sizes: tuple[int, ...] | None = None
+    #: Whether ``run`` returns the LSE; if not, LSE requests run dense ``fa``.
+    returns_lse: bool = True
+    #: Whether ``run`` honours key padding; if not, padded calls run dense ``fa``.
+    key_padding: bool = True
+    install: tuple[str, ...] = ()
+    check_available: Callable[[str], None] = _always_available
+    notes: str = ""
+
+
+class SparseImpl(AttentionImpl):
+    """Dense when the rules of :mod:`.layout` say so, else reorder -> select -> kernel -> restore."""
+
+    selector: ClassVar[Selector]
+    kernel: ClassVar[Kernel]
+    supports_causal = False
+
+    @classmethod
+    def check_available(cls, platform: str) -> None:
+        cls.kernel.check_available(platform)
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._dense = make_impl("fa", self.platform)
+        if self.options.sparsity == 0.0 and self.backend not in _warned_dense:
+            _warned_dense.add(self.backend)
+            logger.warning(
+                "attention backend %r with sparsity=0 keeps every block; a dense backend ('fa' or "
+                "'sdpa') computes the same result faster",
+                self.backend,
+            )
+
+    def check_inputs(self, q, k, v, *, causal, return_lse):
+        super().check_inputs(q, k, v, causal=causal, return_lse=return_lse)
+        self._dense.check_inputs(q, k, v, causal=causal, return_lse=return_lse)
+
+    def runs_dense(self, q, k, return_lse: bool, context) -> bool:
+        """Calls no block mask applies to (see :mod:`.layout`), and those the kernel cannot answer."""
+        if context is None or context.kind == "cross" or q.shape[1] != k.shape[1]:
+            return True
+        if is_dense_step(context, self.options.skip_first_steps):
+            return True
+        if return_lse and not self.kernel.returns_lse:
+            return True
+        if context.key_lengths is None:
+            return False
+        reorders = (
+            self.selector.image_order is not None
+            and self.selector.image_order(tuple(context.grid or (1, 1, 1))) is not None
+        )
+        return not self.kernel.key_padding or reorders
+
+    def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, context=None):
+        if self.runs_dense(q, k, return_lse, context):
+            return self._dense.forward(
+                q, k, v, causal=causal, scale=scale, return_lse=return_lse, context=context
+            )
+        scale = default_scale(q.shape[-1], scale)
+        layout = resolve_layout(self.backend, q, context, self.selector.image_order)
+        qs, ks, vs = (layout.to_mask_order(x) for x in (q, k, v))
+        selection = self.selector.select(qs, ks, scale, self.options, layout)
+        result = self.kernel.run(qs, ks, vs, selection, scale, return_lse, layout, context.key_lengths)
+        if return_lse:
+            out, lse = result
+            return layout.from_mask_order(out), layout.from_mask_order(lse, seq_dim=2)
+        return layout.from_mask_order(result)
+
+    def kept_fraction(self, q, k, context) -> float | None:
+        """The fraction of (query block, key block) pairs this call would attend (None where it runs
+        dense): what ``attnbridge generate`` reports."""
+        if self.runs_dense(q, k, False, context):
+            return None
+        layout = resolve_layout(self.backend, q, context, self.selector.image_order)
+        qs, ks = layout.to_mask_order(q), layout.to_mask_order(k)
+        selection = self.selector.select(qs, ks, default_scale(q.shape[-1], None), self.options, layout)
+        pairs = selection.counts.numel() * selection.num_kv_blocks
+        return float(selection.counts.sum()) / pairs
+
+
+def compose(selector: Selector, kernel: Kernel) -> type[SparseImpl]:
+    """The impl class of ``selector`` on ``kernel``, with the kernel's limits."""
+    return type(
+        f"{selector.name} + {kernel.name}",
+        (SparseImpl,),
+        {
+            "__module__": __name__,
+            "selector": selector,
+            "kernel": kernel,
+            "description": f"{selector.name} block selection + {kernel.name}",
+            "supported_dtypes": kernel.supported_dtypes,
+            "supported_head_sizes": kernel.supported_head_sizes,
+            "install": kernel.install,
+            "notes": kernel.notes,
+        },
+    )
