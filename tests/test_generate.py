@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageSequence
 
 from attnbridge.cli import main
@@ -90,7 +91,9 @@ def test_tiny_model_writes_output_and_timing(tmp_path, model):
     assert 0 < attention["seconds"] < summary["pipeline_seconds"]
     assert sum(row["calls"] for row in summary["by_backend_kind"]) == attention["calls"]
     assert {row["backend"] for row in summary["by_backend_kind"]} == {"sdpa"}
-    assert summary["device"] == "cpu" and summary["dtype"] == "float32"
+    on_gpu = torch.cuda.is_available()  # generate picks the accelerator it finds
+    assert summary["device"] == ("cuda" if on_gpu else "cpu")
+    assert summary["dtype"] == ("bfloat16" if on_gpu else "float32")
     assert "noise" in summary["notes"][0]  # random weights say so
 
 
@@ -183,7 +186,10 @@ def test_script_runs_like_the_cli(tmp_path, monkeypatch):
 
 def test_demo_command_in_a_fresh_process(tmp_path):
     """``make demo``'s command, as a new process (no download, no accelerator needed)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     command = [sys.executable, "-m", "attnbridge", "generate", "--model", "wan-tiny", "--backend", "sdpa"]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -195,8 +201,10 @@ def test_demo_command_in_a_fresh_process(tmp_path):
 def test_two_processes_share_the_sequence_and_rank0_writes(tmp_path):
     """torchrun with 2 gloo processes: Ulysses over both by default, one set of files, same video as
     one process (GIF palette quantisation allowed: max 8/255)."""
-    single = run_generate("wan-tiny", steps=STEPS, output=tmp_path / "single")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    single = run_generate("wan-tiny", steps=STEPS, output=tmp_path / "single", device="cpu")
+    # More ranks than this machine may have GPUs: the ranks run on the CPU over gloo.
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "ATTNBRIDGE_PLATFORM": "cpu"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += [
         "scripts/generate.py",

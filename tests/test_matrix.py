@@ -192,7 +192,7 @@ def test_model_cell(backend, family, platform, monkeypatch):
         )
         with handle, observe(lambda layer, q, k, context: routed.add((context.kind, layer.backend))):
             out = run(model, inputs)
-            ran = {type(impl) for layer in handle.layers.values() for impl in layer._impls.values()}
+            ran = {type(layer.impl_for(device)) for layer in handle.layers.values()}
         assert routed == {(kind.kind, kind.served_by) for kind in support.kinds}
         assert ran == {k.effective.impl for k in kernels}, f"kernels {ran} are not the table's"
         if fake is not None:

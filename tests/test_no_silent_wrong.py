@@ -4,6 +4,7 @@ output or a clear error, never a silent wrong result or a changed model."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import sys
@@ -158,7 +159,10 @@ def test_a_patched_llm_saved_with_torch_save_loads_in_a_new_process(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        },
     )
     assert done.returncode == 0, done.stderr[-2000:]
 
@@ -249,8 +253,8 @@ def test_a_rank_that_never_starts_fails_within_the_timeout(monkeypatch):
         "    print(error); sys.exit(3)\n"
     )
     env = {
-        "PYTHONPATH": str(ROOT),
-        "PATH": "/usr/bin:/bin",
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         "WORLD_SIZE": "2",
         "RANK": "0",
         "LOCAL_RANK": "0",

@@ -31,6 +31,7 @@ from attnbridge.attention.backends.laser import range_shift, uses_laser_kernel
 from attnbridge.attention.backends.rain_fusion import rain_fusion_order, select_rain_fusion
 from attnbridge.attention.contract import AttentionContext
 from attnbridge.attention.sparse import impl as sparse_impl
+from attnbridge.attention.sparse import triton_kernel
 from attnbridge.attention.sparse.flex import block_sparse_attention
 from attnbridge.attention.sparse.impl import SparseOptions
 from attnbridge.attention.sparse.layout import is_dense_step, resolve_layout
@@ -716,12 +717,16 @@ def test_laser_reference_is_dense_fa_below_2048_tokens_and_for_cross_attention()
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA: the compiled FlexAttention path
+# CUDA: the Triton kernel (the product path) and FlexAttention (the reference) on the GPU
+
+CUDA_KERNELS = {"flex": block_sparse_attention, "triton": triton_kernel.block_sparse_attention}
 
 
 @cuda
+@pytest.mark.parametrize("kernel", list(CUDA_KERNELS))
 @pytest.mark.parametrize("block_size", [128, 64])
-def test_cuda_compiled_executor_matches_reference(block_size):
+def test_cuda_compiled_executor_matches_reference(block_size, kernel):
+    block_sparse_attention = CUDA_KERNELS[kernel]
     q, k, v = _qkv(2, 1000, 4, 2, 64, torch.bfloat16, "cuda")
     n = math.ceil(1000 / block_size)
     mask = _random_block_mask(2, 4, n, n).cuda()
@@ -747,7 +752,9 @@ def test_cuda_compiled_executor_matches_reference(block_size):
 
 
 @cuda
-def test_cuda_compiled_executor_with_key_lengths_matches_reference():
+@pytest.mark.parametrize("kernel", list(CUDA_KERNELS))
+def test_cuda_compiled_executor_with_key_lengths_matches_reference(kernel):
+    block_sparse_attention = CUDA_KERNELS[kernel]
     q, k, v = _qkv(2, 1000, 4, 4, 64, torch.float32, "cuda")
     mask = _random_block_mask(1, 4, 8, 8).cuda()
     mask[:, :, :2] = True  # dense rows, as a first frame makes
@@ -779,9 +786,10 @@ def test_cuda_fresh_masks_do_not_recompile():
 
 @cuda
 def test_cuda_fresh_pad_masks_do_not_recompile():
-    """The VSA path: key_valid (a mask_mod over pad keys) changes every call."""
+    """The VSA path: key_valid (pad keys) changes every call."""
     from torch._dynamo.utils import counters
 
+    block_sparse_attention = triton_kernel.block_sparse_attention
     q, k, v = _qkv(1, 640, 2, 2, 64, torch.bfloat16, "cuda")
 
     def call():

@@ -137,10 +137,10 @@ def _chunked_forward(q, k, v, kv_indices, kv_counts, n_kv_blocks, block_size, sc
         rows = table[:, :, first : first + chunk_blocks]
         q_chunk = qf[:, :, first * block_size : (first + chunk_blocks) * block_size]
         # The unfused path applies only the mask_mod: one block row per chunk row, every key listed.
-        everything = torch.arange(rows.shape[3], dtype=torch.int32).expand(*rows.shape).contiguous()
+        everything = torch.arange(rows.shape[3], dtype=torch.int32, device=q.device).expand(*rows.shape)
         block_mask = BlockMask.from_kv_blocks(
-            torch.full(rows.shape[:3], rows.shape[3], dtype=torch.int32),
-            everything,
+            torch.full(rows.shape[:3], rows.shape[3], dtype=torch.int32, device=q.device),
+            everything.contiguous(),
             BLOCK_SIZE=block_size,
             mask_mod=_exact_mask_mod(rows, valid, block_size),
             seq_lengths=(q_chunk.shape[2], s_kv),
