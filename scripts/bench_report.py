@@ -170,13 +170,14 @@ def _render_dense(results: list[BenchResult]) -> str:
 def _render_sparse(results: list[BenchResult]) -> str:
     (result,) = results
     data = result.data
-    cols = ["backend", "sparsity", "ms", "select ms", "speedup vs cuDNN", "kept", "rel-L2"]
+    cols = ["backend", "sparsity", "ms", "select ms", "kernel ms", "speedup vs cuDNN", "kept", "rel-L2"]
     rows = [
         [
             f"`{r['backend']}`",
             f"{r['sparsity']:.2f}",
             _fmt(r["ms"]),
             _fmt(r.get("select_ms", "")),
+            _fmt(r.get("kernel_ms", "")),
             f"{r['speedup_vs_dense']:.2f}x",
             _fmt(r.get("kept_fraction", "")),
             _fmt(r.get("rel_l2", ""), 4),
@@ -191,7 +192,11 @@ def _render_sparse(results: list[BenchResult]) -> str:
     return _entry(
         f"Sparse backends vs dense cuDNN (`{result.path.name}`)",
         results,
-        [f"- Shape {_shape_text(data.get('shape', {}))}; dense cuDNN SDPA {_fmt(data['dense_cudnn_ms'])} ms"],
+        [
+            f"- Shape {_shape_text(data.get('shape', {}))}; dense cuDNN SDPA {_fmt(data['dense_cudnn_ms'])} ms; "
+            f"block-sparse kernel: {data.get('kernel', 'FlexAttention')}"
+            + (f"; {data['note']}" if data.get("note") else "")
+        ],
         _md_table(cols, rows),
     )
 
@@ -349,10 +354,25 @@ def _render_oracle(results: list[BenchResult]) -> str:
     )
 
 
+def _render_block_sparse_kernel(results: list[BenchResult]) -> str:
+    (result,) = results
+    data = result.data
+    details = [
+        f"- Shape {_shape_text(data.get('shape'))}, triton {data.get('triton', '?')}; {data.get('note', '')}"
+    ]
+    return _entry(
+        f"Block-sparse kernel: Triton against FlexAttention and cuDNN (`{result.path.name}`)",
+        results,
+        details,
+        _render_rows(results),
+    )
+
+
 #: kind -> (renderer, whether all files of the kind make one entry). The order is the docs' order.
 RENDERERS: dict[str, tuple[Callable[[list[BenchResult]], str], bool]] = {
     "dense": (_render_dense, False),
     "sparse": (_render_sparse, False),
+    "block_sparse_kernel": (_render_block_sparse_kernel, False),
     "vsa": (_render_vsa, True),
     "wan_step": (_render_wan_step, False),
     "cp_wan": (_render_cp_wan, False),
