@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 BENCH_OUT ?= docs/bench_results
 
-.PHONY: install test lint format demo bench matrix backends
+.PHONY: install test lint format demo bench matrix backends docs
 # One stamp per interpreter, so a second virtual environment gets its own install.
 STAMP := .install-$(shell $(PYTHON) -c "import hashlib, sys; print(hashlib.sha1(sys.executable.encode()).hexdigest()[:12])").stamp
 
@@ -46,3 +46,7 @@ matrix: $(STAMP)
 # Only regenerate docs/benchmarks.md and the plot from JSON results in DIR: $(PYTHON) scripts/bench_all.py --from-json DIR
 bench:
 	$(PYTHON) scripts/bench_all.py --out-dir $(BENCH_OUT)
+
+# Regenerate the capability docs (compatibility matrix, backend reference) from the code.
+docs: $(STAMP)
+	$(PYTHON) scripts/gen_docs.py

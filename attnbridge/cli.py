@@ -1,4 +1,4 @@
-"""The ``attnbridge`` command: ``backends`` (what runs here), ``generate`` (a whole pipeline), ``docs``.
+"""The ``attnbridge`` command: ``backends`` (what runs here) and ``generate`` (a whole pipeline).
 
 Every error a user can cause (a bad model, backend, option or device) is one ``error:`` line and
 exit status 2.
@@ -68,15 +68,6 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def docs_command(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from attnbridge.docs_gen import docs_main
-
-    root = Path(args.root) if args.root else Path(__file__).resolve().parent.parent
-    return docs_main(root, check=args.check)
-
-
 def parse_option(text: str) -> tuple[str, object]:
     """``key=value`` with the value read as int, float, true/false or a string."""
     key, sep, value = text.partition("=")
@@ -119,10 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.set_defaults(func=generate_command)
 
-    docs = sub.add_parser("docs", help="regenerate docs/ (compatibility matrix, backends)")
-    docs.add_argument("--check", action="store_true", help="only report stale files (exit 1 if any)")
-    docs.add_argument("--root", default=None, help="repository root (default: the one attnbridge is in)")
-    docs.set_defaults(func=docs_command)
     return parser
 
 

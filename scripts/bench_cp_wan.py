@@ -1,14 +1,21 @@
-"""Sequence-parallel Wan2.1-1.3B-size transformer step at 720p over N GPUs: ring N, Ulysses N, 2x2.
+"""Sequence-parallel DiT transformer step over N GPUs: every ring x Ulysses layout, dense and sparse.
 
-Builds the real ``WanTransformer3DModel`` with the 1.3B architecture (random weights, same seed on
-every rank) and a 720p latent (16 x 21 x 90 x 160 -> 21 x 45 x 80 = 75,600 tokens, bf16). Every
-rank first runs the single-GPU step itself (unpatched diffusers, then attnbridge ``fa`` on one
-GPU), then each parallel layout through ``enable_npu_attention(model, "fa", ring_degree=...,
-ulysses_degree=...)``; each rank checks its gathered output against the single-GPU output
-(rel-L2, max over ranks) and the step is timed (median, max over ranks). Scaling efficiency is
-``t1 / (N * tN)`` with ``t1`` the single-GPU attnbridge ``fa`` step.
+Builds the real diffusers transformer with a real architecture (random weights, same seed on every
+rank): Wan2.1 1.3B or 14B at 720p (16 x 21 x 90 x 160 latent -> 21 x 45 x 80 = 75,600 tokens), or
+Qwen-Image at 2048x2048 (16,384 image tokens, 256 text tokens); bf16. Every rank first runs the
+single-GPU step itself (unpatched diffusers, then attnbridge ``fa``), then each parallel layout
+through ``enable_npu_attention(model, "fa", ring_degree=..., ulysses_degree=...)``; each rank checks
+its gathered output against the single-GPU output (rel-L2, max over ranks) and the step is timed
+(median, max over ranks). Scaling efficiency is ``t1 / (N * tN)`` with ``t1`` the single-GPU
+attnbridge ``fa`` step. With ``--sparse block_sparse:0.85`` the sparse backend runs on one GPU and
+under Ulysses N (each rank holds whole sequences for its heads, so the selection is the same) and is
+checked against the one-GPU sparse step; a ring with a sparse backend is refused, and the refusal is
+recorded.
 
-    NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node 4 scripts/bench_cp_wan.py --out cp_wan.json
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+        accelerate launch --num_processes 8 scripts/bench_cp_wan.py --model wan-14b \
+        --sparse block_sparse:0.85 --out cp_wan14b_8gpu.json
+    ... scripts/bench_cp_wan.py --model qwen-image-2048 --out cp_qwen_image_8gpu.json
     torchrun --nproc_per_node 2 scripts/bench_cp_wan.py --small       # CPU gloo smoke run
 
 Exits with status 1 when an output differs from the single-GPU one by more than ``--tol``.
@@ -37,6 +44,21 @@ WAN_SMALL = {
     "num_layers": 2,
     "text_dim": 64,
 }
+#: Wan2.1-T2V-14B: 40 heads of 128 (dim 5120), ffn 13824, 40 layers.
+WAN_14B = {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+#: Qwen-Image: 60 double-stream blocks, 24 heads of 128, text width 3584, 2x2-packed 16-channel latents.
+QWEN_IMAGE = dict(
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=60,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=3584,
+    axes_dims_rope=(16, 56, 56),
+)
+QWEN_SMALL = {**QWEN_IMAGE, "num_layers": 2, "attention_head_dim": 32, "num_attention_heads": 4}
+QWEN_SMALL.update(joint_attention_dim=64, axes_dims_rope=(8, 12, 12))
 
 
 def layouts(world: int, heads: int) -> list[tuple[str, int, int]]:
@@ -46,8 +68,10 @@ def layouts(world: int, heads: int) -> list[tuple[str, int, int]]:
     found = [(f"ring {world}", world, 1)]
     if heads % world == 0:
         found.append((f"ulysses {world}", 1, world))
-    if world == 4:
-        found.append(("ring 2 x ulysses 2", 2, 2))
+    for ring in (2, 4):  # ring x Ulysses: 2x2 on 4 ranks; 2x4 and 4x2 on 8
+        ulysses = world // ring
+        if 1 < ulysses and ring * ulysses == world and heads % ulysses == 0:
+            found.append((f"ring {ring} x ulysses {ulysses}", ring, ulysses))
     return found
 
 
@@ -70,6 +94,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--model", default="wan-1.3b", choices=("wan-1.3b", "wan-14b", "qwen-image-2048"))
+    parser.add_argument("--image", type=int, default=2048, help="Qwen-Image side in pixels")
+    parser.add_argument("--sparse", default=None, help="also a sparse backend, e.g. block_sparse:0.85")
     parser.add_argument("--small", action="store_true", help="tiny config on CPU (gloo smoke run)")
     parser.add_argument("--frames", type=int, default=21, help="latent frames (81 video frames -> 21)")
     parser.add_argument("--height", type=int, default=90, help="latent height (720 / 8)")
@@ -81,32 +108,58 @@ def main() -> None:
     args = parser.parse_args()
 
     import diffusers
-    from diffusers import WanTransformer3DModel
 
     info = init_distributed()
     device, rank, world = info.device, info.rank, info.world_size
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     tol = args.tol if args.tol is not None else (1e-4 if dtype == torch.float32 else 3e-2)
-    config = WAN_SMALL if args.small else WAN_1_3B
-    frames, height, width = (3, 6, 10) if args.small else (args.frames, args.height, args.width)
-    tokens = frames * (height // 2) * (width // 2)
-
     torch.manual_seed(0)
-    with torch.device(device):  # random init on the GPU: seconds instead of a minute on the CPU
-        model = WanTransformer3DModel(**config).to(device=device, dtype=dtype).eval()
+    gen = torch.Generator().manual_seed(1)  # the same inputs on every rank
+    if args.model.startswith("qwen-image"):
+        from diffusers import QwenImageTransformer2DModel
+
+        config = QWEN_SMALL if args.small else QWEN_IMAGE
+        side = 8 if args.small else args.image // 16  # 8x VAE, 2x2 packing
+        text_tokens = 7 if args.small else 256
+        tokens = side * side
+        with torch.device(device):  # random init on the GPU: seconds instead of minutes on the CPU
+            model = QwenImageTransformer2DModel(**config).to(device=device, dtype=dtype).eval()
+        inputs = {
+            "hidden_states": torch.randn(1, tokens, config["in_channels"], generator=gen),
+            "encoder_hidden_states": torch.randn(
+                1, text_tokens, config["joint_attention_dim"], generator=gen
+            ),
+            "timestep": torch.tensor([0.5]),
+            "img_shapes": [[(1, side, side)]],
+        }
+        latent_shape = [1, side, side]
+    else:
+        from diffusers import WanTransformer3DModel
+
+        config = WAN_SMALL if args.small else (WAN_14B if args.model == "wan-14b" else WAN_1_3B)
+        frames, height, width = (3, 6, 10) if args.small else (args.frames, args.height, args.width)
+        tokens = frames * (height // 2) * (width // 2)
+        with torch.device(device):
+            model = WanTransformer3DModel(**config).to(device=device, dtype=dtype).eval()
+        inputs = {
+            "hidden_states": torch.randn(1, 16, frames, height, width, generator=gen),
+            "timestep": torch.tensor([500]),
+            "encoder_hidden_states": torch.randn(1, 512, config["text_dim"], generator=gen),
+        }
+        latent_shape = [16, frames, height, width]
+    inputs = {
+        k: v.to(device, dtype if v.is_floating_point() and k != "timestep" else v.dtype)
+        if torch.is_tensor(v)
+        else v
+        for k, v in inputs.items()
+    }
     if dist.is_initialized():  # every rank must hold exactly rank 0's weights
         for tensor in [*model.parameters(), *model.buffers()]:
             dist.broadcast(tensor.data, src=0)
-    gen = torch.Generator().manual_seed(1)  # the same inputs on every rank
-    latent = torch.randn(1, 16, frames, height, width, generator=gen).to(device, dtype)
-    text = torch.randn(1, 512, config["text_dim"], generator=gen).to(device, dtype)
-    timestep = torch.tensor([500], device=device)
 
     @torch.inference_mode()
     def step():
-        return model(hidden_states=latent, timestep=timestep, encoder_hidden_states=text, return_dict=False)[
-            0
-        ]
+        return model(**inputs, return_dict=False)[0]
 
     timing = dict(warmup=args.warmup, repeat=args.repeat, device=device)
     reference = step().float()
@@ -138,6 +191,47 @@ def main() -> None:
         if error > tol:
             failed.append(name)
 
+    refusals = {}
+    if args.sparse:
+        backend, _, sparsity = args.sparse.partition(":")
+        options = {"sparsity": float(sparsity)} if sparsity else {}
+        enable_npu_attention(model, backend, **options)
+        sparse_single = step().float()
+        rows.append(
+            {
+                "layout": f"1 GPU, {args.sparse}",
+                "ranks": 1,
+                "ms": step_ms(step, **timing),
+                "rel_l2": rel_l2(sparse_single, reference),
+            }
+        )
+        disable_npu_attention(model)
+        if world > 1 and config["num_attention_heads"] % world == 0:
+            enable_npu_attention(model, backend, ulysses_degree=world, **options)
+            try:
+                error = max_over_ranks(rel_l2(step().float(), sparse_single), device)
+                ms = step_ms(step, **timing)
+            finally:
+                disable_npu_attention(model)
+            rows.append(
+                {
+                    "layout": f"ulysses {world}, {args.sparse}",
+                    "ulysses": world,
+                    "ranks": world,
+                    "ms": ms,
+                    "rel_l2": error,
+                }
+            )
+            if error > tol:
+                failed.append(rows[-1]["layout"])
+        if world > 1:
+            try:
+                enable_npu_attention(model, backend, ring_degree=world, **options)
+                disable_npu_attention(model)
+                refusals[f"ring {world}, {args.sparse}"] = "accepted"
+            except ValueError as error:
+                refusals[f"ring {world}, {args.sparse}"] = str(error)
+
     for row in rows:
         row["efficiency"] = round(t1 / (row["ranks"] * row["ms"]), 3)
         row["speedup vs default"] = round(rows[0]["ms"] / row["ms"], 3)
@@ -146,16 +240,20 @@ def main() -> None:
         row["check"] = "ok" if float(row["rel_l2"]) <= tol else "MISMATCH"
     if rank == 0:
         print(
-            f"device: {device_name()} x {world}  tokens {tokens}  dtype {dtype}  layers {config['num_layers']}  "
+            f"device: {device_name()} x {world}  {args.model}  tokens {tokens}  dtype {dtype}  layers {config['num_layers']}  "
             f"rel-L2 vs the 1-GPU default step, tol {tol:g}  efficiency = t1(fa) / (N * tN)"
         )
         print_table(rows, ["layout", "ranks", "ms", "efficiency", "speedup vs default", "rel_l2", "check"])
+        for layout, why in refusals.items():
+            print(f"{layout}: {why}")
         write_json(
             args.out,
             {
                 "diffusers": diffusers.__version__,
+                "model": args.model,
                 "tokens": tokens,
-                "latent": [16, frames, height, width],
+                "latent": latent_shape,
+                "refusals": refusals,
                 "world_size": world,
                 "collective": info.backend,
                 "warmup": args.warmup,

@@ -23,7 +23,7 @@ import torch
 import torch.multiprocessing as mp
 
 #: Seconds a collective may wait for a peer before gloo gives up (a failed case on one rank).
-COLLECTIVE_TIMEOUT_S = 20
+COLLECTIVE_TIMEOUT_S = 60
 CASE_SEED = 20240611
 
 Case = tuple[str, Callable]
@@ -62,7 +62,7 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str, cases: Seq
         dist.destroy_process_group()
 
 
-def run_cases(world_size: int, cases: Sequence[Case], *, deadline_s: float = 120) -> dict[str, list[dict]]:
+def run_cases(world_size: int, cases: Sequence[Case], *, deadline_s: float = 300) -> dict[str, list[dict]]:
     """Run ``cases`` on ``world_size`` spawned gloo ranks; ``{name: [rank0 result, rank1 ...]}``
     where a result is ``{"value": ...}`` or ``{"error": traceback}``."""
     with tempfile.TemporaryDirectory() as tmp:

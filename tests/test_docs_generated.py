@@ -1,4 +1,4 @@
-"""The committed capability docs are exactly what ``attnbridge.docs_gen`` renders from the code: a
+"""The committed capability docs are exactly what ``scripts/gen_docs.py`` renders from the code: a
 backend, platform kernel or option that changes without the docs fails here, with the command that
 regenerates them. (The benchmark results section is checked in ``tests/test_bench_report.py``.)"""
 
@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
-from attnbridge.docs_gen import PLATFORMS_DOC, REGENERATE, generated_docs
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from gen_docs import PLATFORMS_DOC, REGENERATE, generated_docs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = generated_docs(ROOT)

@@ -52,8 +52,8 @@ def _generate(tmp_path: Path, model: str, *extra: str) -> dict:
         str(tmp_path),
     ]
     assert main([*argv, "--prompt", PROMPT, *extra]) == 0
-    name = Path(model).name
-    return json.loads((tmp_path / f"{name}-sdpa.timing.json").read_text())
+    (timing,) = tmp_path.glob(f"{Path(model).name}-sdpa*.timing.json")  # the options follow the backend
+    return json.loads(timing.read_text())
 
 
 def _frames(path: Path) -> list[np.ndarray]:
@@ -234,3 +234,41 @@ def test_cli_reports_a_bad_option_as_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("attnbridge generate: error: backend 'sdpa' does not take option(s) ['sparsity']")
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--option", "sparsity"], "--option expects key=value (e.g. sparsity=0.75), got 'sparsity'"),
+        (["--backend", "block_sparse", "--option", "sparsity=2"], "sparsity must be a number in [0, 1)"),
+        (["--backend", "vsa", "--option", "fastvideo_kernel=maybe"], "fastvideo_kernel must be True or False"),
+        (["--option", "dtype=float8"], "dtype must be one of float32, bfloat16, float16"),
+        (["--device", "tpu"], "--device 'tpu'"),
+        pytest.param(
+            ["--device", "cuda"],
+            "no cuda device is available on this machine",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+    ],
+)
+def test_every_cli_error_is_one_line_with_exit_2(tmp_path, capsys, argv, message):
+    code = main(["generate", "--model", "wan-tiny", "--output", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("attnbridge generate: error: ") and message in err, err
+
+
+def test_generate_help_shows_defaults_and_the_option_keys(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines where it likes
+    assert "(default: wan-tiny)" in out and "(default: 4)" in out
+    for key in ("height", "width", "num_frames", "dtype", "ulysses_degree", "strict"):
+        assert f"{key}:" in out
+
+
+def test_output_names_carry_the_options(tmp_path):
+    first = run_generate("qwen3-moe-tiny", backend="fa", steps=1, output=tmp_path, config={"max_new_tokens": 2})
+    second = run_generate("qwen3-moe-tiny", backend="fa", steps=1, output=tmp_path, config={"max_new_tokens": 3})
+    assert first["files"]["text"] != second["files"]["text"]
+    assert Path(first["files"]["text"]).is_file() and Path(second["files"]["text"]).is_file()

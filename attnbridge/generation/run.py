@@ -69,6 +69,7 @@ def run_generate(
             "model": loaded.name,
             "backend": backend,
             "backend_options": backend_config,
+            "run_options": {**options.call, **options.run, **options.enable},
             "device": str(torch_device),
             "dtype": str(dtype).removeprefix("torch."),
             "world_size": launched_world_size(),
@@ -160,7 +161,9 @@ def _generate_text(loaded: LoadedModel, options: GenerateOptions, steps: int, pr
 def _report(summary: dict[str, Any], result: dict[str, Any], output: Path) -> None:
     """Write the output file and the timing JSON (which names both in ``files``), print the table."""
     output.mkdir(parents=True, exist_ok=True)
-    options = "".join(f"-{k}{v}" for k, v in sorted(summary["backend_options"].items()))
+    # Every option in the name, so a rerun with other options does not overwrite the last files.
+    given = {**summary["backend_options"], **summary.get("run_options", {})}
+    options = "".join(f"-{k}{v}" for k, v in sorted(given.items()))
     stem = output / f"{summary['model']}-{summary['backend']}{options}"
     if result["type"] == "video":
         written = outputs.write_video(result["data"], stem, fps=result["fps"])
