@@ -26,11 +26,8 @@ _REFERENCE_CHUNK_BYTES = 256 * 1024 * 1024
 
 
 def reference_attention(q, k, v, *, causal: bool, scale: float, return_lse: bool, key_lengths=None):
-    """Exact attention in float32 on BSHD tensors, chunked over queries to bound memory.
-
-    A row that sees no key (causal with ``S_q > S_kv``, or every key padded) gives 0 and LSE -inf;
-    NaN and inf in the inputs propagate as in torch SDPA.
-    """
+    """Exact attention in float32 on BSHD tensors, chunked over queries to bound memory. A row that
+    sees no key gives 0 and LSE -inf; NaN and inf propagate as in torch SDPA."""
     batch, s_q, heads, _ = q.shape
     s_kv = k.shape[1]
     qf = q.float().transpose(1, 2)
@@ -77,10 +74,12 @@ class ReferenceFAImpl(AttentionImpl):
         )
 
 
-def _lse_bhs(lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """LSE as [B, H, S_q] float32; the mem-efficient kernel pads its S to a multiple of 32."""
-    batch, heads, s_q = q.shape[0], q.shape[1], q.shape[2]
-    return lse.reshape(batch, heads, -1)[..., :s_q].float()
+def _bshd_result(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, return_lse: bool):
+    """A kernel's BHSD ``out`` as BSHD, with the LSE as [B, H, S_q] float32 when asked for (the
+    mem-efficient kernel pads its S to a multiple of 32)."""
+    if not return_lse:
+        return out.transpose(1, 2)
+    return out.transpose(1, 2), lse.reshape(q.shape[0], q.shape[1], -1)[..., : q.shape[2]].float()
 
 
 def _padding_bias(q, key_lengths, s_kv, causal):
@@ -98,23 +97,18 @@ def _padding_bias(q, key_lengths, s_kv, causal):
 
 
 def _cudnn(q, k, v, causal, scale, lse, bias):
-    k, v = repeat_kv_heads(q, k, v, head_dim=1)
     out = torch.ops.aten._scaled_dot_product_cudnn_attention(
         q, k, v, bias, lse, 0.0, causal, False, scale=scale
     )
     return out[0], out[1]
 
 
-def _flash(q, k, v, causal, scale, lse, bias):
-    if bias is not None:
-        raise RuntimeError("flash attention takes no mask")
-    k, v = repeat_kv_heads(q, k, v, head_dim=1)
+def _flash(q, k, v, causal, scale, lse, bias):  # never given a bias (see AtenFAImpl._candidates)
     out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
     return out[0], out[1]
 
 
 def _efficient(q, k, v, causal, scale, lse, bias):
-    k, v = repeat_kv_heads(q, k, v, head_dim=1)
     if bias is not None:
         bias = bias.expand(q.shape[0], q.shape[1], -1, -1)
     out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, lse, 0.0, causal, scale=scale)
@@ -151,7 +145,8 @@ class AtenFAImpl(AttentionImpl):
     def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, context=None):
         scale = default_scale(q.shape[-1], scale)
         key_lengths = None if context is None else context.key_lengths
-        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        qt = q.transpose(1, 2)
+        kt, vt = repeat_kv_heads(qt, k.transpose(1, 2), v.transpose(1, 2), head_dim=1)
         candidates = self._candidates(q, k, causal, key_lengths is not None)
         bias, kernel_causal = None, causal
         if key_lengths is not None or (causal and q.shape[1] != k.shape[1]):
@@ -159,7 +154,7 @@ class AtenFAImpl(AttentionImpl):
         if torch.compiler.is_compiling():
             kernel = _efficient if bias is not None else candidates[0]
             out, lse = kernel(qt, kt, vt, kernel_causal, scale, return_lse, bias)
-            return (out.transpose(1, 2), _lse_bhs(lse, qt)) if return_lse else out.transpose(1, 2)
+            return _bshd_result(out, lse, qt, return_lse)
         # A kernel that refused an input is not retried for inputs of the same kind; out-of-memory is
         # not a refusal and propagates.
         kind = (q.shape, k.shape, q.dtype, causal, bias is not None, q.device)
@@ -175,7 +170,7 @@ class AtenFAImpl(AttentionImpl):
                 logger.info("fa: %s kernel rejected this input (%s); trying the next", kernel.__name__, error)
                 self._refused.add(key)
                 continue
-            return (out.transpose(1, 2), _lse_bhs(lse, qt)) if return_lse else out.transpose(1, 2)
+            return _bshd_result(out, lse, qt, return_lse)
         if kind not in self._warned:
             self._warned.add(kind)
             logger.warning(
@@ -198,25 +193,27 @@ FIA_MAX_HEAD_RATIO = 64
 
 def check_fia_limits(backend: str, q: torch.Tensor, k: torch.Tensor) -> None:
     """FIA's head-size and head-ratio limits, as a ValueError naming the limit."""
-    head_dim, ratio = q.shape[-1], q.shape[2] // k.shape[2]
+    where = f"backend {backend!r} on Ascend (npu_fused_infer_attention_score)"
+    head_dim = q.shape[-1]
     if head_dim % FIA_HEAD_ALIGN or head_dim > FIA_MAX_HEAD_DIM:
         raise ValueError(
-            f"backend {backend!r} on Ascend (npu_fused_infer_attention_score): head size {head_dim} must be a "
-            f"multiple of {FIA_HEAD_ALIGN} and at most {FIA_MAX_HEAD_DIM}"
+            f"{where}: head size {head_dim} must be a multiple of {FIA_HEAD_ALIGN} and at most "
+            f"{FIA_MAX_HEAD_DIM}"
         )
-    if ratio > FIA_MAX_HEAD_RATIO:
+    if q.shape[2] // k.shape[2] > FIA_MAX_HEAD_RATIO:
         raise ValueError(
-            f"backend {backend!r} on Ascend (npu_fused_infer_attention_score): {q.shape[2]} query heads per "
-            f"{k.shape[2]} key/value heads is a ratio above {FIA_MAX_HEAD_RATIO}"
+            f"{where}: {q.shape[2]} query heads per {k.shape[2]} key/value heads is a ratio above "
+            f"{FIA_MAX_HEAD_RATIO}"
         )
 
 
 def npu_fia(q, k, v, *, causal: bool, scale: float, return_lse: bool, key_lengths=None, backend: str = "fa"):
     """``npu_fused_infer_attention_score`` on BSHD (BSND) tensors; LSE ``[B, N, S]`` float32.
 
-    Key padding goes in as ``actual_seq_lengths_kv`` (per sample, BSND). A causal call whose
-    queries outnumber its keys would leave rows with no visible key, which FIA does not document.
-    """
+    Key padding goes in as ``actual_seq_lengths_kv`` (per sample). Causal and padded together take an
+    explicit ``[B, 1, S_q, S_kv]`` mask instead (``sparse_mode`` 0): ``sparse_mode`` 3 would align the
+    causal triangle to each sample's valid length, not to the sequence."""
+    check_fia_limits(backend, q, k)
     if causal and q.shape[1] > k.shape[1]:
         raise ValueError(
             f"backend {backend!r} on Ascend: causal attention with more queries ({q.shape[1]}) than keys "
@@ -224,9 +221,14 @@ def npu_fia(q, k, v, *, causal: bool, scale: float, return_lse: bool, key_length
         )
     torch_npu = load_torch_npu(backend)
     extra = {}
-    if causal:
+    if causal and key_lengths is not None:
+        visible = key_padding_mask(key_lengths, k.shape[1]) & bottom_right_causal_mask(
+            q.shape[1], k.shape[1], q.device
+        )
+        extra = {"atten_mask": ~visible.contiguous()}  # True = masked
+    elif causal:
         extra = {"atten_mask": npu_compressed_causal_mask(q.device), "sparse_mode": 3}
-    if key_lengths is not None:
+    elif key_lengths is not None:
         extra["actual_seq_lengths_kv"] = key_lengths.tolist()  # the op takes host-side lengths
     out, lse = torch_npu.npu_fused_infer_attention_score(
         q.contiguous(),
