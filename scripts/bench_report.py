@@ -354,6 +354,30 @@ def _render_oracle(results: list[BenchResult]) -> str:
     )
 
 
+def _render_selection_quality(results: list[BenchResult]) -> str:
+    (result,) = results
+    data = result.data
+    mass_rows = data.get("mass_rows") or []
+    mass_table = _md_table(
+        list(mass_rows[0]) if mass_rows else [], [[str(v) for v in row.values()] for row in mass_rows]
+    )
+    details = [
+        f"- Grid {tuple(data.get('grid', ()))}, {data.get('heads')} heads of {data.get('head_dim')}, "
+        "float32, raster order; kept = fraction of block pairs kept, mass kept = exact attention mass "
+        "inside them, rel_l2 and cos against dense attention, vs row oracle = rel_l2 over the row "
+        "oracle's"
+    ]
+    table = _render_rows(results)
+    if mass_rows:
+        table += (
+            "\n\n`mass` budgets (sparsity reached = mean over heads; the other columns at that sparsity):\n\n"
+        )
+        table += mass_table
+    return _entry(
+        f"Block selection against the exact-mass ranking (`{result.path.name}`)", results, details, table
+    )
+
+
 def _render_block_sparse_kernel(results: list[BenchResult]) -> str:
     (result,) = results
     data = result.data
@@ -378,6 +402,7 @@ RENDERERS: dict[str, tuple[Callable[[list[BenchResult]], str], bool]] = {
     "cp_wan": (_render_cp_wan, False),
     "row_balance": (_render_row_balance, False),
     "oracle": (_render_oracle, True),
+    "selection_quality": (_render_selection_quality, False),
 }
 
 

@@ -33,8 +33,9 @@ from bench_common import median_ms as _median_ms  # noqa: E402
 
 from attnbridge.attention.api import AttentionLayer  # noqa: E402
 from attnbridge.attention.contract import AttentionContext  # noqa: E402
+from attnbridge.attention.options import kept_count  # noqa: E402
 from attnbridge.attention.sparse.layout import resolve_layout  # noqa: E402
-from attnbridge.attention.sparse.selection import BlockSelection, select_top_blocks  # noqa: E402
+from attnbridge.attention.sparse.selection import BlockSelection, select_by_mass  # noqa: E402
 
 FULL = {"grid": (21, 30, 52), "heads": 12, "dim": 128, "dtype": torch.bfloat16}
 SMALL = {"grid": (3, 8, 24), "heads": 2, "dim": 64, "dtype": torch.float32}
@@ -93,19 +94,21 @@ def rel_l2(actual, expected) -> float:
 
 
 def oracle_selection(q, k, scale, sparsity, layout) -> BlockSelection:
-    """``block_sparse``'s budget and forced blocks, but each row's blocks ranked by the *exact*
-    attention mass they hold (softmax summed over the query block): a reference for how good the
-    ranking of the pooled scores is. Not a strict bound (a search that minimises the output error
-    directly can do a little better). Bench-only (it computes full attention)."""
+    """``block_sparse``'s budget and placement, fed the *exact* attention mass of each block pair
+    (softmax summed over the query block) instead of the estimate: a reference for how much the
+    estimate costs. Not a strict bound (a search that minimises the output error directly can do a
+    little better). Bench-only (it computes full attention)."""
     block, nb = layout.block_size, layout.num_blocks
     mass = torch.zeros(q.shape[0], q.shape[2], nb, nb, device=q.device)
     kt = k.float().transpose(1, 2)  # [B, H, S, D]
     pad = nb * block - k.shape[1]
     for row in range(nb):
         qr = q[:, row * block : (row + 1) * block].float().transpose(1, 2)
-        probs = torch.softmax(qr @ kt.transpose(-1, -2) * scale, dim=-1).sum(dim=2)  # [B, H, S]
+        probs = torch.softmax(qr @ kt.transpose(-1, -2) * scale, dim=-1).mean(dim=2)  # [B, H, S]
         mass[:, :, row] = F.pad(probs, (0, pad)).unflatten(-1, (nb, block)).sum(-1)
-    return select_top_blocks(mass, sparsity, layout.dense_blocks(q.device), layout.num_dense_blocks)
+    text = torch.arange(nb, device=q.device) >= layout.text_start_block
+    budget = torch.full(mass.shape[:2], kept_count(sparsity, nb * nb), device=q.device)
+    return select_by_mass(mass.clamp(min=1e-30).log(), budget, text[:, None] | text[None, :])
 
 
 def unique_graphs() -> int:

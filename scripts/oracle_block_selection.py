@@ -3,8 +3,11 @@
 Computes the exact attention mass of every (query block, key block) pair and compares, at one
 sparsity and the same number of kept blocks per head, the rel-L2 error vs dense attention of:
 
-* ``pooled top-k``: ``block_sparse``'s own selection (mean-pooled q . k scores, per-row budget);
-* ``row oracle``: the same per-row budget and forced blocks, rows ranked by exact mass (a
+* ``pooled top-k``: ``block_sparse``'s former selection (mean-pooled q . k scores, diagonal and
+  first frame forced, per-row budget);
+* ``block_sparse``: the backend's selection now (estimated block mass, no forced blocks, placed
+  per head; ``scripts/selection_quality.py`` compares it in more detail);
+* ``row oracle``: the former rule's per-row budget and forced blocks, rows ranked by exact mass (a
   reference for the ranking, not a strict bound: minimising the output error directly can do a
   little better);
 * ``global oracle``: the forced blocks, then the pairs of highest exact mass anywhere in the head
@@ -30,12 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import print_table, write_json  # noqa: E402
 from bench_sparse import FULL, structured_qkv  # noqa: E402
 
-from attnbridge.attention.backends.block_sparse import select_block_sparse  # noqa: E402
+from attnbridge.attention.backends.block_sparse import BlockSparseOptions, select_block_sparse  # noqa: E402
 from attnbridge.attention.backends.rain_fusion import rain_fusion_order  # noqa: E402
 from attnbridge.attention.contract import AttentionContext  # noqa: E402
-from attnbridge.attention.sparse.impl import SparseOptions  # noqa: E402
 from attnbridge.attention.sparse.layout import resolve_layout  # noqa: E402
-from attnbridge.attention.sparse.selection import indices_to_mask, select_top_blocks  # noqa: E402
+from attnbridge.attention.sparse.selection import (  # noqa: E402
+    indices_to_mask,
+    pooled_scores,
+    select_top_blocks,
+)
 
 BLOCK = 128
 
@@ -95,8 +101,10 @@ def main(argv=None) -> int:
     rows = []
     for order_name, order in (("raster", None), ("8x8 patches", rain_fusion_order(grid))):
         qo, ko, vo = (x if order is None else x.index_select(1, order) for x in (q, k, v))
-        pooled = select_block_sparse(qo, ko, scale, SparseOptions(sparsity=args.sparsity), layout)
-        pooled_keep = indices_to_mask(pooled.indices, pooled.counts, nb)[0]
+        scores = pooled_scores(qo, ko, layout.block_size, scale)
+        pooled_keep = select_top_blocks(scores, args.sparsity, dense, layout.num_dense_blocks).mask()[0]
+        current = select_block_sparse(qo, ko, scale, BlockSparseOptions(sparsity=args.sparsity), layout)
+        current_keep = indices_to_mask(current.indices, current.counts, nb)[0]
         qh, kh, vh = (x[0].float().transpose(0, 1).contiguous() for x in (qo, ko, vo))  # [H, S, D]
         mass = block_mass(qh, kh, scale)
         row = select_top_blocks(mass[None], args.sparsity, dense, layout.num_dense_blocks)
@@ -104,6 +112,7 @@ def main(argv=None) -> int:
         total = int(row_keep[0].sum())
         for name, keep in (
             ("pooled top-k", pooled_keep),
+            ("block_sparse", current_keep),
             ("row oracle", row_keep),
             ("global oracle", global_oracle(mass, forced, total)),
         ):

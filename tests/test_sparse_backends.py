@@ -8,9 +8,9 @@ What a user relies on, each against an independent float64 reference:
 * sparsity 0 and dense steps (``step < skip_first_steps`` or ``dense_step=True``) give the dense
   result, dense steps bit for bit the ``fa`` backend's output; cross-attention and bare calls are
   dense; the default is sparsity 0.75 from the first step;
-* selection keeps what it must (first frame, diagonal, the text of joint attention, which comes
-  last) and picks the expected blocks on hand-made scores; RainFusion's 8x8 reordering is the
-  documented one;
+* selection keeps what it must (rain_fusion's first frame, the text of joint attention, which
+  comes last) and picks the expected blocks on hand-made scores; RainFusion's 8x8 reordering is
+  the documented one (block_sparse's estimated-mass rule: tests/test_block_selection.py);
 * NaN is not hidden: a NaN key or query gives NaN in every row that attends it;
 * block_sparse, rain_fusion, vsa and fa run one after another in one process, each matching its
   float64 reference (CPU, and CUDA where present);
@@ -30,12 +30,14 @@ from attnbridge.attention.backends.block_sparse import select_block_sparse
 from attnbridge.attention.backends.laser import range_shift, uses_laser_kernel
 from attnbridge.attention.backends.rain_fusion import rain_fusion_order, select_rain_fusion
 from attnbridge.attention.contract import AttentionContext
+from attnbridge.attention.options import kept_count
+from attnbridge.attention.registry import get_backend
 from attnbridge.attention.sparse import impl as sparse_impl
 from attnbridge.attention.sparse import triton_kernel
 from attnbridge.attention.sparse.flex import block_sparse_attention
-from attnbridge.attention.sparse.impl import SparseOptions
 from attnbridge.attention.sparse.layout import is_dense_step, resolve_layout
 from attnbridge.attention.sparse.selection import (
+    RANK_ESTIMATE,
     indices_to_mask,
     mask_to_selection,
     pool_blocks,
@@ -43,6 +45,7 @@ from attnbridge.attention.sparse.selection import (
     threshold_mask,
 )
 from tests.emulation.reference import dense_reference, rel_l2
+from tests.test_block_selection import documented_estimate, documented_mask
 
 FP32_TOL = 1e-5
 BF16_TOL = 1.5e-2
@@ -90,7 +93,9 @@ def _selection_mask(backend, q, k, context, sparsity):
     """(layout, kept-block mask in mask order) the backend's selector gives for this call."""
     layout = resolve_layout(backend, q, context, IMAGE_ORDERS[backend])
     qs, ks = layout.to_mask_order(q), layout.to_mask_order(k)
-    selection = SELECTORS[backend](qs, ks, q.shape[-1] ** -0.5, SparseOptions(sparsity=sparsity), layout)
+    selection = SELECTORS[backend](
+        qs, ks, q.shape[-1] ** -0.5, get_backend(backend).options(sparsity=sparsity), layout
+    )
     return layout, selection.mask()
 
 
@@ -241,7 +246,7 @@ def test_dense_step_rule():
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 def test_default_options_are_sparsity_075_from_the_first_step(backend):
     layer = AttentionLayer(backend)
-    assert layer.options == SparseOptions(sparsity=0.75, skip_first_steps=0)
+    assert (layer.options.sparsity, layer.options.skip_first_steps) == (0.75, 0)
     q, k, v = _qkv(1, 960, 2, 2, 32)
     context = AttentionContext(grid=GRID, step=0)
     out = layer(q, k, v, context=context)
@@ -280,21 +285,14 @@ def documented_rain_fusion_order(grid):
     return torch.tensor(order)
 
 
-def documented_row_budget(sparsity, nb, n_dense):
-    """block_sparse's documented budget: ``1 - sparsity`` of the nb x nb pairs per head; the dense
-    rows take nb each, the other rows share the rest evenly, each keeping at least its forced
-    blocks (the dense columns and the diagonal)."""
-    total = math.ceil(round((1 - sparsity) * nb * nb, 9))
-    return min(nb, max((total - n_dense * nb) // (nb - n_dense), n_dense + 1))
-
-
-def documented_block_mask(backend, q, k, sparsity, dense_blocks):
-    """The kept blocks by each backend's documented rule, with plain loops over rows (q, k in mask
-    order, float64 pooling): no code shared with the selectors under test."""
+def documented_block_mask(q, k, sparsity, dense_blocks):
+    """rain_fusion's kept blocks by its documented rule, with plain loops over rows (q, k in mask
+    order, float64 pooling): no code shared with the selector under test. A block's probability is
+    the softmax over its row of the pooled scores; a row keeps the blocks at or above its
+    ``ceil(nb * (1 - s))``-th largest, plus the dense rows and columns."""
     batch, seq, heads, dim = q.shape
     nb = math.ceil(seq / 128)
     group = heads // k.shape[2]
-    budget = documented_row_budget(sparsity, nb, len(dense_blocks))
     q_bar = torch.stack([q[:, i * 128 : (i + 1) * 128].double().mean(1) for i in range(nb)], 1)
     k_bar = torch.stack([k[:, i * 128 : (i + 1) * 128].double().mean(1) for i in range(nb)], 1)
     mask = torch.zeros(batch, heads, nb, nb, dtype=torch.bool)
@@ -304,11 +302,7 @@ def documented_block_mask(backend, q, k, sparsity, dense_blocks):
                 scores = [float(q_bar[b, i, h] @ k_bar[b, j, h // group]) / math.sqrt(dim) for j in range(nb)]
                 if i in dense_blocks:
                     kept = set(range(nb))
-                elif backend == "block_sparse":  # forced blocks, then the best others up to the budget
-                    forced = set(dense_blocks) | {i}
-                    others = sorted(set(range(nb)) - forced, key=lambda j: -scores[j])
-                    kept = forced | set(others[: budget - len(forced)])
-                else:  # rain_fusion: probability >= the ceil(nb * (1 - s))-th largest, plus dense columns
+                else:
                     probs = torch.softmax(torch.tensor(scores), 0)
                     threshold = probs.sort(descending=True).values[math.ceil(nb * (1 - sparsity)) - 1]
                     kept = {j for j in range(nb) if probs[j] >= threshold} | set(dense_blocks)
@@ -317,12 +311,22 @@ def documented_block_mask(backend, q, k, sparsity, dense_blocks):
 
 
 def documented_sparse_reference(backend, q, k, v, grid, sparsity):
-    """float64 attention over the blocks the documented rule keeps, in the caller's token order."""
+    """float64 attention over the blocks the documented rule keeps, in the caller's token order:
+    rain_fusion's threshold above (patch order, first frame dense), block_sparse's estimated mass
+    and budget placement from tests/test_block_selection.py (caller order, nothing forced)."""
     frames, height, width = grid
-    order = documented_rain_fusion_order(grid) if backend == "rain_fusion" else torch.arange(q.shape[1])
-    qs, ks, vs = (x.cpu()[:, order] for x in (q, k, v))
+    q, k, v = (x.cpu() for x in (q, k, v))
+    if backend == "block_sparse":
+        nb = math.ceil(q.shape[1] / 128)
+        budget = [[kept_count(sparsity, nb * nb)] * q.shape[2]] * q.shape[0]
+        forced = [[False] * nb for _ in range(nb)]
+        mask = documented_mask(documented_estimate(q, k, *RANK_ESTIMATE), budget, forced)
+        ref, _ = block_masked_reference(q, k, v, mask, 128)
+        return ref, mask
+    order = documented_rain_fusion_order(grid)
+    qs, ks, vs = (x[:, order] for x in (q, k, v))
     first_frame = math.ceil(height * width / 128) if frames > 1 else 0
-    mask = documented_block_mask(backend, qs, ks, sparsity, dense_blocks=list(range(first_frame)))
+    mask = documented_block_mask(qs, ks, sparsity, dense_blocks=list(range(first_frame)))
     ref_sorted, _ = block_masked_reference(qs, ks, vs, mask, 128)
     ref = torch.empty_like(ref_sorted)
     ref[:, order] = ref_sorted
@@ -332,21 +336,17 @@ def documented_sparse_reference(backend, q, k, v, grid, sparsity):
 #: 9 frames of 8x12 = 864 tokens: 7 blocks (the last 96 tokens), the first frame is block 0, and
 #: RainFusion's patches (frames 1-8: one 8x8 patch then an 8x4 strip) straddle block boundaries.
 SELECTION_GRID = (9, 8, 12)
-#: block_sparse at sparsity 0.5 on 7 blocks: ceil(0.5 * 49) = 25 pairs per head; the dense row 0
-#: takes 7, the 6 other rows get 18 // 6 = 3 each: column 0, the diagonal and their best other block.
-BLOCK_SPARSE_ROW_BUDGET = 3
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 def test_sparse_output_is_exact_attention_over_the_documented_blocks(backend):
     """End to end (reordering included): the output is the float64 attention over the blocks the
     documented rule keeps, derived here independently of the selectors, in the caller's order."""
-    assert documented_row_budget(0.5, 7, 1) == BLOCK_SPARSE_ROW_BUDGET
     q, k, v = _qkv(1, 864, 4, 2, 32)
     context = AttentionContext(grid=SELECTION_GRID, step=1)
     out = attend(q, k, v, backend=backend, context=context, sparsity=0.5)
     ref, mask = documented_sparse_reference(backend, q, k, v, SELECTION_GRID, 0.5)
-    forced = torch.eye(7, dtype=torch.bool) | (torch.arange(7) == 0)[:, None] | (torch.arange(7) == 0)
+    forced = (torch.arange(7) == 0)[:, None] | (torch.arange(7) == 0)  # rain_fusion's first frame
     assert (mask & ~forced).any() and not mask.all()  # the scores decide some blocks, and some go
     assert rel_l2(out, ref) < FP32_TOL
 
@@ -438,18 +438,14 @@ def test_block_budget_is_one_minus_sparsity_per_head_first_frame_included():
         assert mask[..., :first, :].all() and mask[..., :, :first].all()
 
 
-@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
-def test_first_frame_and_diagonal_are_always_kept(backend):
+def test_rain_fusion_keeps_the_first_frame_dense_both_ways():
+    """block_sparse forces nothing in self-attention (tests/test_block_selection.py)."""
     q, k, _ = _qkv(2, 960, 4, 2, 32)
     context = AttentionContext(kind="self", grid=GRID, step=7)
-    layout, mask = _selection_mask(backend, q, k, context, 0.9)
+    layout, mask = _selection_mask("rain_fusion", q, k, context, 0.9)
     assert layout.first_frame_blocks == 3  # ceil(8 * 40 / 128)
     assert layout.dense_rows == (0, 1, 2) and layout.text_start_block == layout.num_blocks == 8
     assert mask[..., :3, :].all() and mask[..., :, :3].all()
-    if backend == "block_sparse":
-        assert mask.diagonal(dim1=-2, dim2=-1).all()
-        # 8 blocks at 90%: the budget is below the forced blocks (3 first-frame + diagonal)
-        assert (mask[..., 3:, :].sum(-1) == 4).all()
 
 
 def test_rain_fusion_threshold_keeps_ties_and_forced_blocks():

@@ -1,13 +1,39 @@
-"""The ``block_sparse`` backend: per head, each query block keeps its top-scoring 128-token key
-blocks, ranked by mean-pooled ``q̄ · k̄ᵀ · scale``; attention runs on exactly those blocks.
+"""The ``block_sparse`` backend: per head, the 128-token (query block, key block) pairs that hold
+the most estimated attention mass; attention runs on exactly those blocks.
 
-The diagonal block and the first latent frame (video) or the text (joint attention) are always
-kept; dense steps and cross-attention run dense ``fa`` (rules in :mod:`attnbridge.attention.sparse.layout`).
-``sparsity`` is the fraction of block pairs skipped per head: the forced blocks, dense first-frame
-rows included, are paid from the ``1 - sparsity`` budget and the rest is shared evenly by the other
-query blocks (:func:`~attnbridge.attention.sparse.selection.row_budget`), so the work is
-``1 - sparsity`` of dense. At Wan 480p the first frame alone is about 10% of the blocks, so at
-sparsity 0.9 the other rows keep only their forced blocks.
+Selection (:mod:`attnbridge.attention.sparse.selection`), three steps of tensor code:
+
+1. **Estimate.** Each block is read as 4 sub-blocks of 32 tokens: their means and the spread of
+   their tokens around the means. The logits between sub-block means, raised by half the variance
+   the spread gives the token logits, plus the log of each key sub-block's size, give every query
+   sub-block a softmax over the key sub-blocks; summed per block pair, they estimate how the mass
+   of each query block spreads over the key blocks
+   (:func:`~attnbridge.attention.sparse.selection.estimated_block_mass`). One
+   ``[4 nb, D] x [D, 4 nb]`` product per head, 16 times the work of one mean per block.
+2. **Budget.** ``sparsity`` is the fraction of the ``nq x nk`` block pairs skipped per head: each
+   head keeps ``ceil((1 - sparsity) nq nk)`` pairs, forced ones included, so the work is
+   ``1 - sparsity`` of dense (more only where the forced blocks and one block per query block do
+   not fit in it). With ``mass`` instead, each query block counts the fewest key blocks whose
+   estimated mass reaches ``mass`` (:func:`~attnbridge.attention.sparse.selection.mass_counts`;
+   this count reads the mean logits doubled, without the spread term, which matched the exact
+   mass best on the generators of ``scripts/selection_quality.py``), and the head keeps the sum of
+   those counts, clamped to ``[min_kept, max_kept]`` of its pairs: the work follows the input, per
+   head and per call, and the blocks are placed as for a fixed budget.
+3. **Placement.** Three quarters of the head's budget (after forced pairs) is shared evenly: each
+   query block keeps at least that many of its best key blocks, and at least one. The last
+   quarter goes where it lowers the squared estimated dropped mass of its query block most
+   (:func:`~attnbridge.attention.sparse.selection.select_by_mass`): to query blocks whose
+   attention is spread rather than concentrated. The even share guards against an estimate that
+   is wrong about a query block.
+
+``scripts/selection_quality.py`` measures the selection against the blocks of highest exact mass.
+
+Forced blocks: only the text of joint attention (every block holding a text token is a dense row
+and a dense column). There is no diagonal or first-frame prior, and the first-frame rule of the
+shared rules below does not apply to ``block_sparse``: a first-frame or diagonal block is kept when
+its estimated mass earns it. A block pair whose estimate is NaN is kept, so a NaN query or key
+reaches every output row that attends it. Dense steps and cross-attention run dense ``fa`` (rules
+in :mod:`attnbridge.attention.sparse.layout`).
 
 * CPU: FlexAttention with an exact block mask (the reference); CUDA: attnbridge's Triton kernel,
   which walks each query block's list of key blocks, longest lists first.
@@ -17,53 +43,146 @@ sparsity 0.9 the other rows keep only their forced blocks.
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
+from typing import Any
+
+import torch
+
+from attnbridge.attention.options import count, fraction, kept_count, option
 from attnbridge.attention.registry import Backend, Unavailable
 from attnbridge.attention.sparse.ascend import ASCEND_BLOCK_SPARSE
 from attnbridge.attention.sparse.flex import FLEX
 from attnbridge.attention.sparse.impl import Selector, SparseOptions, compose
-from attnbridge.attention.sparse.layout import compiled_on_gpu, dense_block_flags
-from attnbridge.attention.sparse.selection import BlockSelection, pooled_scores, select_top_blocks
+from attnbridge.attention.sparse.layout import compiled_on_gpu
+from attnbridge.attention.sparse.selection import (
+    MASS_ESTIMATE,
+    RANK_ESTIMATE,
+    BlockSelection,
+    dense_selection,
+    estimated_block_mass,
+    mass_counts,
+    select_by_mass,
+)
 from attnbridge.attention.sparse.triton_kernel import TRITON
+
+_DEFAULT_SPARSITY = 0.75
+
+
+def _open_fraction(backend: str, key: str, value: Any) -> float | None:
+    """None, or a number in ``(0, 1]``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"backend {backend!r}: {key} must be a number in (0, 1] or None; got {value!r}")
+    return float(value)
+
+
+def _closed_fraction(backend: str, key: str, value: Any) -> float:
+    """A number in ``[0, 1]``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"backend {backend!r}: {key} must be a number in [0, 1]; got {value!r}")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSparseOptions(SparseOptions):
+    """Options of ``block_sparse``: a fixed budget (``sparsity``) or an error-driven one (``mass``)."""
+
+    sparsity: float = option(
+        _DEFAULT_SPARSITY,
+        "fraction of the (query block, key block) pairs each head skips, in [0, 1); not with `mass`",
+        fraction,
+    )
+    skip_first_steps: int = option(0, "denoising steps run dense before sparsity starts, integer >= 0", count)
+    mass: float | None = option(
+        None,
+        "instead of `sparsity`: each query block needs the fewest key blocks whose estimated softmax "
+        "mass reaches this, in (0, 1]; the head keeps as many pairs as its query blocks need together",
+        _open_fraction,
+    )
+    min_kept: float = option(
+        0.0,
+        "with `mass`: the fewest pairs a head keeps, as a fraction of its pairs, in [0, 1]",
+        _closed_fraction,
+    )
+    max_kept: float = option(
+        1.0,
+        "with `mass`: the most pairs a head keeps, as a fraction of its pairs, in [0, 1]",
+        _closed_fraction,
+    )
+
+    def __post_init__(self) -> None:
+        if self.mass is not None and self.sparsity != _DEFAULT_SPARSITY:
+            raise ValueError(
+                f"backend 'block_sparse': give mass or sparsity, not both (got mass={self.mass}, "
+                f"sparsity={self.sparsity})"
+            )
+        if self.mass is None and (self.min_kept, self.max_kept) != (0.0, 1.0):
+            raise ValueError(
+                "backend 'block_sparse': min_kept and max_kept bound the budget of mass; they need mass "
+                f"(got min_kept={self.min_kept}, max_kept={self.max_kept}, mass=None)"
+            )
+        if self.min_kept > self.max_kept:
+            raise ValueError(
+                f"backend 'block_sparse': min_kept ({self.min_kept}) must not exceed max_kept ({self.max_kept})"
+            )
 
 
 def select_block_sparse(q, k, scale: float, options, layout) -> BlockSelection:
-    """Top-k selection on pooled scores, with the layout's dense blocks and the diagonal forced."""
-    select = compiled_on_gpu(_top_k_lists, q.device)
-    indices, counts = select(
+    """The kept key blocks of every query block (q, k in mask order): see the module docstring.
+    ``options`` may be plain :class:`SparseOptions` (a fixed budget)."""
+    select = compiled_on_gpu(_selection_lists, q.device)
+    indices, counts, mask = select(
         q,
         k,
         scale,
         options.sparsity,
-        layout.first_frame_blocks,
+        getattr(options, "mass", None),
+        getattr(options, "min_kept", 0.0),
+        getattr(options, "max_kept", 1.0),
         layout.text_start_block,
-        layout.num_dense_blocks,
         layout.block_size,
         layout.key_lengths,
     )
-    return BlockSelection(indices, counts, layout.num_blocks)
+    return BlockSelection(indices, counts, layout.num_blocks, kept_mask=mask)
 
 
-def _top_k_lists(
-    q, k, scale, sparsity, first_frame_blocks, text_start_block, num_dense, block_size, key_lengths
+def _selection_lists(
+    q, k, scale, sparsity, mass, min_kept, max_kept, text_start_block, block_size, key_lengths
 ):
-    scores = pooled_scores(q, k, block_size, scale, key_lengths)
-    dense_blocks = dense_block_flags(scores.shape[-1], first_frame_blocks, text_start_block, q.device)
-    selection = select_top_blocks(scores, sparsity, dense_blocks, num_dense)
-    return selection.indices, selection.counts
+    batch, seq, heads, _ = q.shape
+    nb = -(-seq // block_size)
+    pairs = nb * nb
+    if mass is None and kept_count(sparsity, pairs) == pairs:
+        dense = dense_selection(batch, heads, nb, nb, q.device)
+        return dense.indices, dense.counts, None
+    estimates = (RANK_ESTIMATE,) if mass is None else (RANK_ESTIMATE, MASS_ESTIMATE)
+    (log_mass, *counting), nan_pairs = estimated_block_mass(q, k, block_size, scale, key_lengths, estimates)
+    text = torch.arange(nb, device=q.device) >= text_start_block
+    forced = text[:, None] | text[None, :] | nan_pairs
+    if mass is None:
+        budget = torch.full((batch, heads), kept_count(sparsity, pairs), device=q.device)
+    else:
+        needed = mass_counts(counting[0], mass, forced).sum(dim=-1)
+        low = 0 if min_kept == 0.0 else kept_count(1.0 - min_kept, pairs)
+        budget = needed.clamp(min=low, max=kept_count(1.0 - max_kept, pairs))
+    selection = select_by_mass(log_mass, budget, forced)
+    return selection.indices, selection.counts, selection.kept_mask
 
 
-TOP_K = Selector("top-k pooled", select_block_sparse)
+MASS_RANKED = Selector("estimated-mass", select_block_sparse)
 
 BACKEND = Backend(
     "block_sparse",
-    "top-k 128-token block-sparse attention",
+    "128-token block-sparse attention on the blocks of highest estimated mass",
     platforms={
-        "cpu": compose(TOP_K, FLEX),
-        "cuda": compose(TOP_K, TRITON),
+        "cpu": compose(MASS_RANKED, FLEX),
+        "cuda": compose(MASS_RANKED, TRITON),
         "musa": Unavailable("FlexAttention (Triton) is not available for MUSA; use 'sdpa', 'fa' or 'sage'"),
-        "npu": compose(TOP_K, ASCEND_BLOCK_SPARSE),
+        "npu": compose(MASS_RANKED, ASCEND_BLOCK_SPARSE),
     },
-    options=SparseOptions,
+    options=BlockSparseOptions,
     sparse=True,
     order=4,
 )

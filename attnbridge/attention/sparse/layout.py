@@ -9,9 +9,10 @@
 * **Joint attention** (image tokens first, then ``num_text_tokens`` text tokens): image blocks stay
   aligned to block boundaries and the text lands in the last blocks. Every block that holds a text
   token is a dense row (text queries see everything) and a dense column (every query sees all text).
-* **First frame.** With a video grid (``T > 1``) the first latent frame's ``ceil(H*W/block)``
-  blocks are dense rows and dense columns. A single-frame grid (an image) has no first frame to
-  protect: applying the rule there would make the whole image dense.
+* **First frame** (``rain_fusion``; ``block_sparse`` forces no first-frame block and keeps one when
+  its estimated mass earns it). With a video grid (``T > 1``) the first latent frame's
+  ``ceil(H*W/block)`` blocks are dense rows and dense columns. A single-frame grid (an image) has
+  no first frame to protect: applying the rule there would make the whole image dense.
 * **Token order.** A backend may gather the image tokens into another order first (RainFusion's
   8x8 patches); the output is put back in the caller's order.
 * **Key padding** (``context.key_lengths``, the text padding of a batch of prompts): padded keys get
@@ -52,12 +53,10 @@ _compiled: dict[Callable, Callable] = {}
 
 
 def compiled_on_gpu(fn: Callable, device: torch.device) -> Callable:
-    """``fn`` compiled once (``dynamic=False``) for GPU tensors in eager mode; as is on the CPU and
-    inside a caller's ``torch.compile`` (which traces it into its own graph).
-
-    Block selection is a dozen small ops on ``[B, H, nb, nb]``; launched one by one they cost more
-    than their work, compiled they are a few fused kernels.
-    """
+    """``fn`` compiled once (``dynamic=False``) for GPU tensors in eager mode; as is on the CPU and inside a
+    caller's ``torch.compile`` (which traces it into its own graph). Block selection is a dozen small ops on
+    ``[B, H, nb, nb]``; launched one by one they cost more than their work, compiled they are a few fused
+    kernels."""
     if device.type == "cpu" or torch.compiler.is_compiling():
         return fn
     compiled = _compiled.get(fn)
@@ -75,11 +74,8 @@ def is_dense_step(context: AttentionContext | None, skip_first_steps: int) -> bo
 
 @dataclass(frozen=True)
 class SparseLayout:
-    """How one self/joint call maps onto the block mask.
-
-    ``perm`` (or None for "no reordering") gathers the caller's image tokens into the backend's
-    order; text tokens stay last; ``inverse`` puts them back.
-    """
+    """How one self/joint call maps onto the block mask. ``perm`` (or None for "no reordering") gathers the
+    caller's image tokens into the backend's order; text tokens stay last; ``inverse`` puts them back."""
 
     seq_len: int
     num_text: int
@@ -140,11 +136,9 @@ def resolve_layout(
     image_order: Callable[[tuple[int, int, int]], torch.Tensor | None] | None = None,
     block_size: int = BLOCK_SIZE,
 ) -> SparseLayout:
-    """Check the grid against the sequence and build the mask-order layout for this call.
-
-    ``image_order`` (a module-level function, so it can key a cache) maps the grid to the gather
-    order of the image tokens, or None for raster order.
-    """
+    """Check the grid against the sequence and build the mask-order layout for this call. ``image_order`` (a
+    module-level function, so it can key a cache) maps the grid to the gather order of the image tokens, or
+    None for raster order."""
     seq_len = q.shape[1]
     num_text = context.num_text_tokens if context is not None and context.kind == "joint" else 0
     num_image = seq_len - num_text

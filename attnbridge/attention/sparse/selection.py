@@ -1,11 +1,14 @@
-"""Which key blocks each query block attends: pooled scores, top-k, thresholds, mask <-> index lists.
+"""Which key blocks each query block attends: pooled scores, estimated block mass, top-k,
+thresholds, mask <-> index lists.
 
-Everything is tensor code without Python loops over blocks, so selection stays a few small kernels
-next to the attention itself (pooling reads q and k once; the rest works on ``[B, H, nb, nb]``).
+Everything is tensor code without Python loops over blocks and without host syncs, so selection
+stays a few small kernels next to the attention itself (pooling reads q and k once; the rest works
+on ``[B, H, nb, nb]``, or ``[B, H, 4 nb, 4 nb]`` for the sub-block logits of the mass estimate).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -71,10 +74,158 @@ def pooled_scores(
     return scores
 
 
+#: Sub-blocks per block in :func:`estimated_block_mass`: a 128-token block is read as 4 means of 32.
+SUB_BLOCKS = 4
+#: The estimate that ranks and places blocks: (logit factor, spread term) of :func:`estimated_block_mass`.
+RANK_ESTIMATE = (1.0, True)
+#: The estimate that counts the blocks a ``mass`` threshold needs (calibrated: see block_sparse).
+MASS_ESTIMATE = (2.0, False)
+#: Share of a head's budget that :func:`select_by_mass` spreads evenly over the query blocks.
+EVEN_SHARE = 0.75
+
+
+def estimated_block_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int,
+    scale: float,
+    key_lengths: torch.Tensor | None = None,
+    estimates: tuple[tuple[float, bool], ...] = (RANK_ESTIMATE,),
+    sub_blocks: int = SUB_BLOCKS,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Estimated softmax mass of every (query block, key block) pair, from sub-block statistics.
+
+    Each block is split into ``sub_blocks`` sub-blocks (a partial tail has fewer). For a query
+    sub-block ``a`` and a key sub-block ``b`` with means ``q̄ₐ``, ``k̄ᵦ`` and per-dimension variances
+    ``σₐ²``, ``σᵦ²`` (of their tokens around the mean), the logit is ``t · scale · q̄ₐ · k̄ᵦ``, plus,
+    with the spread term, ``scale² V / 2`` where ``V = σₐ² |k̄ᵦ|² + σᵦ² |q̄ₐ|² + D σₐ² σᵦ²`` is the
+    variance of the token logits of the pair when the tokens spread evenly around their means (the
+    mean of ``exp`` of a normal variable is ``exp`` of its mean plus half its variance). Plus the
+    log of the key sub-block's token count, each query sub-block takes a softmax over the key
+    sub-blocks; a pair's mass is the sum over its sub-block pairs, weighted by the query sub-blocks'
+    token counts. ``estimates`` lists the ``(t, spread term)`` of each estimate to return (the
+    logits are computed once).
+
+    Returns ``(log_mass, nan_pairs)``: per estimate a float32 ``[B, H_q, nq, nk]`` of log estimated
+    mass, each row summing to 1 (key sub-blocks past ``key_lengths`` get none); and bool
+    ``[B, H_q, nq, nk]``, True where a sub-block logit of the pair is NaN (a NaN query or key
+    token), which selection must keep so that the NaN reaches the output.
+    """
+    batch, seq, _, dim = q.shape
+    if block_size % sub_blocks:
+        raise ValueError(f"block size {block_size} is not a multiple of {sub_blocks} sub-blocks")
+    sub = block_size // sub_blocks
+    nb, ns = math.ceil(seq / block_size), math.ceil(seq / sub)
+    groups = q.shape[2] // k.shape[2]
+
+    def stats(x):
+        """Sub-block means [B, H, ns, D], their squared norms and per-dimension variances [B, H, ns]."""
+        mean = pool_blocks(x, sub).transpose(1, 2)
+        square = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square()[..., None]
+        mean_square = pool_blocks(square, sub).transpose(1, 2)[..., 0]
+        norm = mean.square().sum(dim=-1)
+        return mean, norm, ((mean_square - norm) / dim).clamp(min=0.0)
+
+    q_bar, q_norm, q_var = stats(q)
+    k_bar, k_norm, k_var = (t.repeat_interleave(groups, dim=1) if groups > 1 else t for t in stats(k))
+    logits = torch.matmul(q_bar, k_bar.transpose(-1, -2)) * scale  # [B, Hq, ns, ns]
+    nan = logits.isnan()
+    padded = nb * sub_blocks - ns
+    nan_pairs = torch.nn.functional.pad(nan, (0, padded, 0, padded))
+    nan_pairs = nan_pairs.view(batch, -1, nb, sub_blocks, nb, sub_blocks).any(dim=5).any(dim=3)
+    sizes = torch.full((ns,), float(sub), device=q.device)
+    sizes[-1] = seq - sub * (ns - 1)
+    log_sizes = sizes.log()
+    key_bias = log_sizes.expand(batch, ns)
+    if key_lengths is not None:
+        starts = torch.arange(ns, device=q.device) * sub
+        key_bias = key_bias.masked_fill(starts[None, :] >= key_lengths[:, None], float("-inf"))
+    results = []
+    for temperature, spread in estimates:
+        z = logits * temperature
+        if spread:
+            variance = (
+                q_var[..., :, None] * k_norm[..., None, :]
+                + k_var[..., None, :] * q_norm[..., :, None]
+                + dim * q_var[..., :, None] * k_var[..., None, :]
+            )
+            z = z + (0.5 * scale * scale) * variance
+        z = z.masked_fill(nan, float("-inf")) + key_bias[:, None, None, :]
+        log_p = z - z.logsumexp(dim=-1, keepdim=True) + log_sizes[:, None]
+        log_p = torch.nn.functional.pad(log_p, (0, padded, 0, padded), value=float("-inf"))
+        pairs = log_p.view(batch, -1, nb, sub_blocks, nb, sub_blocks).logsumexp(dim=5).logsumexp(dim=3)
+        pairs = pairs - pairs.logsumexp(dim=-1, keepdim=True)
+        # A row whose every logit is NaN has nothing to normalize: its pairs are kept through nan_pairs.
+        results.append(pairs.masked_fill(pairs.isnan(), float("-inf")))
+    return results, nan_pairs
+
+
+def _rank_rows(log_mass: torch.Tensor, forced: torch.Tensor):
+    """Each row's key blocks ordered forced first, then by estimated mass (descending):
+    ``(order, mass in that order, forced in that order)``."""
+    forced = forced.expand_as(log_mass)
+    key = log_mass.masked_fill(forced, float("inf"))
+    order = key.argsort(dim=-1, descending=True, stable=True)
+    return order, log_mass.exp().gather(-1, order), forced.gather(-1, order)
+
+
+def mass_counts(log_mass: torch.Tensor, threshold: float, forced: torch.Tensor) -> torch.Tensor:
+    """Per row, the fewest key blocks whose estimated mass reaches ``threshold``: int ``[..., nq]``.
+
+    Blocks count in the order of :func:`select_by_mass` (``forced`` first, then by mass), so the
+    forced blocks' mass counts towards the threshold and a row keeps at least its forced blocks.
+    """
+    _, mass, forced_sorted = _rank_rows(log_mass, forced)
+    before = mass.cumsum(dim=-1) - mass
+    return ((before < threshold) | forced_sorted).sum(dim=-1)
+
+
+def select_by_mass(
+    log_mass: torch.Tensor,
+    budget: torch.Tensor,
+    forced: torch.Tensor,
+    min_per_row: int = 1,
+    even_share: float = EVEN_SHARE,
+) -> BlockSelection:
+    """Place ``budget`` (int ``[B, H]``) block pairs per head: an even share, then where they cut the
+    dropped mass most.
+
+    ``log_mass`` float ``[B, H, nq, nk]``: each row's estimated mass (log, rows summing to 1).
+    Every row takes its key blocks in order, ``forced`` (bool, broadcast to ``[B, H, nq, nk]``)
+    first, then by estimated mass. Each row keeps at least ``even_share`` of the budget left after
+    the forced pairs, divided by ``nq`` (and at least ``min_per_row``): a floor against an
+    estimate that is wrong about one row. The rest goes to the pairs that lower the squared
+    dropped mass of their row most: keeping the ``r``-th block of a row reduces its dropped mass
+    from ``d + p`` to ``d``, a gain of ``p (2 d + p)``. Forced pairs and the floors are kept even
+    past ``budget``. The gains fall along each ordered row, so every row keeps a prefix of its order.
+    """
+    batch, heads, nq, nk = log_mass.shape
+    order, mass, forced_sorted = _rank_rows(log_mass, forced)
+    after = (1.0 - mass.cumsum(dim=-1)).clamp(min=0.0)
+    gain = mass * (2.0 * after + mass)
+    rank = torch.arange(nk, device=log_mass.device)
+    free = budget - forced_sorted.flatten(2).sum(dim=-1)  # [B, H]
+    floor = torch.div(free * even_share, nq, rounding_mode="floor").clamp(min=min_per_row)
+    must = forced_sorted | (rank < floor[..., None, None])
+    gain = gain.masked_fill(must, float("inf")).flatten(2)
+    head_order = gain.argsort(dim=-1, descending=True)
+    head_rank = torch.empty_like(head_order).scatter_(
+        -1, head_order, torch.arange(nq * nk, device=log_mass.device).expand_as(head_order)
+    )
+    budget = torch.maximum(budget, must.flatten(2).sum(dim=-1))
+    counts = (head_rank < budget[..., None]).view(batch, heads, nq, nk).sum(dim=-1)
+    kept = rank < counts[..., None]
+    mask = torch.zeros_like(kept).scatter_(-1, order, kept)
+    indices = torch.where(kept, order, nk).sort(dim=-1).values
+    indices = indices.masked_fill(indices == nk, 0).to(torch.int32)
+    return BlockSelection(indices.contiguous(), counts.to(torch.int32).contiguous(), nk, kept_mask=mask)
+
+
 def select_top_blocks(
     scores: torch.Tensor, sparsity: float, dense_blocks: torch.Tensor, num_dense: int
 ) -> BlockSelection:
-    """Top-scoring key blocks per query block and head, always with the forced ones.
+    """Top-scoring key blocks per query block and head, always with the forced ones: the pooled
+    top-k baseline that ``scripts/selection_quality.py`` and the oracle scripts compare against.
 
     ``dense_blocks`` bool ``[nb]`` marks the ``num_dense`` blocks that are dense rows and dense
     columns (first frame, text); the diagonal is forced too. ``sparsity`` is the fraction of the
