@@ -1,8 +1,6 @@
 """The ``attnbridge`` command: ``backends`` (what runs here) and ``generate`` (a whole pipeline).
-
 Every error a user can cause (a bad model, backend, option or device) is one ``error:`` line and
-exit status 2.
-"""
+exit status 2."""
 
 from __future__ import annotations
 

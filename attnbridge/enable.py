@@ -1,14 +1,8 @@
-"""``enable_npu_attention`` / ``disable_npu_attention``: the one-line user API.
-
-Accepts a diffusers pipeline (every supported transformer component is patched: ``transformer``,
-``transformer_2``), a diffusers transformer, or a transformers model. Everything is checked and
-built first (backend name and options, object type, processors, kernels); only then is anything
-changed, so an error leaves the object as it was.
-
-Parallel options (see :mod:`attnbridge.adapters.context_parallel`): ``ring_degree`` /
-``ulysses_degree`` split a DiT's token sequence across ranks; ``cp_size`` enables zigzag context
-parallel prefill of an LLM (:func:`attnbridge.parallel_prefill.cp_prefill`).
-"""
+"""``enable_npu_attention`` / ``disable_npu_attention``: the one-line user API. Accepts a diffusers
+pipeline (every supported transformer component is patched: ``transformer``, ``transformer_2``), a
+diffusers transformer, or a transformers model. Everything is checked and built first (backend name
+and options, object type, processors, kernels); only then is anything changed, so an error leaves
+the object as it was. Parallel options: see :mod:`attnbridge.adapters.context_parallel`."""
 
 from __future__ import annotations
 
@@ -45,17 +39,12 @@ class AttentionHandle:
         self,
         obj: Any,
         backend: str,
-        config: dict[str, Any],
         patch: Any,
         models: list[torch.nn.Module],
         parallel: ParallelConfig | None = None,
-        options: Any = None,
     ):
         self.obj = obj
         self.backend = backend
-        #: The backend options as given, and as checked (the backend's frozen options instance).
-        self.config = dict(config)
-        self.options = options
         self._patch = patch
         self._models = models
         #: The ring / Ulysses degrees or the CP size this object was enabled with.
@@ -101,12 +90,11 @@ class AttentionHandle:
 
     def __repr__(self) -> str:
         state = "enabled" if self.enabled else "disabled"
-        p = self.parallel
-        parallel = (
-            f", ring_degree={p.ring_degree}, ulysses_degree={p.ulysses_degree}"
-            if p.sequence_parallel
-            else (f", cp_size={p.cp_size}" if p.cp_size > 1 else "")
-        )
+        p, parallel = self.parallel, ""
+        if p.sequence_parallel:
+            parallel = f", ring_degree={p.ring_degree}, ulysses_degree={p.ulysses_degree}"
+        elif p.cp_size > 1:
+            parallel = f", cp_size={p.cp_size}"
         return (
             f"AttentionHandle({type(self.obj).__name__}, backend={self.backend!r}{parallel}, {state}, "
             f"{len(self.layers)} layers)"
@@ -118,20 +106,17 @@ def _active_handle(obj: Any) -> AttentionHandle | None:
     return handle if isinstance(handle, AttentionHandle) else None
 
 
-def _unsupported(obj: Any) -> TypeError:
-    return TypeError(
-        f"enable_npu_attention does not support {type(obj).__module__}.{type(obj).__name__}; it accepts a "
-        f"diffusers pipeline with {supported_pipeline_components()}, or one of these models: {supported_models()}"
-    )
-
-
 def _library(obj: Any) -> str:
     """``"diffusers"`` or ``"transformers"``: how ``obj`` gets patched; ``TypeError`` if it cannot be."""
     if is_pipeline(obj):
         return "diffusers"
     family = find_family(obj) if isinstance(obj, torch.nn.Module) else None
     if family is None:
-        raise _unsupported(obj)
+        raise TypeError(
+            f"enable_npu_attention does not support {type(obj).__module__}.{type(obj).__name__}; it accepts "
+            f"a diffusers pipeline with {supported_pipeline_components()}, or one of these models: "
+            f"{supported_models()}"
+        )
     return family.library
 
 
@@ -177,16 +162,14 @@ def enable_npu_attention(
 ) -> AttentionHandle:
     """Route every attention call of ``obj`` through attnbridge ``backend`` and return the handle.
 
-    ``backend_config`` holds the backend's options (``sparsity=0.75``, ``skip_first_steps=5``),
-    checked here once; ``platform`` forces a platform's kernels (default: the tensors' device);
-    ``strict=True`` makes a missing kernel package an error instead of a logged fallback. Enabling
-    an already enabled object first disables it. If enabling fails, ``obj`` is left as it was
-    (enabled with the previous backend, if it was).
+    ``backend_config`` holds the backend's options (``sparsity=0.75``...), checked here once;
+    ``platform`` forces a platform's kernels; ``strict=True`` makes a missing kernel package an error
+    instead of a logged fallback. An enabled object is disabled first; if enabling fails, ``obj`` is
+    left as it was (enabled with the previous backend, if it was).
 
-    Parallelism (every rank calls this the same way, with the same inputs afterwards):
-    ``ring_degree`` x ``ulysses_degree`` ranks share each DiT token sequence (Wan, Qwen-Image; a
-    ring needs a dense backend with the softmax LSE, such as ``"fa"``); ``cp_size`` ranks share an
-    LLM prefill (Qwen3-MoE, run it with :func:`attnbridge.parallel_prefill.cp_prefill`). The product
+    Every rank calls this the same way: ``ring_degree`` x ``ulysses_degree`` ranks share each DiT
+    token sequence (a ring needs a dense backend with the LSE, such as ``"fa"``); ``cp_size`` ranks
+    share an LLM prefill (:func:`attnbridge.parallel_prefill.cp_prefill`). The product of the degrees
     must equal the world size.
     """
     spec = get_backend(backend)
@@ -204,7 +187,7 @@ def enable_npu_attention(
         handle.disable()
     try:
         patch, models = _plan(obj, spec, options, platform, strict, groups)
-        handle = AttentionHandle(obj, spec.name, backend_config, patch, models, parallel, options)
+        handle = AttentionHandle(obj, spec.name, patch, models, parallel)
         handle._apply()
     except BaseException:
         for old in previous:
@@ -214,11 +197,9 @@ def enable_npu_attention(
 
 
 def disable_npu_attention(obj: Any) -> bool:
-    """Restore ``obj``'s original processors / attention implementation (the same objects).
-
-    ``obj`` is what was passed to :func:`enable_npu_attention` (or a model inside that pipeline, or
-    the handle). Returns whether anything was enabled.
-    """
+    """Restore ``obj``'s original processors / attention implementation (the same objects). ``obj`` is what
+    was passed to :func:`enable_npu_attention` (or a model inside that pipeline, or the handle). Returns
+    whether anything was enabled."""
     handle = obj if isinstance(obj, AttentionHandle) else _active_handle(obj)
     if handle is None or not handle.enabled:
         return False

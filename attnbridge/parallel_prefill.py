@@ -4,12 +4,10 @@
     logits = cp_prefill(model, [ids_a, ids_b, ids_c])    # every rank: [len_i, vocab] per sequence
 
 The sequences are packed into one token stream and each rank keeps its zigzag share of every
-sequence (:mod:`attnbridge.attention.parallel.zigzag`: blocks ``r`` and ``2*cp_size-1-r``, which
-balances causal work). Everything but attention is per token (embeddings, rotary positions, norms,
-MoE routing, lm_head), so the model runs unchanged on the local tokens given their true positions;
-only attention is swapped, for one call, to an implementation that all-gathers K/V and runs the
-zigzag CP attention (FIA ``TND`` on Ascend, per-sequence causal ``attend`` elsewhere). Logits are
-gathered back to natural order.
+sequence (:mod:`attnbridge.attention.parallel.zigzag`). Everything but attention is per token, so the
+model runs unchanged on the local tokens at their true positions; only attention is swapped, for one
+call, to one that all-gathers K/V and runs :func:`zigzag_cp_attention`. Logits are gathered back to
+natural order.
 
 Limits: no KV cache is filled (``use_cache=False``) and the full logits are gathered (memory grows
 with tokens x vocabulary); every sequence needs ``2 * cp_size`` tokens or more; sliding-window
@@ -35,8 +33,8 @@ from attnbridge.attention.parallel import (
     zigzag_split,
 )
 
-#: Attention implementation used inside :func:`cp_prefill` only. Deliberately not registered in
-#: transformers' AttentionMaskInterface, so no mask is built: the zigzag metadata defines causality.
+#: Attention implementation of :func:`cp_prefill` alone; not in transformers' AttentionMaskInterface,
+#: so no mask is built: the zigzag metadata defines causality.
 CP_IMPLEMENTATION = "attnbridge_cp_prefill"
 #: Keyword argument through which the model's forward hands the call's metadata to the attention.
 CP_KWARG = "attnbridge_cp"
@@ -98,10 +96,8 @@ def _cp_size_of(model: torch.nn.Module) -> int:
 def cp_prefill(
     model: torch.nn.Module, input_ids: Sequence[torch.Tensor | Sequence[int]]
 ) -> list[torch.Tensor]:
-    """Prefill logits ``[len_i, vocab]`` of every sequence in ``input_ids``, on every rank.
-
-    Every rank passes the same sequences; each computes its zigzag share of the tokens.
-    """
+    """Prefill logits ``[len_i, vocab]`` of every sequence in ``input_ids``, on every rank. Every rank passes
+    the same sequences; each computes its zigzag share of the tokens."""
     cp_size = _cp_size_of(model)
     device = next(model.parameters()).device
     sequences = [torch.as_tensor(ids, dtype=torch.long).reshape(-1) for ids in input_ids]

@@ -1,16 +1,9 @@
 """The support table: which backend serves which model family, attention kind, platform, dtype and
-head size, and the reason for every "no" — all read from the code, so it cannot drift from it:
-
-* kernels, fallbacks and "no kernel here" reasons: the backend declarations (``attention/backends``);
-* dtypes, head sizes, LSE, causal, packages and notes: the impl classes' attributes;
-* families, their attention kinds and causality: ``attnbridge.models.FAMILIES``;
-* which backend a module of each kind gets (sparse backends serve cross-attention with a dense one):
-  ``attnbridge.adapters.layers.backend_for_kind``;
-* refusals: the same rules (and messages) ``enable_npu_attention`` applies.
-
-``attnbridge backends``, the generated docs and ``tests/test_matrix.py`` read this table; the matrix
-runs every cell of it on a tiny real model.
-"""
+head size, and the reason for every "no", all read from the code: the backend declarations, the impl
+classes' attributes, ``attnbridge.models.FAMILIES``, the adapters' routing
+(``attnbridge.adapters.layers.backend_for_kind``) and the refusals ``enable_npu_attention`` applies.
+``attnbridge backends``, the generated docs and ``tests/test_matrix.py`` (which runs every cell on a
+tiny real model) read this table."""
 
 from __future__ import annotations
 
@@ -22,7 +15,7 @@ import torch
 from attnbridge.adapters.layers import backend_for_kind
 from attnbridge.adapters.transformers import SPARSE_LM_REFUSAL
 from attnbridge.attention.contract import AttentionImpl, dtype_name
-from attnbridge.attention.registry import Backend, Unavailable, backends, get_backend
+from attnbridge.attention.registry import Unavailable, backends, get_backend
 from attnbridge.errors import BackendUnavailableError
 from attnbridge.models import FAMILIES, ModelFamily
 from attnbridge.platforms import PLATFORM_ORDER
@@ -57,13 +50,9 @@ class KernelSupport:
     backend: str
     platform: str
 
-    @property
-    def spec(self) -> Backend:
-        return get_backend(self.backend)
-
     @cached_property
     def entry(self) -> type[AttentionImpl] | Unavailable:
-        return self.spec.entry(self.platform)
+        return get_backend(self.backend).entry(self.platform)
 
     @property
     def impl(self) -> type[AttentionImpl] | None:
@@ -83,7 +72,7 @@ class KernelSupport:
 
     @property
     def fallback(self) -> str | None:
-        return self.spec.fallback
+        return get_backend(self.backend).fallback
 
     @property
     def status(self) -> str:
@@ -154,7 +143,6 @@ class KindSupport:
 
     kind: str
     served_by: str
-    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -178,13 +166,10 @@ class ModelSupport:
         return KernelSupport(self.backend, self.platform)
 
 
-def _no_kernel(backend: str, platform: str, reason: str) -> Refusal:
-    return Refusal(BackendUnavailableError, reason, "enable", f"derived: the `{backend}` declaration")
-
-
 def _kind_refusal(served: KernelSupport, kind: str) -> Refusal | None:
     if served.unavailable is not None:
-        return _no_kernel(served.backend, served.platform, served.unavailable)
+        source = f"derived: the `{served.backend}` declaration"
+        return Refusal(BackendUnavailableError, served.unavailable, "enable", source)
     impl = served.effective.impl
     if kind not in impl.attention_kinds:
         return Refusal(
@@ -210,13 +195,13 @@ def kind_support(backend: str, kind: str, platform: str) -> tuple[str, Refusal |
 def model_support(backend: str, family: ModelFamily, platform: str) -> ModelSupport:
     """Apply the checks in the order ``enable_npu_attention`` makes them."""
     spec = get_backend(backend)
-    kinds = []
-    for kind in dict.fromkeys(site.kind for site in family.attention_sites):
-        served, _ = backend_for_kind(spec, None, kind)
-        kinds.append(KindSupport(kind, served.name, CROSS_IS_DENSE_REASON if served.name != backend else ""))
+    kinds = tuple(
+        KindSupport(kind, backend_for_kind(spec, None, kind)[0].name)
+        for kind in dict.fromkeys(site.kind for site in family.attention_sites)
+    )
 
     def refused(refusal: Refusal) -> ModelSupport:
-        return ModelSupport(backend, family, platform, tuple(kinds), refusal)
+        return ModelSupport(backend, family, platform, kinds, refusal)
 
     if spec.sparse and family.library == "transformers":
         return refused(
@@ -236,7 +221,7 @@ def model_support(backend: str, family: ModelFamily, platform: str) -> ModelSupp
                 f"derived: {requested.impl_name}.supports_causal is False",
             )
         )
-    return ModelSupport(backend, family, platform, tuple(kinds))
+    return ModelSupport(backend, family, platform, kinds)
 
 
 @dataclass(frozen=True)
@@ -267,16 +252,4 @@ def support_table() -> SupportTable:
     return SupportTable(tuple(backends()), FAMILIES, PLATFORM_ORDER)
 
 
-__all__ = [
-    "ALL_DTYPES",
-    "CROSS_IS_DENSE_REASON",
-    "KINDS",
-    "KernelSupport",
-    "KindSupport",
-    "ModelSupport",
-    "Refusal",
-    "SupportTable",
-    "kind_support",
-    "model_support",
-    "support_table",
-]
+__all__ = ["CROSS_IS_DENSE_REASON", "KINDS", "KernelSupport", "SupportTable", "kind_support", "support_table"]

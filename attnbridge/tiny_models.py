@@ -1,13 +1,8 @@
 """Tiny random-weight instances of the real diffusers / transformers classes, built on the CPU
-without downloads, and inputs for them.
-
-Used by the tests and by ``attnbridge generate --model wan-tiny|qwen-image-tiny|qwen3-moe-tiny``
-(a whole pipeline anywhere, no checkpoint needed). By default the pipelines carry only a scheduler
-and tiny transformers (tokenizer, text encoder and VAE ``None``: the calls pass ``prompt_embeds`` and
-``output_type="latent"``); ``complete=True`` adds a byte-level tokenizer built in code, a tiny text
-encoder of the real class and a tiny VAE, so ``pipe(prompt)`` runs prompt -> pixels. Weights are
-random: the pixels and text are noise, only the shapes and the code path are real.
-"""
+without downloads, and inputs for them (the tests, ``attnbridge generate --model wan-tiny``...). By
+default the pipelines carry only a scheduler and tiny transformers (the calls pass ``prompt_embeds``
+and ``output_type="latent"``); ``complete=True`` adds a byte-level tokenizer, a text encoder and a
+VAE, so ``pipe(prompt)`` runs prompt -> pixels. The pixels and text are noise."""
 
 from __future__ import annotations
 
@@ -16,14 +11,9 @@ import torch
 WAN_TEXT_DIM = 16
 QWEN_TEXT_DIM = 16
 
-
 #: Special tokens of :func:`tiny_tokenizer`, at ids 0..3 (the tiny configs' pad/eos/bos ids).
 TINY_SPECIAL_TOKENS = ("<pad>", "</s>", "<s>", "<unk>")
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
-
-
-def _seeded(seed: int) -> None:
-    torch.manual_seed(seed)
 
 
 def tiny_tokenizer():
@@ -64,16 +54,14 @@ def tiny_umt5_encoder(*, seed: int = 0):
         eos_token_id=EOS_ID,
         decoder_start_token_id=PAD_ID,
     )
-    _seeded(seed)
+    torch.manual_seed(seed)
     return UMT5EncoderModel(config).eval()
 
 
-def tiny_wan_vae(*, seed: int = 0):
-    """``AutoencoderKLWan`` with 4 latent channels, 4x spatial and 2x temporal compression."""
-    from diffusers import AutoencoderKLWan
-
-    _seeded(seed)
-    vae = AutoencoderKLWan(
+def _tiny_vae(cls, seed: int, **extra):
+    """A VAE of Wan's or Qwen-Image's class with 4 latent channels and 4x spatial compression."""
+    torch.manual_seed(seed)
+    vae = cls(
         base_dim=8,
         z_dim=4,
         dim_mult=[1, 1, 1],
@@ -81,10 +69,16 @@ def tiny_wan_vae(*, seed: int = 0):
         temperal_downsample=[False, True],
         latents_mean=[0.0] * 4,
         latents_std=[1.0] * 4,
-        scale_factor_temporal=2,
-        scale_factor_spatial=4,
+        **extra,
     )
     return vae.eval()
+
+
+def tiny_wan_vae(*, seed: int = 0):
+    """``AutoencoderKLWan``; 2x temporal compression."""
+    from diffusers import AutoencoderKLWan
+
+    return _tiny_vae(AutoencoderKLWan, seed, scale_factor_temporal=2, scale_factor_spatial=4)
 
 
 def tiny_qwen_vl_encoder(*, seed: int = 0):
@@ -117,25 +111,14 @@ def tiny_qwen_vl_encoder(*, seed: int = 0):
         vocab_size=tiny_vocab_size(),
         **ids,
     )
-    _seeded(seed)
+    torch.manual_seed(seed)
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
 def tiny_qwen_image_vae(*, seed: int = 0):
-    """``AutoencoderKLQwenImage`` with 4 latent channels and 4x spatial compression."""
     from diffusers import AutoencoderKLQwenImage
 
-    _seeded(seed)
-    vae = AutoencoderKLQwenImage(
-        base_dim=8,
-        z_dim=4,
-        dim_mult=[1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True],
-        latents_mean=[0.0] * 4,
-        latents_std=[1.0] * 4,
-    )
-    return vae.eval()
+    return _tiny_vae(AutoencoderKLQwenImage, seed)
 
 
 def tiny_wan_transformer(
@@ -151,7 +134,7 @@ def tiny_wan_transformer(
     cross-attention through ``add_k_proj``)."""
     from diffusers import WanTransformer3DModel
 
-    _seeded(seed)
+    torch.manual_seed(seed)
     model = WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
@@ -178,11 +161,9 @@ def wan_inputs(
     image_tokens: int = 0,
     seed: int = 1,
 ):
-    """Keyword inputs of a Wan transformer call; the patched grid is (frames, height/2, width/2).
-
-    I2V models read the last 512 text tokens as text and the rest as image tokens, so with
-    ``image_tokens`` the text is padded to 512 the way the pipeline does.
-    """
+    """Keyword inputs of a Wan transformer call; the patched grid is (frames, height/2, width/2). I2V models
+    read the last 512 text tokens as text and the rest as image tokens, so with ``image_tokens`` the text is
+    padded to 512 the way the pipeline does."""
     gen = torch.Generator().manual_seed(seed)
     inputs = {
         "hidden_states": torch.randn(1, 4, frames, height, width, generator=gen),
@@ -235,7 +216,7 @@ def tiny_qwen_image_transformer(*, layers: int = 2, seed: int = 0, head_dim: int
     the head (4, 6, 6 at 16); in_channels 16 is 4 latent channels packed 2x2."""
     from diffusers import QwenImageTransformer2DModel
 
-    _seeded(seed)
+    torch.manual_seed(seed)
     axis = head_dim // 8 * 2
     model = QwenImageTransformer2DModel(
         patch_size=2,
@@ -326,7 +307,7 @@ def tiny_qwen3_moe(
         eos_token_id=EOS_ID,
         bos_token_id=BOS_ID,
     )
-    _seeded(seed)
+    torch.manual_seed(seed)
     model = Qwen3MoeForCausalLM(config)
     model.set_attn_implementation(attn_implementation)
     return model.eval()

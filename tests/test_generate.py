@@ -241,7 +241,10 @@ def test_cli_reports_a_bad_option_as_one_error_line(tmp_path, capsys):
     [
         (["--option", "sparsity"], "--option expects key=value (e.g. sparsity=0.75), got 'sparsity'"),
         (["--backend", "block_sparse", "--option", "sparsity=2"], "sparsity must be a number in [0, 1)"),
-        (["--backend", "vsa", "--option", "fastvideo_kernel=maybe"], "fastvideo_kernel must be True or False"),
+        (
+            ["--backend", "vsa", "--option", "fastvideo_kernel=maybe"],
+            "fastvideo_kernel must be True or False",
+        ),
         (["--option", "dtype=float8"], "dtype must be one of float32, bfloat16, float16"),
         (["--device", "tpu"], "--device 'tpu'"),
         pytest.param(
@@ -268,7 +271,11 @@ def test_generate_help_shows_defaults_and_the_option_keys(capsys):
 
 
 def test_output_names_carry_the_options(tmp_path):
-    first = run_generate("qwen3-moe-tiny", backend="fa", steps=1, output=tmp_path, config={"max_new_tokens": 2})
-    second = run_generate("qwen3-moe-tiny", backend="fa", steps=1, output=tmp_path, config={"max_new_tokens": 3})
+    first = run_generate(
+        "qwen3-moe-tiny", backend="fa", steps=1, output=tmp_path, config={"max_new_tokens": 2}
+    )
+    second = run_generate(
+        "qwen3-moe-tiny", backend="fa", steps=1, output=tmp_path, config={"max_new_tokens": 3}
+    )
     assert first["files"]["text"] != second["files"]["text"]
     assert Path(first["files"]["text"]).is_file() and Path(second["files"]["text"]).is_file()

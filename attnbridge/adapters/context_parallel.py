@@ -1,15 +1,13 @@
 """``enable_npu_attention``'s parallel options, checked before anything is patched.
 
-* ``ring_degree`` x ``ulysses_degree`` (diffusers DiTs: Wan, Qwen-Image): the token sequence is
-  split across that many ranks (rank ``g`` holds chunk ``g``), self/joint attention runs through
-  :class:`~attnbridge.attention.parallel.ParallelAttention` (which holds the one rule for rings),
+* ``ring_degree`` x ``ulysses_degree`` (diffusers DiTs: Wan, Qwen-Image) ranks split the token
+  sequence; self/joint attention runs through :class:`~attnbridge.attention.parallel.ParallelAttention`,
   cross-attention stays local.
-* ``cp_size`` (transformers LLMs: Qwen3-MoE): zigzag context parallelism for packed prefill, run
-  with :func:`attnbridge.parallel_prefill.cp_prefill`.
+* ``cp_size`` (transformers LLMs: Qwen3-MoE) ranks share a packed prefill (zigzag), run with
+  :func:`attnbridge.parallel_prefill.cp_prefill`.
 
-The product of the degrees must be the world size of the default process group; when it is not
-initialised yet and a launcher set ``WORLD_SIZE`` (torchrun, ``accelerate launch``), it is
-initialised here with the platform's collective library.
+The product of the degrees must be the world size; when a launcher set ``WORLD_SIZE`` (torchrun,
+``accelerate launch``) and no process group exists yet, one is started here.
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """Patch diffusers transformers (Wan, Qwen-Image): our processors in, the originals kept to restore.
-
-For each attention module the family names, the upstream processor is swapped for ours (same
-projections, norms and rotary embedding; the kernel call goes through an :class:`AttentionLayer`
-made here, once). A forward pre-hook on the transformer reads the token grid, the denoising step
-(only where ``skip_first_steps`` needs it) and the text padding from its inputs into the
-:class:`ForwardState` of this call, per thread.
-
-With sequence parallelism (``groups`` given) the model also gets the split/gather hooks of its
-``_cp_plan`` (:mod:`attnbridge.adapters.sequence_shards`) and processors that attend across ranks.
-"""
+Each attention module's upstream processor is swapped for ours (the same math, the kernel call going
+through an :class:`AttentionLayer`). A forward pre-hook reads the token grid, the denoising step
+(only where ``skip_first_steps`` needs it) and the text padding into this call's
+:class:`ForwardState`. With sequence parallelism the model also gets the split/gather hooks of its
+``_cp_plan`` (:mod:`attnbridge.adapters.sequence_shards`)."""
 
 from __future__ import annotations
 
@@ -95,7 +90,7 @@ class DiffusersModelPatch:
         self.state.set(grid=grid, dense_step=dense_step, key_lengths=key_lengths)
 
     def _after_forward(self, module, args, output) -> None:
-        self.state.clear()
+        self.state.set()
 
     def apply(self) -> None:
         """Swap the processors in and hook the model; on any failure undo what was done and raise."""
@@ -137,14 +132,9 @@ def plan_diffusers_model(
     component: str = "",
     groups: ParallelGroups | None = None,
 ) -> DiffusersModelPatch:
-    """Check the model and build its processors and layers, changing nothing yet; with ``groups``
-    (sequence parallelism), also its split/gather hooks."""
+    """Check the model and build its processors, layers and (with ``groups``) split/gather hooks,
+    changing nothing yet."""
     sites = family.attention_modules(model)
-    if not sites:
-        raise ValueError(
-            f"{type(model).__name__}: found no attention modules matching "
-            f"{[s.pattern for s in family.attention_sites]}; this diffusers version is not supported"
-        )
     for path, module, _ in sites:
         processor = module.get_processor() if hasattr(module, "get_processor") else None
         name = type(processor).__name__

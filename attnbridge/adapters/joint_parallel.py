@@ -1,21 +1,18 @@
 """Joint (text + image) attention when only the image tokens are sharded across ranks.
 
-Qwen-Image's text stream is short (a prompt: tens to hundreds of tokens against thousands of image
-tokens) and its length is arbitrary, so attnbridge keeps it replicated: every rank runs the whole
-text stream and holds the full text q/k/v, and only the image tokens are split (right-padded,
-``real_len`` image tokens real). Each rank computes the joint attention of its queries
-``[its image chunk, all text]`` over all keys ``[all image, all text]``:
+Qwen-Image's text is short (tens to hundreds of tokens against thousands of image tokens) and of any
+length, so every rank holds the whole text q/k/v and only the image tokens are split (right-padded,
+``real_len`` of them real). Each rank attends its queries ``[its image chunk, all text]`` to all keys:
 
-* Ulysses (``ulysses_degree`` U): image q/k/v go through the all-to-all (sequence shard -> head
-  shard); the text, already whole, is just sliced to the same heads. Afterwards the image output
-  goes back to a sequence shard and the text output's heads are all-gathered.
-* Ring (``ring_degree`` > 1): the image keys are passed around the ring (:func:`ring_attention`
-  with the LSE), the text keys are attended locally, and the two partials are merged exactly
-  through their LSE. Without a ring, one kernel call sees ``[text, image]`` exactly as on one device
-  (so any backend, sparse ones included, works with Ulysses).
+* Ulysses: the image q/k/v go through the all-to-all (sequence shard -> head shard) and the text is
+  sliced to the same heads; without a ring, one kernel call then sees ``[image, text]`` as on one
+  device (any backend works, sparse ones included). The image output goes back to a sequence shard
+  and the text output's heads are all-gathered.
+* Ring: the image keys go around the ring (:func:`ring_attention` with the LSE), the text keys are
+  attended locally, and the two partials merge exactly through their LSE.
 
-Text query rows are computed on every rank (redundant, but small); their outputs agree across ranks
-up to float rounding (the ring merges partials in a rank-dependent order).
+Text query rows are computed on every rank (small); their outputs agree across ranks up to float
+rounding (the ring merges partials in a rank-dependent order).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Making the per-module :class:`AttentionLayer` objects at enable time, and checking them against
-what the model's config already tells (attention kinds, head sizes) before anything is patched."""
+"""The per-module :class:`AttentionLayer` objects, made at enable time and checked against what the
+model's config tells (attention kinds, head sizes) before anything is patched."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ from attnbridge.attention.api import AttentionLayer
 from attnbridge.attention.registry import Backend, Unavailable, get_backend
 from attnbridge.platforms import detect_platform
 
-#: Dense backend used where a sparse backend does not apply (cross-attention to text/image tokens:
-#: there is no square token grid to sparsify); the same one the sparse kernels use for their own
-#: dense steps, so one model never mixes two dense kernels.
+#: Dense backend of cross-attention under a sparse backend (no token grid to sparsify): the one the
+#: sparse kernels use for their own dense steps, so one model never mixes two dense kernels.
 DENSE_FOR_SPARSE = "fa"
 
 logger = logging.getLogger("attnbridge")
@@ -36,10 +35,9 @@ def model_device(model: torch.nn.Module) -> torch.device | None:
 def check_resolves(
     layer: AttentionLayer, device: torch.device | None, kinds: set[str], head_sizes: set[int]
 ) -> None:
-    """Check the layer's kernel for ``device`` now: an attention kind or a head size the model's
-    config already tells it cannot serve, then a missing package (``strict=True``), fail at enable
-    time, before anything is patched. Devices no platform serves yet (``meta``) are left to the
-    first call."""
+    """Fail now, before anything is patched, on an attention kind or head size of the model the
+    kernel for ``device`` cannot serve, or on its missing package (``strict=True``). Devices no
+    platform serves (``meta``) are left to the first call."""
     if device is None:
         return
     try:
@@ -69,9 +67,9 @@ def _check_limits(backend: str, impl, kinds: set[str], head_sizes: set[int]) -> 
 
 
 def resolve_ahead(layer: AttentionLayer, device: torch.device | None) -> None:
-    """Resolve the layer's kernels now for the model's device and this machine's accelerator (a
-    model moved there after enabling), so that no call under ``torch.compile`` has to: resolving
-    imports and reads the registry, which a traced graph cannot do."""
+    """Resolve the layer's kernels for the model's device and this machine's accelerator (where the
+    model may move after enabling) now: a call under ``torch.compile`` cannot import or read the
+    registry."""
     for device_type in dict.fromkeys((device.type if device else "cpu", detect_platform().device_type)):
         try:
             layer.impl_for(torch.device(device_type))
@@ -91,24 +89,23 @@ def make_layers(
     """One layer per attention module ``(path, kind, head size)``; the first layer of each backend
     is resolved and checked eagerly."""
     layers: dict[str, AttentionLayer] = {}
-    kinds: dict[str, set[str]] = {}
-    heads: dict[str, set[int]] = {}
-    first_layer: dict[str, AttentionLayer] = {}
+    # served backend -> (its first layer, the kinds it serves, the head sizes it sees)
+    served_by: dict[str, tuple[AttentionLayer, set[str], set[int]]] = {}
     for name, kind, head_size in sites:
         served, served_options = backend_for_kind(backend, options, kind)
         layer = AttentionLayer.with_options(
             served.name, served_options, platform=platform, strict=strict, name=name
         )
-        kinds.setdefault(served.name, set()).add(kind)
+        _, kinds, heads = served_by.setdefault(served.name, (layer, set(), set()))
+        kinds.add(kind)
         if head_size is not None:
-            heads.setdefault(served.name, set()).add(head_size)
-        first_layer.setdefault(served.name, layer)
+            heads.add(head_size)
         layers[name] = layer
-    for name, layer in first_layer.items():
-        check_resolves(layer, device, kinds[name], heads.get(name, set()))
+    for first, kinds, heads in served_by.values():
+        check_resolves(first, device, kinds, heads)
     for layer in layers.values():
         resolve_ahead(layer, device)
-    if backend.sparse and DENSE_FOR_SPARSE in kinds:
+    if backend.sparse and DENSE_FOR_SPARSE in served_by:
         count = sum(1 for _, kind, _ in sites if kind == "cross")
         logger.info(
             "backend %r: %d cross-attention layers run dense %r (no token grid to sparsify)",

@@ -8,11 +8,8 @@ from attnbridge.attention.api import AttentionLayer
 
 
 class BridgeProcessor:
-    """One attention module's processor: its AttentionLayer, kind, forward state and shards.
-
-    ``layer_name`` is only read in error messages: a per-layer string in the traced path would make
-    ``torch.compile`` guard on it and compile once per layer.
-    """
+    """One attention module's processor. ``layer_name`` is only read in error messages: a per-layer
+    string in the traced path would make ``torch.compile`` compile once per layer."""
 
     # diffusers' set_attention_backend / enable_parallelism write these; we honour neither.
     _attention_backend = None

@@ -1,14 +1,9 @@
 """attnbridge's attention processor for Qwen-Image's joint (text + image) attention.
 
-Same math as diffusers' ``QwenDoubleStreamAttnProcessor2_0`` (separate text/image projections,
-per-head RMS norms, complex rotary embedding, one joint attention, split output projections), with
-the attention kernel call replaced by the module's :class:`AttentionLayer`. The joint sequence is
-``[image, text]`` (upstream concatenates ``[text, image]``; attention does not depend on the order of
-its keys), so the padding of a batch of prompts of different lengths is at the end of each sample's
-keys and every backend takes it as valid key lengths.
-
-With sequence parallelism (``shards`` given) the image stream arrives as this rank's chunk and the
-text stream whole (see :mod:`attnbridge.adapters.joint_parallel`).
+Same math as diffusers' ``QwenDoubleStreamAttnProcessor2_0``, with the kernel call going through the
+module's :class:`AttentionLayer` and the joint sequence ordered ``[image, text]`` (see
+:mod:`attnbridge.models.qwen_image`). With sequence parallelism the image stream arrives as this
+rank's chunk and the text stream whole (:mod:`attnbridge.adapters.joint_parallel`).
 """
 
 from __future__ import annotations
@@ -27,6 +22,10 @@ def _qwen_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.unflatten(-1, (-1, head_dim))
+
+
+def _norm(norm, x: torch.Tensor) -> torch.Tensor:
+    return x if norm is None else norm(x)
 
 
 class QwenImageAttnBridgeProcessor(BridgeProcessor):
@@ -53,20 +52,15 @@ class QwenImageAttnBridgeProcessor(BridgeProcessor):
         seq_txt = encoder_hidden_states.shape[1]
         head_dim = attn.inner_dim // attn.heads
 
-        img_q = _heads(attn.to_q(hidden_states), head_dim)
-        img_k = _heads(attn.to_k(hidden_states), head_dim)
-        img_v = _heads(attn.to_v(hidden_states), head_dim)
-        txt_q = _heads(attn.add_q_proj(encoder_hidden_states), head_dim)
-        txt_k = _heads(attn.add_k_proj(encoder_hidden_states), head_dim)
-        txt_v = _heads(attn.add_v_proj(encoder_hidden_states), head_dim)
-        if attn.norm_q is not None:
-            img_q = attn.norm_q(img_q)
-        if attn.norm_k is not None:
-            img_k = attn.norm_k(img_k)
-        if attn.norm_added_q is not None:
-            txt_q = attn.norm_added_q(txt_q)
-        if attn.norm_added_k is not None:
-            txt_k = attn.norm_added_k(txt_k)
+        img_q, img_k, img_v = (
+            _heads(proj(hidden_states), head_dim) for proj in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        txt_q, txt_k, txt_v = (
+            _heads(proj(encoder_hidden_states), head_dim)
+            for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        )
+        img_q, img_k = _norm(attn.norm_q, img_q), _norm(attn.norm_k, img_k)
+        txt_q, txt_k = _norm(attn.norm_added_q, txt_q), _norm(attn.norm_added_k, txt_k)
         if image_rotary_emb is not None:
             img_freqs, txt_freqs = image_rotary_emb
             img_q, img_k = _qwen_rotary(img_q, img_freqs), _qwen_rotary(img_k, img_freqs)

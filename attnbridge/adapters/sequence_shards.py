@@ -1,15 +1,11 @@
 """Cutting a diffusers transformer's token sequence across sequence-parallel ranks, and gathering it.
 
-*Where* to cut and gather comes from the model's own ``_cp_plan`` (the plan diffusers'
-``enable_parallelism`` uses): e.g. for Wan, the rotary tables after ``rope``, the hidden states
-entering ``blocks.0`` and the per-token timestep are split along the sequence, and ``proj_out``'s
-output is gathered. *How* differs from diffusers' hooks, which assert that the length divides the
-rank count (its "anything" modes give ranks unequal shards instead, which a ring with fixed-size
-transfers cannot pass): here the sequence is right-padded (:func:`shard_sequence`), the real length
-is kept in a :class:`ShardState` for the attention to mask padded keys, and the gather cuts the
-padding off. Qwen-Image at 1328x1328 has 83 x 83 = 6,889 image tokens, so padding is needed.
-
-Plan entries a family keeps replicated (Qwen-Image's text stream) are dropped from the plan.
+*Where* comes from the model's own ``_cp_plan`` (what diffusers' ``enable_parallelism`` uses), minus
+the entries a family keeps replicated (Qwen-Image's text). *How* differs from diffusers' hooks, which
+need the length to divide the rank count (or give ranks unequal shards, which a ring with fixed-size
+transfers cannot pass): the sequence is right-padded (:func:`shard_sequence`), its real length kept
+in a :class:`ShardState` for the attention to mask padded keys, and the gather cuts the padding off.
+Qwen-Image at 1328x1328 has 83 x 83 = 6,889 image tokens, so padding is needed.
 """
 
 from __future__ import annotations
@@ -31,8 +27,12 @@ class ShardState:
     groups: ParallelGroups
     real_len: int | None = None
 
-    def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        length = x.shape[dim]
+    def split(self, x: Any, spec: Any) -> torch.Tensor:
+        """``x`` cut along ``spec.split_dim`` when it is a tensor of the layout ``spec`` expects; else
+        as is (absent, or another layout such as Wan's per-sample timestep: not a sequence)."""
+        if not isinstance(x, torch.Tensor) or spec.expected_dims not in (None, x.dim()):
+            return x
+        length = x.shape[spec.split_dim]
         if self.real_len is None:
             self.real_len = length
         elif length != self.real_len:
@@ -40,13 +40,13 @@ class ShardState:
                 f"sequence parallelism splits one token sequence per forward; got lengths {self.real_len} "
                 f"and {length} (this model's _cp_plan is not supported)"
             )
-        local, _ = shard_sequence(x, self.groups, dim=dim % x.dim())
+        local, _ = shard_sequence(x, self.groups, dim=spec.split_dim % x.dim())
         return local.contiguous()
 
-    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+    def gather(self, x: torch.Tensor, spec: Any) -> torch.Tensor:
         if self.real_len is None:
             raise RuntimeError("gathering a sequence that was never split in this forward call")
-        return gather_sequence(x, self.groups, self.real_len, dim=dim % x.dim())
+        return gather_sequence(x, self.groups, self.real_len, dim=spec.gather_dim % x.dim())
 
 
 def _plan_of(model: torch.nn.Module) -> dict[str, Any]:
@@ -78,39 +78,23 @@ def _split_inputs(state: ShardState, specs: dict[str, Any], module: torch.nn.Mod
         args = list(args)
         for name, spec in specs.items():
             if name in kwargs:
-                kwargs[name] = _split_value(state, kwargs[name], spec)
+                kwargs[name] = state.split(kwargs[name], spec)
             elif name in names and names.index(name) < len(args):
                 index = names.index(name)
-                args[index] = _split_value(state, args[index], spec)
+                args[index] = state.split(args[index], spec)
         return tuple(args), kwargs
 
     return hook
 
 
-def _split_value(state: ShardState, value: Any, spec: Any) -> Any:
-    if isinstance(value, torch.Tensor) and (spec.expected_dims is None or value.dim() == spec.expected_dims):
-        return state.shard(value, spec.split_dim)
-    return value  # absent (None) or another layout (e.g. Wan's per-sample timestep): not a sequence
+def _map_outputs(specs: dict[int, Any], fn):
+    """Forward hook replacing output ``i`` (or the single output) by ``fn(output, specs[i])``."""
 
-
-def _split_outputs(state: ShardState, specs: dict[int, Any]):
     def hook(mod, args, output):
         single = isinstance(output, torch.Tensor)
         items = [output] if single else list(output)
         for index, spec in specs.items():
-            items[index] = _split_value(state, items[index], spec)
-        return items[0] if single else type(output)(items)
-
-    return hook
-
-
-def _gather_outputs(state: ShardState, specs: list[Any]):
-    def hook(mod, args, output):
-        single = isinstance(output, torch.Tensor)
-        items = [output] if single else list(output)
-        for index, spec in enumerate(specs):
-            if spec is not None:
-                items[index] = state.gather(items[index], spec.gather_dim)
+            items[index] = fn(items[index], spec)
         return items[0] if single else type(output)(items)
 
     return hook
@@ -168,9 +152,10 @@ def plan_sequence_shards(
                 if inputs:
                     hooks.append((module, "pre", _split_inputs(state, inputs, module)))
                 if outputs:
-                    hooks.append((module, "post", _split_outputs(state, outputs)))
+                    hooks.append((module, "post", _map_outputs(outputs, state.split)))
         else:
             specs = [entry] if isinstance(entry, ContextParallelOutput) else list(entry)
+            gathered = {index: spec for index, spec in enumerate(specs) if spec is not None}
             for module in modules:
-                hooks.append((module, "post", _gather_outputs(state, specs)))
+                hooks.append((module, "post", _map_outputs(gathered, state.gather)))
     return SequenceShardPatch(model, state, hooks)

@@ -1,19 +1,17 @@
-"""Which denoising step a transformer call belongs to (only read when ``skip_first_steps`` needs it).
-
-Pipelines call the transformer once per step, or twice with classifier-free guidance (cond and
-uncond, same step), and Wan 2.2 A14B switches between two transformers mid-run. In a pipeline the
-scheduler's ``step_index`` says the step (``None`` until its first ``step()``: step 0), the same for
-every transformer of the pipeline. A bare transformer driven by the user's own loop has no scheduler
-in reach; the step then advances when the timestep value changes and restarts when it rises, since
-denoising only ever lowers it.
-"""
+"""Which denoising step a transformer call belongs to (read only when ``skip_first_steps`` needs
+it). Pipelines call the transformer once per step, or twice with classifier-free guidance, and Wan
+2.2 A14B switches between two transformers mid-run: in a pipeline the scheduler's ``step_index``
+says the step (``None`` until its first ``step()``: step 0). A bare transformer in the user's own
+loop has no scheduler in reach; the step then advances when the timestep changes and restarts when
+it rises, since denoising only ever lowers it."""
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import torch
+
+from attnbridge.adapters.forward_state import PerThread
 
 
 def timestep_key(timestep: object) -> float | None:
@@ -42,12 +40,9 @@ class SchedulerSteps:
         return 0 if index is None else int(index)
 
 
-class TimestepSteps:
+class TimestepSteps(PerThread):
     """Steps of a bare transformer, from its timesteps: -1 before the first call, then 0, 1, ...;
     per thread, so two threads' loops do not advance each other's count."""
-
-    def __init__(self) -> None:
-        self._local = threading.local()
 
     @property
     def step(self) -> int:
@@ -66,12 +61,6 @@ class TimestepSteps:
             step = -1 if last is not None and key > last else self.step
             self._local.step, self._local.last = step + 1, key
         return self.step
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
 
 
 def step_source(pipe: Any = None) -> SchedulerSteps | TimestepSteps:

@@ -1,33 +1,32 @@
 """Patch transformers LLMs (Qwen3-MoE) through ``AttentionInterface``.
 
-One attention function, registered as ``attnbridge_<backend>``, serves every patched model: it looks
-up the :class:`AttentionLayer` stored on the attention module it is called with. The same name is
-registered in ``AttentionMaskInterface`` with the SDPA mask builder, so padding masks are still
-made (transformers makes no mask for names it does not know, which would silently ignore padding).
-Every backend name is registered as soon as both attnbridge and transformers are imported, so a
-patched model saved with ``torch.save`` loads in a new process.
+One attention function, registered as ``attnbridge_<backend>``, serves every patched model through
+the :class:`AttentionLayer` stored on the attention module. The name is also registered in
+``AttentionMaskInterface`` with the SDPA mask builder (transformers makes no mask for names it does
+not know, which would silently ignore padding), and as soon as both attnbridge and transformers are
+imported, so a patched model saved with ``torch.save`` loads in a new process.
 
-Calls without a mask (no padding: prefill and decode) go through the backend with ``causal=True``.
-A right-padded batch (each sample's real tokens first, as a forward pre-hook reads from the model's
-2-D ``attention_mask`` once per call) goes through the backend with the valid key lengths. Other
-masks (left padding, sliding windows) and dropout run transformers' own SDPA attention, exactly
-what the unpatched model runs, with a warning once per process.
+Calls without a mask (prefill, decode) run the backend with ``causal=True``; a right-padded batch
+(read from the model's 2-D ``attention_mask`` by a forward pre-hook) with the valid key lengths.
+Other masks (left padding, sliding windows) and dropout run transformers' own SDPA attention, as the
+unpatched model does, with a warning once per process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from attnbridge.adapters.forward_state import PerThread
 from attnbridge.adapters.layers import make_layers, model_device
 from attnbridge.attention.api import AttentionLayer
 from attnbridge.attention.contract import AttentionContext
+from attnbridge.attention.masks import leading_lengths
 from attnbridge.attention.registry import Backend, backend_names
 from attnbridge.models import ModelFamily
 
@@ -38,10 +37,6 @@ LAYER_ATTR = "_attnbridge_layer"
 #: Attribute on each patched attention module holding its model's :class:`PaddingState`.
 PADDING_ATTR = "_attnbridge_padding"
 _warned_masked: set[bool] = set()
-
-
-def implementation_name(backend: str) -> str:
-    return f"attnbridge_{backend}"
 
 
 def attnbridge_attention_forward(
@@ -114,12 +109,9 @@ def _masked_fallback(module, query, key, value, attention_mask, dropout, scaling
     )
 
 
-class PaddingState:
+class PaddingState(PerThread):
     """Valid key lengths of the model call running on this thread (None: no right padding), and the
-    length of the 2-D mask they come from (per thread; see :mod:`.forward_state` for the form)."""
-
-    def __init__(self) -> None:
-        self._local = threading.local()
+    length of the 2-D mask they come from."""
 
     def set(self, key_lengths: torch.Tensor | None = None, seq_len: int = 0) -> None:
         self._local.key_lengths, self._local.seq_len = key_lengths, seq_len
@@ -132,25 +124,12 @@ class PaddingState:
     def seq_len(self) -> int:
         return getattr(self._local, "seq_len", 0)
 
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
-
 
 def right_padding_lengths(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Each sample's real tokens when the 2-D ``mask`` [B, S] marks them first and padding last
-    (checked outside ``torch.compile``: one host sync per model call); None otherwise."""
-    if mask is None or mask.dim() != 2:
-        return None
-    mask = mask.bool()
-    lengths = mask.sum(dim=-1)
-    if not torch.compiler.is_compiling():
-        suffix = torch.arange(mask.shape[-1], device=mask.device)[None, :] < lengths[:, None]
-        if not torch.equal(mask, suffix):
-            return None
-    return lengths.to(torch.int32)
+    """Each sample's real tokens when the 2-D ``mask`` [B, S] marks them first and padding last;
+    None otherwise."""
+    lengths = leading_lengths(mask) if mask is not None and mask.dim() == 2 else None
+    return None if lengths is None else lengths.to(torch.int32)
 
 
 def register_implementation(backend: str) -> str:
@@ -158,7 +137,7 @@ def register_implementation(backend: str) -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    name = implementation_name(backend)
+    name = f"attnbridge_{backend}"
     AttentionInterface.register(name, attnbridge_attention_forward)
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     return name
@@ -288,11 +267,6 @@ def plan_transformers_model(
             f"{type(model).__name__} has no set_attn_implementation; attnbridge needs transformers >= 5"
         )
     sites = family.attention_modules(model)
-    if not sites:
-        raise ValueError(
-            f"{type(model).__name__}: found no attention modules matching "
-            f"{[s.pattern for s in family.attention_sites]}; this transformers version is not supported"
-        )
     device = model_device(model)
     head_size = _head_size(model)
     layers = make_layers(

@@ -1,12 +1,10 @@
 """attnbridge's attention processor for Wan (``WanAttention``).
 
-Same math as diffusers' ``WanAttnProcessor`` (projections, RMS q/k norms, interleaved rotary
-embedding, I2V image branch, output projection), with each attention kernel call replaced by the
-module's :class:`AttentionLayer`. Tensors stay BSHD throughout, the contract's layout.
-
-With sequence parallelism (``shards`` given) the hidden states and rotary tables arrive as this
-rank's chunk; ``attn1`` then runs :class:`ParallelAttention` over all ranks' chunks, while ``attn2``
-(text / image cross-attention, whose keys every rank holds in full) stays a local call.
+Same math as diffusers' ``WanAttnProcessor`` (I2V image branch included), with each kernel call going
+through the module's :class:`AttentionLayer`, on BSHD tensors throughout. With sequence parallelism
+the hidden states and rotary tables arrive as this rank's chunk: ``attn1`` runs
+:class:`ParallelAttention` over all ranks' chunks, ``attn2`` (cross-attention, whose keys every rank
+holds in full) stays local.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
-"""The one call every model goes through: ``attend(q, k, v, backend=...)``.
-
-A backend's options are checked once, when its :class:`AttentionLayer` is made, and its kernel is
-resolved once per platform and kept. Nothing in the call path imports, syncs with the host or reads
-per-layer strings, so ``torch.compile`` traces it whole, once per shape however many layers.
-"""
+"""The one call every model goes through: ``attend(q, k, v, backend=...)``. Options are checked
+once, when an :class:`AttentionLayer` is made, and its kernel is resolved once per platform. Nothing
+in the call path imports, syncs with the host or reads per-layer strings, so ``torch.compile``
+traces it once per shape however many layers."""
 
 from __future__ import annotations
 
@@ -19,8 +17,7 @@ from attnbridge.attention.contract import AttentionContext, AttentionImpl
 from attnbridge.attention.registry import Backend, get_backend, make_impl
 from attnbridge.platforms import PLATFORM_ENV, get_platform, platform_name_for_device
 
-#: ``observer(layer, q, k, context)`` callbacks run before every layer call outside ``torch.compile``;
-#: each may return a function that is called with the output (timing, tests). See :func:`observe`.
+#: Callbacks of :func:`observe`.
 _OBSERVERS: list[Callable] = []
 
 
@@ -32,8 +29,9 @@ def platform_for(device: torch.device, override: str | None = None) -> str:
 
 @contextlib.contextmanager
 def observe(observer: Callable) -> Iterator[None]:
-    """Run ``observer`` around every :class:`AttentionLayer` call in the process for the block.
-    Observers see every layer; each keeps what it wants (its own layers)."""
+    """Call ``observer(layer, q, k, context)`` before every :class:`AttentionLayer` call of the
+    process (outside ``torch.compile``) for the block; what it returns, if anything, is called with
+    the output (timing, tests)."""
     _OBSERVERS.append(observer)
     try:
         yield
@@ -42,13 +40,9 @@ def observe(observer: Callable) -> Iterator[None]:
 
 
 class AttentionLayer:
-    """A backend bound to one attention layer: checks its options once, resolves its kernel once per
-    platform and keeps it.
-
-    ``options`` are the backend's (``sparsity=0.75``, ``skip_first_steps=5``...); ``platform``
-    forces a platform's kernels (default: the tensors' device, or ``$ATTNBRIDGE_PLATFORM``);
-    ``strict=True`` makes a kernel that cannot run an error instead of the declared fallback.
-    """
+    """A backend bound to one attention layer. ``options`` are the backend's (``sparsity=0.75``...);
+    ``platform`` forces a platform's kernels (default: the tensors' device, or ``$ATTNBRIDGE_PLATFORM``);
+    ``strict=True`` makes a kernel that cannot run an error instead of the declared fallback."""
 
     def __init__(
         self,
@@ -84,8 +78,8 @@ class AttentionLayer:
         return platform_for(device, self.platform)
 
     def impl_for(self, device: torch.device) -> AttentionImpl:
-        """The kernel for ``device``'s platform, resolved on first use and kept (keyed by device
-        type, a constant under ``torch.compile``)."""
+        """The kernel for ``device``'s platform, resolved on first use (keyed by device type, a
+        constant under ``torch.compile``)."""
         impl = self._impls.get(device.type)
         if impl is None:
             impl = make_impl(self.spec.name, self.platform_for(device), self.options, strict=self.strict)
@@ -143,11 +137,8 @@ def attend(
     strict: bool = False,
     **options: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Attention on BSHD tensors through ``backend`` (or through ``layer``, which fixes the backend).
-
-    Returns ``out`` ``[B, S_q, H_q, D]`` or, with ``return_lse=True``, ``(out, lse)`` with ``lse``
-    ``[B, H_q, S_q]`` float32.
-    """
+    """Attention on BSHD tensors through ``backend`` (or ``layer``): ``out`` ``[B, S_q, H_q, D]``, or
+    with ``return_lse=True`` ``(out, lse)`` with ``lse`` ``[B, H_q, S_q]`` float32."""
     if layer is None:
         if platform is not None:
             get_platform(platform)

@@ -1,14 +1,10 @@
-"""The backend contract every attention kernel in attnbridge implements.
-
-Layout convention, shared by every backend and adapter:
+"""The contract every attention kernel implements; a *backend* is the name users ask for (``"fa"``),
+an *impl* the class that runs it on one platform.
 
 * ``q``: ``[B, S_q, H_q, D]`` (BSHD), ``k`` and ``v``: ``[B, S_kv, H_kv, D]`` with ``H_q % H_kv == 0``.
 * output: ``[B, S_q, H_q, D]`` in the dtype of ``q``.
 * softmax LSE (when asked for): ``[B, H_q, S_q]`` float32, natural log, so that partial results of
-  ring attention can be merged with :func:`attnbridge.attention.lse.merge_partials`.
-
-A *backend* is the user-facing name (``"fa"``, ``"block_sparse"``) declared once in its module under
-``attention/backends/``; an *impl* is the class that runs it on one platform.
+  ring attention merge with :func:`attnbridge.attention.lse.merge_partials`.
 """
 
 from __future__ import annotations
@@ -26,14 +22,11 @@ HALF_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class AttentionContext:
-    """What the adapter knows about one attention call, beyond q/k/v; it belongs to that call.
-
-    ``kind`` is ``"self"``, ``"cross"`` or ``"joint"`` (image tokens, then ``num_text_tokens`` text
-    tokens, in one sequence); ``grid`` the latent token grid ``(T, H, W)`` of the video/image tokens; ``step`` the
-    denoising step index (``dense_step=True`` says directly that the step runs dense);
-    ``num_text_tokens`` how many tokens of a joint sequence are text; ``key_lengths`` the valid keys
-    per sample (int ``[B]``, keys past it are padding); ``gate`` VSA's compress-branch gate (BSHD).
-    """
+    """What the adapter knows about one attention call, beyond q/k/v. ``kind`` is ``"self"``, ``"cross"`` or
+    ``"joint"`` (image tokens, then ``num_text_tokens`` text tokens, in one sequence); ``grid`` the latent
+    token grid ``(T, H, W)`` of the image tokens; ``step`` the denoising step (``dense_step=True``: the step
+    runs dense); ``key_lengths`` the valid keys per sample (int ``[B]``, keys past it are padding); ``gate``
+    VSA's compress-branch gate (BSHD)."""
 
     kind: str = "self"
     grid: tuple[int, int, int] | None = None
@@ -45,11 +38,8 @@ class AttentionContext:
 
 
 class AttentionImpl(ABC):
-    """One kernel on one platform, made once per layer and reused by every call.
-
-    The class attributes are the kernel's limits; :meth:`check_inputs` enforces them on every call
-    and the support table and docs read them.
-    """
+    """One kernel on one platform, made once per layer. The class attributes are its limits:
+    :meth:`check_inputs` enforces them on every call, the support table and the docs read them."""
 
     #: What actually runs, shown in ``attnbridge backends`` and the docs.
     description: ClassVar[str] = ""
@@ -58,8 +48,7 @@ class AttentionImpl(ABC):
     supported_head_sizes: ClassVar[tuple[int, ...] | None] = None
     supports_lse: ClassVar[bool] = True
     supports_causal: ClassVar[bool] = True
-    #: Attention kinds (see :class:`AttentionContext`) this kernel serves; the adapters refuse a model
-    #: with another kind at enable time, before anything is patched.
+    #: Attention kinds this kernel serves; a model with another kind is refused at enable time.
     attention_kinds: ClassVar[tuple[str, ...]] = ("self", "cross", "joint")
     #: Install commands of the packages :meth:`check_available` needs, in the order it imports them.
     install: ClassVar[tuple[str, ...]] = ()
@@ -68,8 +57,7 @@ class AttentionImpl(ABC):
 
     @classmethod
     def check_available(cls, platform: str) -> None:
-        """Raise :class:`attnbridge.errors.BackendUnavailableError` when a package this kernel needs
-        is missing; the backend then errors or falls back, as its declaration says."""
+        """Raise :class:`attnbridge.errors.BackendUnavailableError` when a package it needs is missing."""
         return None
 
     def __init__(self, *, backend: str, platform: str, options: Any = None) -> None:

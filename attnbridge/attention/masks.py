@@ -1,4 +1,4 @@
-"""Small mask helpers shared by the dense kernels."""
+"""Small mask helpers shared by the kernels and the adapters."""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ NPU_COMPRESSED_MASK_SIZE = 2048
 
 
 def bottom_right_causal_mask(s_q: int, s_kv: int, device: torch.device) -> torch.Tensor:
-    """Bool ``[s_q, s_kv]``, True where query ``i`` may see key ``j`` (``j <= i + s_kv - s_q``).
-
-    Bottom-right alignment is what flash attention and Ascend's ``sparse_mode=3`` do, and what a
-    prefill with a cached prefix needs; torch SDPA's ``is_causal`` aligns top-left instead.
-    """
+    """Bool ``[s_q, s_kv]``, True where query ``i`` may see key ``j`` (``j <= i + s_kv - s_q``). Bottom-right
+    alignment is what flash attention and Ascend's ``sparse_mode=3`` do, and what a prefill with a cached
+    prefix needs; torch SDPA's ``is_causal`` aligns top-left instead."""
     rows = torch.arange(s_q, device=device)[:, None] + (s_kv - s_q)
     cols = torch.arange(s_kv, device=device)[None, :]
     return cols <= rows
@@ -32,3 +30,15 @@ def npu_compressed_causal_mask(device: torch.device) -> torch.Tensor:
 def key_padding_mask(key_lengths: torch.Tensor, s_kv: int) -> torch.Tensor:
     """Bool ``[B, 1, 1, s_kv]``, True where key ``j < key_lengths[b]`` (a real, not padded, key)."""
     return (torch.arange(s_kv, device=key_lengths.device) < key_lengths[:, None])[:, None, None, :]
+
+
+def leading_lengths(mask: torch.Tensor) -> torch.Tensor | None:
+    """How many leading entries of each row of the 2-D ``mask`` ``[B, S]`` are set, or None when a row
+    has a set entry after an unset one (checked outside ``torch.compile``: one host sync)."""
+    mask = mask.bool()
+    lengths = mask.sum(dim=-1)
+    if not torch.compiler.is_compiling():
+        leading = torch.arange(mask.shape[-1], device=mask.device)[None, :] < lengths[:, None]
+        if not torch.equal(mask, leading):
+            return None
+    return lengths

@@ -1,10 +1,7 @@
-"""Backend options: declared once as a frozen dataclass per backend, checked once into an instance.
-
-A backend's options are the fields of a frozen dataclass made with :func:`option`, which carries the
-help text and the check. :func:`parse_options` turns what the user passed (``sparsity=0.75``) into
-that instance: an unknown key, a wrong type or a value out of range is a ``ValueError`` naming the
-backend, the option and what is allowed. Everything downstream reads the instance, never the raw
-keywords, so nothing checks an option twice.
+"""Backend options: a frozen dataclass per backend whose fields (:func:`option`) carry their help text
+and check, turned once into an instance by :func:`parse_options`. An unknown key, a wrong type or a
+value out of range is a ``ValueError`` naming the backend, the option and what is allowed; everything
+downstream reads the instance, never the raw keywords.
 """
 
 from __future__ import annotations
@@ -56,13 +53,9 @@ class NoOptions:
     """Options of a backend that takes none."""
 
 
-def option_fields(options: type) -> tuple[dataclasses.Field, ...]:
-    return dataclasses.fields(options)
-
-
 def parse_options(backend: str, options: type, given: Mapping[str, Any]) -> Any:
     """``given`` checked into an instance of the frozen dataclass ``options``."""
-    fields = {f.name: f for f in option_fields(options)}
+    fields = {f.name: f for f in dataclasses.fields(options)}
     unknown = sorted(set(given) - set(fields))
     if unknown:
         accepted = ", ".join(fields) or "no options"

@@ -1,10 +1,7 @@
-"""The named backends users ask for: each declared once, as ``BACKEND`` in its own module.
-
-Every module in :mod:`attnbridge.attention.backends` that defines ``BACKEND = Backend(...)`` is a
-backend: its name, its options (a frozen dataclass, :mod:`.options`) and, per platform, the impl class
-that runs it or :class:`Unavailable` with the reason. The registry, ``attnbridge backends``, the
-support table and the docs are all read from these declarations. Adding a backend is adding one
-module there (and its tests).
+"""The named backends users ask for: each declared once, as ``BACKEND = Backend(...)`` in its own
+module of :mod:`attnbridge.attention.backends`, with its options (a frozen dataclass, :mod:`.options`)
+and, per platform, the impl class that runs it or :class:`Unavailable` with the reason. The registry,
+``attnbridge backends``, the support table and the docs all read these declarations.
 """
 
 from __future__ import annotations
@@ -14,14 +11,14 @@ import importlib
 import logging
 import pkgutil
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from types import ModuleType
 from typing import Any
 
 from attnbridge.attention.contract import AttentionImpl
-from attnbridge.attention.options import NoOptions, option_fields, parse_options
+from attnbridge.attention.options import NoOptions, parse_options
 from attnbridge.errors import BackendUnavailableError
-from attnbridge.platforms import PLATFORMS, get_platform
+from attnbridge.platforms import get_platform
 
 logger = logging.getLogger("attnbridge")
 #: (platform, backend) pairs whose fallback was already logged: once per process, not once per layer.
@@ -38,12 +35,10 @@ class Unavailable:
 
 @dataclass(frozen=True)
 class Backend:
-    """One backend: what the user asks for by ``name``, and what runs it on each platform.
-
-    ``fallback`` names the backend that serves the calls, with a logged warning, where this one
-    cannot run (no kernel here, or its package is missing) and the user did not pass ``strict=True``.
-    ``order`` places it in listings (dense first).
-    """
+    """One backend: what the user asks for by ``name``, and what runs it on each platform. ``fallback`` names
+    the backend that serves the calls, with a logged warning, where this one cannot run (no kernel here, or
+    its package is missing) and the user did not pass ``strict=True``. ``order`` places it in listings (dense
+    first)."""
 
     name: str
     summary: str
@@ -52,18 +47,16 @@ class Backend:
     sparse: bool = False
     fallback: str | None = None
     order: int = 100
-    #: Platforms missing from ``platforms`` have no kernel: this says why.
-    elsewhere: str = field(default="no kernel for this platform", compare=False)
 
     def parse(self, given: Mapping[str, Any]) -> Any:
         """The user's options checked into this backend's frozen options instance."""
         return parse_options(self.name, self.options, given)
 
     def entry(self, platform: str) -> type[AttentionImpl] | Unavailable:
-        return self.platforms.get(platform) or Unavailable(self.elsewhere)
+        return self.platforms.get(platform) or Unavailable("no kernel for this platform")
 
     def option_help(self) -> dict[str, str]:
-        return {f.name: f.metadata["help"] for f in option_fields(self.options)}
+        return {f.name: f.metadata["help"] for f in fields(self.options)}
 
 
 @functools.cache
@@ -151,7 +144,6 @@ def make_impl(name: str, platform: str, options: Any = None, *, strict: bool = F
 
 
 __all__ = [
-    "PLATFORMS",
     "Backend",
     "Unavailable",
     "backend_names",

@@ -1,9 +1,7 @@
-"""What ``--model`` names: an embedded tiny random model, or a local checkpoint folder.
-
-A folder with ``model_index.json`` is a diffusers pipeline (``DiffusionPipeline.from_pretrained``);
-one with ``config.json`` is a transformers causal LM (``AutoModelForCausalLM`` + ``AutoTokenizer``).
-Nothing is downloaded: a name that is neither a tiny model nor an existing folder is an error.
-"""
+"""What ``--model`` names: an embedded tiny random model, or a local checkpoint folder. A folder
+with ``model_index.json`` is a diffusers pipeline (``DiffusionPipeline.from_pretrained``); one with
+``config.json`` is a transformers causal LM (``AutoModelForCausalLM`` + ``AutoTokenizer``). Nothing
+is downloaded: a name that is neither a tiny model nor an existing folder is an error."""
 
 from __future__ import annotations
 
@@ -22,9 +20,7 @@ from attnbridge import tiny_models
 @dataclass
 class LoadedModel:
     """A model ready to run: ``kind`` is ``"diffusion"`` (a pipeline) or ``"text"`` (an LLM + tokenizer).
-
-    ``call_defaults`` are the tiny models' small sizes (a real checkpoint uses its pipeline's own).
-    """
+    ``call_defaults`` are the tiny models' small sizes (a real checkpoint uses its pipeline's own)."""
 
     name: str
     kind: str

@@ -1,9 +1,6 @@
-"""Splitting ``--option key=value`` pairs: generation settings, enable keywords, backend options.
-
-Keys the generate command uses itself (sizes, guidance, output settings) never reach the backend;
-``strict`` / ``platform`` are keywords of ``enable_npu_attention``; everything else (``sparsity``,
-``ring_degree``, ``ulysses_degree``...) goes to ``enable_npu_attention`` as well, which checks it.
-"""
+"""Splitting ``--option key=value`` pairs: the generate command's own settings (sizes, guidance,
+output) never reach the backend; everything else (``strict``, ``sparsity``, ``ring_degree``...) goes
+to ``enable_npu_attention``, which checks it."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
 """Writing what a pipeline made: a video, an image, a text, and the timing summary next to it.
-
 Videos are MP4 through diffusers' ``export_to_video`` when imageio and imageio-ffmpeg are installed,
-else an animated GIF through Pillow (no extra dependency for the demo).
-"""
+else an animated GIF through Pillow (no extra dependency for the demo)."""
 
 from __future__ import annotations
 
@@ -12,10 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-
-def _has_ffmpeg_writer() -> bool:
-    return all(importlib.util.find_spec(name) is not None for name in ("imageio", "imageio_ffmpeg"))
 
 
 def _named(stem: Path, suffix: str) -> Path:
@@ -32,7 +26,7 @@ def _to_uint8_frames(frames: Any) -> list[np.ndarray]:
 
 def write_video(frames: Any, stem: Path, fps: int = 8) -> Path:
     frames = _to_uint8_frames(frames)
-    if _has_ffmpeg_writer():
+    if all(importlib.util.find_spec(name) is not None for name in ("imageio", "imageio_ffmpeg")):
         from diffusers.utils import export_to_video
 
         path = _named(stem, ".mp4")

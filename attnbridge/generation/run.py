@@ -46,11 +46,9 @@ def run_generate(
     device: str | None = None,
     config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run ``model`` with attention through ``backend``; write its output and ``<name>.timing.json``
-    under ``output`` (rank 0) and return the timing summary (with ``files``).
-
-    ``steps`` is the number of denoising steps, or of new tokens for a text model.
-    """
+    """Run ``model`` with attention through ``backend``; write its output and ``<name>.timing.json`` under
+    ``output`` (rank 0) and return the timing summary (with ``files``). ``steps`` is the number of denoising
+    steps, or of new tokens for a text model."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     options = split_options(config or {})
@@ -63,8 +61,9 @@ def run_generate(
         loaded = load_model(model, device=torch_device, dtype=dtype, seed=seed)
         load_seconds = time.perf_counter() - start
         backend_config = options.backend_for(loaded.kind, launched_world_size())
-        summary = _run_timed(loaded, backend, backend_config, options, steps, prompt, seed, torch_device)
-        result = summary.pop("result")
+        timings, result = _run_timed(
+            loaded, backend, backend_config, options, steps, prompt, seed, torch_device
+        )
         summary = {
             "model": loaded.name,
             "backend": backend,
@@ -78,7 +77,7 @@ def run_generate(
             "timing_method": "wall clock" if torch_device.type == "cpu" else "device events",
             "notes": [RANDOM_WEIGHTS_NOTE] if loaded.random_weights else [],
             "load_seconds": load_seconds,
-            **summary,
+            **timings,
         }
         if rank() == 0:
             _report(summary, result, Path(output))
@@ -109,7 +108,7 @@ def _run_timed(loaded, backend, backend_config, options: GenerateOptions, steps,
             total = time.perf_counter() - start
     finally:
         handle.disable()
-    return {**timer.summary(total), "result": result}
+    return timer.summary(total), result
 
 
 def _generate_diffusion(loaded: LoadedModel, options: GenerateOptions, steps: int, prompt: str, seed: int):

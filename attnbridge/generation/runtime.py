@@ -16,10 +16,8 @@ def launched_world_size() -> int:
 
 
 def start_distributed() -> tuple[torch.device | None, bool]:
-    """Join the launcher's process group; ``(this rank's device, whether we started the group)``.
-
-    Without a launcher: ``(None, False)``.
-    """
+    """Join the launcher's process group; ``(this rank's device, whether we started the group)``. Without a
+    launcher: ``(None, False)``."""
     if launched_world_size() <= 1:
         return None, False
     from attnbridge.attention.parallel import init_distributed

@@ -1,13 +1,8 @@
-"""How long a pipeline spends in attention, per backend, attention kind and layer.
-
-An observer on every :class:`AttentionLayer` call (:func:`attnbridge.attention.observe`) times the
-calls of the layers ``enable_npu_attention`` made, and a forward pre-hook counts the calls of each
-patched model. A layer's first call is reported apart from the rest: it holds the compilation and
-warm-up (selection graphs, kernel autotuning) that later calls do not pay. On CPU a call is timed
-with the wall clock; on accelerators with device events around it, read once at the end. For
-sparse backends the fraction of key blocks kept is measured once per layer, on its first call
-after warm-up, outside the timed region.
-"""
+"""How long a pipeline spends in attention, per backend, attention kind and layer. An observer
+(:func:`attnbridge.attention.observe`) times the calls of the layers ``enable_npu_attention`` made:
+with the wall clock on CPU, with device events elsewhere (read once at the end). A layer's first
+call, which holds compilation and warm-up, is reported apart. For sparse backends the fraction of
+key blocks kept is measured once per layer, on its second call, untimed."""
 
 from __future__ import annotations
 
@@ -63,11 +58,9 @@ class LayerRecord:
 
 
 class AttentionTimer:
-    """Times ``layers`` (name -> AttentionLayer) and counts forward calls of ``models`` while active.
-
-    Layer names of a pipeline start with ``"<component>."``; each model in ``models`` is keyed by that
-    component ("" for a bare model), which is how layers are attributed to models.
-    """
+    """Times ``layers`` (name -> AttentionLayer) and counts forward calls of ``models`` while active. Layer
+    names of a pipeline start with ``"<component>."``; each model in ``models`` is keyed by that component (""
+    for a bare model), which is how layers are attributed to models."""
 
     def __init__(self, layers: dict[str, AttentionLayer], models: dict[str, torch.nn.Module]):
         self.layers = layers
@@ -133,39 +126,35 @@ class AttentionTimer:
 
     def summary(self, pipeline_seconds: float) -> dict[str, Any]:
         """Attention time and calls against the pipeline's wall time, as a JSON-ready dict."""
-        groups: dict[tuple[str, str], dict[str, Any]] = defaultdict(
-            lambda: {"layers": 0, "calls": 0, "first_call_seconds": 0.0, "seconds": 0.0, "kept": []}
-        )
-        for record in self.records.values():
-            group = groups[(record.backend, record.kind)]
-            group["layers"] += 1
-            group["calls"] += record.calls
-            group["first_call_seconds"] += record.first_seconds
-            group["seconds"] += record.seconds
-            if record.kept_fraction is not None:
-                group["kept"].append(record.kept_fraction)
         share = (lambda s: s / pipeline_seconds) if pipeline_seconds > 0 else (lambda s: 0.0)
-        first = sum(r.first_seconds for r in self.records.values())
-        steady = sum(r.seconds for r in self.records.values())
+        records = list(self.records.values())
+        groups: dict[tuple[str, str], list[LayerRecord]] = defaultdict(list)
+        for record in records:
+            groups[(record.backend, record.kind)].append(record)
         rows = []
         for (backend, kind), group in sorted(groups.items()):
-            kept = group.pop("kept")
+            first, steady = sum(r.first_seconds for r in group), sum(r.seconds for r in group)
+            kept = [r.kept_fraction for r in group if r.kept_fraction is not None]
             rows.append(
                 {
                     "backend": backend,
                     "kind": kind,
-                    **group,
+                    "layers": len(group),
+                    "calls": sum(r.calls for r in group),
+                    "first_call_seconds": first,
+                    "seconds": steady,
                     "kept_fraction": sum(kept) / len(kept) if kept else None,
-                    "fraction_of_pipeline": share(group["seconds"] + group["first_call_seconds"]),
+                    "fraction_of_pipeline": share(steady + first),
                 }
             )
+        first, steady = sum(r.first_seconds for r in records), sum(r.seconds for r in records)
         return {
             "pipeline_seconds": pipeline_seconds,
             "attention": {
                 "seconds": steady,
                 "first_call_seconds": first,
-                "calls": sum(r.calls for r in self.records.values()),
-                "layers": len(self.records),
+                "calls": sum(r.calls for r in records),
+                "layers": len(records),
                 "fraction_of_pipeline": share(steady + first),
             },
             "by_backend_kind": rows,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from attnbridge.models.family import AttentionSite, ModelFamily
+from attnbridge.models.family import ModelFamily
 from attnbridge.models.qwen3_moe import QWEN3_MOE
 from attnbridge.models.qwen_image import QWEN_IMAGE
 from attnbridge.models.wan import WAN
@@ -25,4 +25,4 @@ def supported_models() -> str:
     return "; ".join(f"{lib}: {', '.join(names)}" for lib, names in by_library.items())
 
 
-__all__ = ["FAMILIES", "AttentionSite", "ModelFamily", "find_family", "supported_models"]
+__all__ = ["FAMILIES", "ModelFamily", "find_family", "supported_models"]

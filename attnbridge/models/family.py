@@ -1,9 +1,5 @@
-"""What attnbridge needs to know about a model family, independent of how it gets patched.
-
-A :class:`ModelFamily` says how to recognise the model, which of its modules are attention and of
-which kind, and how to read the latent token grid from the model's forward inputs. Adapters
-(``attnbridge.adapters``) turn that description into patched processors or attention functions.
-"""
+"""What attnbridge knows about a model family, independent of how it gets patched: how to recognise
+it, which of its modules are attention and of which kind, and how to read its forward inputs."""
 
 from __future__ import annotations
 
@@ -32,13 +28,9 @@ class AttentionSite:
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """One supported model family.
-
-    ``library`` is ``"diffusers"`` (patched through attention processors) or ``"transformers"``
-    (patched through ``AttentionInterface``). A model belongs to the family when a class in its MRO
-    is named in ``class_names`` or, for transformers, its ``config.model_type`` is in ``model_types``
-    (class names avoid importing either library just to recognise an object).
-    """
+    """One supported model family, of ``library`` ``"diffusers"`` or ``"transformers"``. A model belongs to it
+    when a class in its MRO is named in ``class_names`` (no library import needed to recognise it) or its
+    ``config.model_type`` is in ``model_types``."""
 
     name: str
     library: str
@@ -67,10 +59,16 @@ class ModelFamily:
         return isinstance(obj, torch.nn.Module) and model_type is not None and model_type in self.model_types
 
     def attention_modules(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, AttentionSite]]:
-        """``(dotted path, module, site)`` for every attention module of ``model``, in module order."""
+        """``(dotted path, module, site)`` for every attention module of ``model``, in module order;
+        a ``ValueError`` when there is none."""
         found = []
         for path, module in model.named_modules():
             site = next((s for s in self.attention_sites if s.matches(path)), None)
             if site is not None:
                 found.append((path, module, site))
+        if not found:
+            raise ValueError(
+                f"{type(model).__name__}: found no attention modules matching "
+                f"{[s.pattern for s in self.attention_sites]}; this {self.library} version is not supported"
+            )
         return found

@@ -1,9 +1,6 @@
-"""Qwen3-MoE causal LM (transformers ``Qwen3MoeForCausalLM`` / ``Qwen3MoeModel``).
-
-``model.layers.N.self_attn``: causal self-attention with grouped-query heads (``num_key_value_heads``
-< ``num_attention_heads``), called through transformers' ``AttentionInterface`` with q/k/v in
-``[B, H, S, D]``. No latent grid: the only context is the layer and causality.
-"""
+"""Qwen3-MoE causal LM (transformers ``Qwen3MoeForCausalLM`` / ``Qwen3MoeModel``): causal
+self-attention with grouped-query heads in ``model.layers.N.self_attn``, called through transformers'
+``AttentionInterface`` with q/k/v in ``[B, H, S, D]``."""
 
 from __future__ import annotations
 

@@ -1,14 +1,13 @@
 """Qwen-Image MMDiT (diffusers ``QwenImageTransformer2DModel``).
 
-* ``transformer_blocks.N.attn``: joint attention over ``[text tokens, image tokens]``; text comes
-  FIRST (the processor concatenates ``txt`` then ``img``), which is the order the contract expects.
+* ``transformer_blocks.N.attn``: joint attention over text and image tokens. Upstream concatenates
+  ``[text, image]``; attnbridge puts the text last (``[image, text]``, the contract's order; attention
+  does not depend on the order of its keys), so a text padding mask (``encoder_hidden_states_mask``,
+  padding at the end of each prompt) becomes valid key lengths per sample, which every backend takes.
+  Pipelines drop the mask when every token is valid.
 * Image tokens are 2x2-packed latents: the pipeline passes ``img_shapes``, per sample a list of
   ``(frames, latent_h // 2, latent_w // 2)``; edit pipelines append the condition images, which the
   rotary embedding places as further frames.
-* attnbridge puts the text LAST in the joint sequence (``[image, text]``; attention over keys does
-  not depend on their order), so a text padding mask (``encoder_hidden_states_mask``, padding at the
-  end of each prompt) becomes valid key lengths per sample, which every backend takes. Pipelines
-  drop the mask when every token is valid.
 * Sequence parallelism splits the image tokens only; the text stream (a prompt of any length) stays
   replicated on every rank, so the text entries of diffusers' ``_cp_plan`` are dropped.
 """
@@ -20,6 +19,7 @@ from typing import Any
 
 import torch
 
+from attnbridge.attention.masks import leading_lengths
 from attnbridge.models.family import AttentionSite, Grid, ModelFamily
 
 
@@ -32,13 +32,10 @@ def _image_shapes_of_first_sample(img_shapes: Any) -> list[tuple[int, int, int]]
 
 
 def qwen_image_grid(model: torch.nn.Module, inputs: Mapping[str, Any]) -> Grid:
-    """Grid of the image tokens from ``img_shapes``.
-
-    Images of one size stack along T (as their rotary frame index does), so ``T*H*W`` equals the
-    image token count. Mixed sizes (edit pipelines with reference images of other sizes) have no
-    common spatial grid: the tokens are then one raster row ``(1, 1, N)``, which block masks can
-    still cut into consecutive blocks.
-    """
+    """Grid of the image tokens from ``img_shapes``. Images of one size stack along T (as their rotary frame
+    index does), so ``T*H*W`` equals the image token count. Mixed sizes (edit pipelines with reference images
+    of other sizes) have no common spatial grid: the tokens are then one raster row ``(1, 1, N)``, which block
+    masks can still cut into consecutive blocks."""
     img_shapes = inputs.get("img_shapes")
     if not img_shapes:
         return None
@@ -58,17 +55,14 @@ def qwen_image_key_lengths(inputs: Mapping[str, Any]) -> torch.Tensor | None:
     hidden = inputs.get("hidden_states")
     if mask is None or not isinstance(hidden, torch.Tensor):
         return None
-    mask = mask.bool()
-    text = mask.sum(dim=-1)
-    if not torch.compiler.is_compiling():
-        suffix = torch.arange(mask.shape[-1], device=mask.device)[None, :] < text[:, None]
-        if not torch.equal(mask, suffix):
-            raise ValueError(
-                "encoder_hidden_states_mask must mark each prompt's real tokens first and its padding "
-                "last (as the Qwen-Image pipelines' tokenizer makes it)"
-            )
-        if bool((text == mask.shape[-1]).all()):
-            return None
+    text = leading_lengths(mask)
+    if text is None:
+        raise ValueError(
+            "encoder_hidden_states_mask must mark each prompt's real tokens first and its padding "
+            "last (as the Qwen-Image pipelines' tokenizer makes it)"
+        )
+    if not torch.compiler.is_compiling() and bool((text == mask.shape[-1]).all()):
+        return None
     return (hidden.shape[1] + text).to(torch.int32)
 
 

@@ -1,8 +1,5 @@
-"""Which accelerator a tensor lives on: platform detection and lookup, nothing else.
-
-Kernels are chosen per tensor device, so one process can mix platforms. What each backend runs on
-each platform is declared in the backend's own module (``attnbridge/attention/backends``).
-"""
+"""Which accelerator a tensor lives on: platform detection and lookup. Kernels are chosen per tensor
+device, so one process can mix platforms."""
 
 from __future__ import annotations
 
@@ -81,10 +78,8 @@ def platform_name_for_device(device: torch.device | str) -> str:
 
 
 __all__ = [
-    "PLATFORMS",
     "PLATFORM_ENV",
     "PLATFORM_ORDER",
-    "Platform",
     "detect_platform",
     "get_platform",
     "platform_name_for_device",

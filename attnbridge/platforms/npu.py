@@ -1,12 +1,9 @@
-"""Ascend NPU packages: torch_npu and sgl-kernel-npu's attention kernels.
-
-These loaders are the only places that import those packages, so a missing package is one clear
-error naming what to install. sgl-kernel-npu ships its kernels in two layouts: newer builds register
-them under ``torch.ops.npu`` when ``sgl_kernel_npu`` is imported (``laser_attn``,
-``ada_block_sparse_attention``); older ones under ``torch.ops.attentions`` when ``attentions`` is
-imported (``la``, ``ada_block_sparse_attention`` or, older still, ``block_sparse_attention``,
-``rainfusionattention``). :func:`load_kernel_op` looks for the newest first.
-"""
+"""Ascend NPU packages: torch_npu and sgl-kernel-npu's attention kernels, imported only here so that
+a missing package is one error naming what to install. sgl-kernel-npu registers its kernels under
+``torch.ops.npu`` when ``sgl_kernel_npu`` is imported (newer builds: ``laser_attn``,
+``ada_block_sparse_attention``), or under ``torch.ops.attentions`` when ``attentions`` is (older:
+``la``, ``ada_block_sparse_attention`` or ``block_sparse_attention``, ``rainfusionattention``);
+:func:`load_kernel_op` looks for the newest first."""
 
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
 """The ``laser`` backend: Ascend's Laser Attention kernel (dense), and its contract off Ascend.
 
 Laser Attention (sgl-kernel-npu: ``torch.ops.npu.laser_attn`` in newer builds, ``torch.ops.attentions.la``
-in older ones; schema ``(query, key, value, atten_mask=None, alibi_mask=None, drop_mask=None,
-scale_value=1.0, head_num=2, input_layout='BNSD', keep_prob=1.0, pre_tokens=2147483647,
-next_tokens=1, is_highPrecision=True) -> (softmax_stats, out)``) takes fp16 BNSD with the sequence
-a multiple of 256 and head_dim 128 (its kernel instantiates only ``half``). So each call:
+in older ones; it returns ``(softmax_stats, out)``) takes fp16 BNSD with the sequence a multiple of 256
+and head_dim 128 (its kernel instantiates only ``half``). So each call:
 
 1. goes to the dense ``fa`` kernel instead when it is cross-attention (``S_q != S_kv`` or
    ``context.kind == "cross"``), shorter than 2048 tokens (the kernel misbehaves there), causal,
@@ -28,8 +26,6 @@ place of the kernel, so the contract is exercised where no Ascend device is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from attnbridge.attention.contract import HALF_DTYPES, AttentionImpl, default_scale, repeat_kv_heads
@@ -45,35 +41,14 @@ from attnbridge.platforms.npu import (
 
 LASER_SEQ_ALIGN = 256
 LASER_DIM_ALIGN = 128
-#: Below this many tokens the Laser kernel is not used (it has issues with short sequences).
+#: Below this many tokens the Laser kernel is not used (it misbehaves on short sequences).
 LASER_MIN_SEQ = 2048
-#: ``pre_tokens`` meaning "no padded keys".
-LASER_NO_PAD = 2**31 - 1
-#: ``next_tokens`` as sglang passes it (the schema default; the kernel does not read it).
-LASER_NEXT_TOKENS = 1
 #: The largest bf16 range shift (bf16 reaches 3.4e38, fp16 only 65504).
 BF16_RANGE_SHIFT = 256.0
 #: The kernel holds its softmax scale in fp16.
 FP16_MAX = 65504.0
 #: Names of the kernel, per torch.ops namespace (newest layout first).
 LASER_OPS = {"npu": ("laser_attn",), "attentions": ("la",)}
-
-
-@dataclass(frozen=True)
-class LaserInputs:
-    """q, k, v as the kernel takes them (fp16 BNSD, padded) and what undoes the padding."""
-
-    query: torch.Tensor
-    key: torch.Tensor
-    value: torch.Tensor
-    pre_tokens: int
-    #: What q, k, v were divided by before the fp16 cast; the output is multiplied back by it.
-    range_shift: float
-    #: The softmax scale to pass the kernel: the caller's, times ``range_shift**2`` for q and k.
-    scale_value: float
-    seq_len: int
-    head_dim: int
-    dtype: torch.dtype
 
 
 def range_shift(dtype: torch.dtype, scale: float) -> float | None:
@@ -94,52 +69,6 @@ def uses_laser_kernel(q, k, *, causal: bool, return_lse: bool, scale: float, con
     return q.shape[1] == k.shape[1] and q.shape[1] >= LASER_MIN_SEQ
 
 
-def laser_pre_tokens(seq_kv: int) -> int:
-    """How many zero-padded key rows the kernel must ignore (2**31 - 1 when none were added)."""
-    pad = -seq_kv % LASER_SEQ_ALIGN
-    return pad if pad else LASER_NO_PAD
-
-
-def laser_preprocess(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> LaserInputs:
-    """BSHD inputs -> fp16 BNSD padded to (256, 128), K/V heads repeated to the query heads."""
-    k, v = repeat_kv_heads(q, k, v)
-    seq_pad = -q.shape[1] % LASER_SEQ_ALIGN
-    dim_pad = -q.shape[3] % LASER_DIM_ALIGN
-    shift = range_shift(q.dtype, scale)
-
-    def prepare(x: torch.Tensor) -> torch.Tensor:
-        if shift != 1.0:
-            x = x / shift  # exact in bf16: a power of two
-        x = torch.nn.functional.pad(x.to(torch.float16), (0, dim_pad, 0, 0, 0, seq_pad))
-        return x.transpose(1, 2).contiguous()
-
-    return LaserInputs(
-        query=prepare(q),
-        key=prepare(k),
-        value=prepare(v),
-        pre_tokens=laser_pre_tokens(k.shape[1]),
-        range_shift=shift,
-        scale_value=scale * shift * shift,
-        seq_len=q.shape[1],
-        head_dim=q.shape[3],
-        dtype=q.dtype,
-    )
-
-
-def laser_postprocess(out: torch.Tensor, inputs: LaserInputs) -> torch.Tensor:
-    """Kernel output BNSD (padded) -> BSHD ``[:S, :D]`` in the input dtype.
-
-    fp16 and float32 input is rounded through fp16, the precision the kernel works in; shifted bf16
-    output is multiplied back in float32 (in fp16 that could overflow).
-    """
-    out = out[:, :, : inputs.seq_len, : inputs.head_dim]
-    if inputs.range_shift != 1.0:
-        out = out.float() * inputs.range_shift
-    else:
-        out = out.to(torch.float16)
-    return out.to(inputs.dtype).transpose(1, 2)
-
-
 class LaserImplBase(AttentionImpl):
     """Steps 1-4 around :meth:`run_kernel`; the dense calls go to the platform's ``fa``."""
 
@@ -157,10 +86,26 @@ class LaserImplBase(AttentionImpl):
             return self._dense.forward(
                 q, k, v, causal=causal, scale=scale, return_lse=return_lse, context=context
             )
-        inputs = laser_preprocess(q, k, v, scale)
-        return laser_postprocess(self.run_kernel(inputs), inputs)
+        k, v = repeat_kv_heads(q, k, v)
+        shift = range_shift(q.dtype, scale)
+        seq_pad, dim_pad = -q.shape[1] % LASER_SEQ_ALIGN, -q.shape[3] % LASER_DIM_ALIGN
 
-    def run_kernel(self, inputs: LaserInputs) -> torch.Tensor:
+        def prepare(x: torch.Tensor) -> torch.Tensor:  # BSHD -> fp16 BNSD padded to (256, 128)
+            if shift != 1.0:
+                x = x / shift  # exact in bf16: a power of two
+            x = torch.nn.functional.pad(x.to(torch.float16), (0, dim_pad, 0, 0, 0, seq_pad))
+            return x.transpose(1, 2).contiguous()
+
+        pre_tokens = seq_pad or 2**31 - 1  # 2**31 - 1: no padded keys
+        out = self.run_kernel(prepare(q), prepare(k), prepare(v), pre_tokens, scale * shift * shift)
+        out = out[:, :, : q.shape[1], : q.shape[3]]
+        # fp16 and float32 input is rounded through fp16, the precision the kernel works in; shifted
+        # bf16 output is multiplied back in float32 (in fp16 that could overflow).
+        out = out.float() * shift if shift != 1.0 else out.to(torch.float16)
+        return out.to(q.dtype).transpose(1, 2)
+
+    def run_kernel(self, query, key, value, pre_tokens: int, scale_value: float) -> torch.Tensor:
+        """The kernel on fp16 BNSD padded q, k, v; returns the padded BNSD output."""
         raise NotImplementedError
 
 
@@ -171,15 +116,13 @@ class LaserReferenceImpl(LaserImplBase):
     description = "Laser contract (fp16, pad to 256/128, pre_tokens) on the dense fa kernel"
     notes = "the Laser contract on the dense `fa` kernel (same fallbacks, fp16 cast, padding)"
 
-    def run_kernel(self, inputs: LaserInputs) -> torch.Tensor:
-        visible = inputs.key.shape[2]
-        if inputs.pre_tokens < visible:
-            visible -= inputs.pre_tokens
+    def run_kernel(self, query, key, value, pre_tokens: int, scale_value: float) -> torch.Tensor:
+        visible = key.shape[2] - pre_tokens if pre_tokens < key.shape[2] else key.shape[2]
         out = self._dense.forward(
-            inputs.query.transpose(1, 2),
-            inputs.key[:, :, :visible].transpose(1, 2),
-            inputs.value[:, :, :visible].transpose(1, 2),
-            scale=inputs.scale_value,
+            query.transpose(1, 2),
+            key[:, :, :visible].transpose(1, 2),
+            value[:, :, :visible].transpose(1, 2),
+            scale=scale_value,
         )
         return out.transpose(1, 2)
 
@@ -210,20 +153,20 @@ class NpuLaserImpl(LaserImplBase):
         super().__init__(**kwargs)
         self._op = load_kernel_op("laser", LASER_OPS)
 
-    def run_kernel(self, inputs: LaserInputs) -> torch.Tensor:
+    def run_kernel(self, query, key, value, pre_tokens: int, scale_value: float) -> torch.Tensor:
         _, out = self._op(
-            inputs.query,
-            inputs.key,
-            inputs.value,
+            query,
+            key,
+            value,
             atten_mask=None,
             alibi_mask=None,
             drop_mask=None,
-            scale_value=inputs.scale_value,
-            head_num=inputs.query.shape[1],
+            scale_value=scale_value,
+            head_num=query.shape[1],
             input_layout="BNSD",
             keep_prob=1.0,
-            pre_tokens=inputs.pre_tokens,
-            next_tokens=LASER_NEXT_TOKENS,
+            pre_tokens=pre_tokens,
+            next_tokens=1,  # as sglang passes it (the schema default; the kernel does not read it)
             is_highPrecision=True,
         )
         return out

@@ -37,12 +37,10 @@ TILE = 8
 
 
 def rain_fusion_order(grid: tuple[int, int, int]) -> torch.Tensor | None:
-    """Gather order of the image tokens: each frame's 8x8 patches as 64 consecutive tokens.
-
-    No change for one frame or frames smaller than 8x8. When H and W are multiples of 8 every frame
-    is tiled; otherwise the first frame stays in raster order and each later frame lists its tiled
-    aligned region, then the bottom rows ``H % 8`` x W, then the right strip (aligned H) x ``W % 8``.
-    """
+    """Gather order of the image tokens: each frame's 8x8 patches as 64 consecutive tokens. No change for one
+    frame or frames smaller than 8x8. When H and W are multiples of 8 every frame is tiled; otherwise the
+    first frame stays in raster order and each later frame lists its tiled aligned region, then the bottom
+    rows ``H % 8`` x W, then the right strip (aligned H) x ``W % 8``."""
     frames, height, width = grid
     if frames == 1 or height < TILE or width < TILE:
         return None

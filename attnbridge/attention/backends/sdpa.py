@@ -18,14 +18,12 @@ class TorchSDPAImpl(AttentionImpl):
 
     def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, context=None):
         s_q, s_kv = q.shape[1], k.shape[1]
-        mask = None
-        is_causal = causal
-        if causal and s_q != s_kv:
+        padded = context is not None and context.key_lengths is not None
+        mask, is_causal = None, causal
+        if causal and (s_q != s_kv or padded):  # SDPA's is_causal aligns top-left and takes no mask
             mask, is_causal = bottom_right_causal_mask(s_q, s_kv, q.device), False
-        if context is not None and context.key_lengths is not None:
+        if padded:
             padding = key_padding_mask(context.key_lengths, s_kv)
-            if is_causal:
-                mask, is_causal = bottom_right_causal_mask(s_q, s_kv, q.device), False
             mask = padding if mask is None else mask & padding
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),

@@ -75,11 +75,9 @@ def tile_qkv(layout: TileLayout, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 def coarse_attention(
     layout: TileLayout, qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, *, scale: float, topk: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense attention between mean-pooled tiles, in float32.
-
-    Returns the coarse output ``[B, n_tiles, H_q, D]`` float32 and the ``topk`` key tiles of each
-    query tile by coarse score, int32 ``[B, H_q, n_tiles, topk]``.
-    """
+    """Dense attention between mean-pooled tiles, in float32. Returns the coarse output ``[B, n_tiles, H_q,
+    D]`` float32 and the ``topk`` key tiles of each query tile by coarse score, int32 ``[B, H_q, n_tiles,
+    topk]``."""
     q_bar, k_bar, v_bar = (layout.pool(x).transpose(1, 2) for x in (qt, kt, vt))
     k_bar, v_bar = repeat_kv_heads(q_bar, k_bar, v_bar, head_dim=1)
     scores = torch.matmul(q_bar, k_bar.transpose(-1, -2)) * scale
@@ -97,10 +95,8 @@ def fine_attention(
     *,
     scale: float,
 ) -> torch.Tensor:
-    """Exact attention of each query tile over its selected key tiles; pad keys get no weight.
-
-    Tiled BSHD in and out (rows at pad slots are garbage the untile drops).
-    """
+    """Exact attention of each query tile over its selected key tiles; pad keys get no weight. Tiled BSHD in
+    and out (rows at pad slots are garbage the untile drops)."""
     kv_counts = torch.full(kv_indices.shape[:-1], kv_indices.shape[-1], dtype=torch.int32, device=qt.device)
     kernel = triton_kernel.block_sparse_attention if qt.is_cuda else flex.block_sparse_attention
     return kernel(
@@ -111,11 +107,9 @@ def fine_attention(
 def combine(
     layout: TileLayout, fine: torch.Tensor, coarse: torch.Tensor, gate: torch.Tensor | None
 ) -> torch.Tensor:
-    """``fine + coarse`` (``fine + coarse * gate``) in the original token order, in ``fine``'s dtype.
-
-    Untiling first and adding each token's gathered coarse row measured faster on an H200 than
-    broadcasting the coarse rows over the padded tiles in place.
-    """
+    """``fine + coarse`` (``fine + coarse * gate``) in the original token order, in ``fine``'s dtype. Untiling
+    first and adding each token's gathered coarse row measured faster on an H200 than broadcasting the coarse
+    rows over the padded tiles in place."""
     out = layout.untile(fine)
     coarse_tok = coarse.to(fine.dtype).index_select(1, layout.token_tile_index)
     return out.add_(coarse_tok) if gate is None else out.addcmul_(coarse_tok, gate)
@@ -199,15 +193,19 @@ class VSAImpl(AttentionImpl):
         self._dense = make_impl("fa", self.platform)
         self._fastvideo_refusal_logged = False
 
+    @staticmethod
+    def _runs_dense(q, k, context) -> bool:
+        return context is None or context.kind == "cross" or context.grid is None or q.shape[1] != k.shape[1]
+
     def kept_fraction(self, q, k, context) -> float | None:
         """The fraction of key tiles each query tile attends in the fine stage (None: a dense call)."""
-        if context is None or context.kind == "cross" or context.grid is None or q.shape[1] != k.shape[1]:
+        if self._runs_dense(q, k, context):
             return None
         n_tiles = math.prod(tile_counts(tuple(context.grid)))
         return topk_tiles(self.options.effective_sparsity, n_tiles) / n_tiles
 
     def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, context=None):
-        if context is None or context.kind == "cross" or context.grid is None or q.shape[1] != k.shape[1]:
+        if self._runs_dense(q, k, context):
             return self._dense.forward(
                 q, k, v, causal=causal, scale=scale, return_lse=return_lse, context=context
             )
@@ -246,8 +244,6 @@ class VSACudaImpl(VSAImpl):
         triton_kernel.check_triton(platform)
 
 
-_NO_VSA = "no Ascend kernel for video sparse attention; use 'block_sparse' or 'rain_fusion'"
-
 BACKEND = Backend(
     "vsa",
     "video sparse attention over 4x4x4 tiles",
@@ -255,7 +251,9 @@ BACKEND = Backend(
         "cpu": VSAImpl,
         "cuda": VSACudaImpl,
         "musa": Unavailable("FlexAttention (Triton) is not available for MUSA; use 'sdpa', 'fa' or 'sage'"),
-        "npu": Unavailable(_NO_VSA),
+        "npu": Unavailable(
+            "no Ascend kernel for video sparse attention; use 'block_sparse' or 'rain_fusion'"
+        ),
     },
     options=VSAOptions,
     sparse=True,

@@ -18,7 +18,7 @@
 from attnbridge.attention.lse import merge_partials
 from attnbridge.attention.parallel.config import ParallelConfig, ParallelGroups, build_parallel_groups
 from attnbridge.attention.parallel.cp_fia import zigzag_cp_attention
-from attnbridge.attention.parallel.distributed import COLLECTIVE_BACKENDS, DistributedInfo, init_distributed
+from attnbridge.attention.parallel.distributed import DistributedInfo, init_distributed
 from attnbridge.attention.parallel.ring import ring_attention
 from attnbridge.attention.parallel.sharding import gather_sequence, padded_length, shard_sequence
 from attnbridge.attention.parallel.ulysses import heads_to_sequence, sequence_to_heads
@@ -33,7 +33,6 @@ from attnbridge.attention.parallel.zigzag import (
 )
 
 __all__ = [
-    "COLLECTIVE_BACKENDS",
     "DistributedInfo",
     "ParallelAttention",
     "ParallelConfig",

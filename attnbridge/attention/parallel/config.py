@@ -1,10 +1,8 @@
-"""Sequence-parallel degrees and the process groups that realise them.
-
-Ranks are laid out ``rank = ring_rank * ulysses_degree + ulysses_rank``: the Ulysses all-to-all,
-which moves the most data, runs between contiguous ranks (one NVLink/HCCS island), and the ring,
-which overlaps its transfers with compute, runs between strided ranks. With that layout rank ``g``
-holds chunk ``g`` of the (padded) sequence.
-"""
+"""Sequence-parallel degrees and the process groups that realise them. Ranks are laid out ``rank =
+ring_rank * ulysses_degree + ulysses_rank``: the Ulysses all-to-all, which moves the most data, runs
+between contiguous ranks (one NVLink/HCCS island), and the ring, which overlaps its transfers with
+compute, runs between strided ranks. With that layout rank ``g`` holds chunk ``g`` of the (padded)
+sequence."""
 
 from __future__ import annotations
 
@@ -54,15 +52,6 @@ class ParallelConfig:
                 f"{self.describe()} = {self.world_size} must equal the world size ({world_size})"
             )
 
-    def ulysses_ranks(self, ring_rank: int) -> list[int]:
-        """The contiguous ranks that exchange heads with each other."""
-        start = ring_rank * self.ulysses_degree
-        return list(range(start, start + self.ulysses_degree))
-
-    def ring_ranks(self, ulysses_rank: int) -> list[int]:
-        """The strided ranks that pass key/value chunks around one ring."""
-        return [ulysses_rank + i * self.ulysses_degree for i in range(self.ring_degree)]
-
 
 @dataclass(frozen=True)
 class ParallelGroups:
@@ -80,10 +69,6 @@ class ParallelGroups:
         return self.config.world_size
 
     @property
-    def ring_rank(self) -> int:
-        return self.rank // self.config.ulysses_degree
-
-    @property
     def ulysses_rank(self) -> int:
         return self.rank % self.config.ulysses_degree
 
@@ -95,12 +80,9 @@ _GROUPS: dict[tuple[int, int, int], ParallelGroups] = {}
 
 
 def build_parallel_groups(config: ParallelConfig) -> ParallelGroups:
-    """The Ulysses and ring process groups of ``config``; a collective call on every rank the first
-    time for a layout, a cache lookup after.
-
-    ``torch.distributed.new_group`` must be entered by all ranks for every group, in the same
-    order, so every rank builds all groups and keeps its own.
-    """
+    """The Ulysses and ring process groups of ``config``; a collective call on every rank the first time for a
+    layout, a cache lookup after. ``torch.distributed.new_group`` must be entered by all ranks for every
+    group, in the same order, so every rank builds all groups and keeps its own."""
     initialized = dist.is_available() and dist.is_initialized()
     world_size = dist.get_world_size() if initialized else 1
     config.check_world_size(world_size)
@@ -113,17 +95,17 @@ def build_parallel_groups(config: ParallelConfig) -> ParallelGroups:
 
 
 def _new_parallel_groups(config: ParallelConfig) -> ParallelGroups:
-    rank = dist.get_rank()
-    ring_rank, ulysses_rank = divmod(rank, config.ulysses_degree)
+    rank, ring, ulysses = dist.get_rank(), config.ring_degree, config.ulysses_degree
+    ring_rank, ulysses_rank = divmod(rank, ulysses)
     ulysses_group = ring_group = None
-    if config.ulysses_degree > 1:
-        for r in range(config.ring_degree):
-            group = dist.new_group(config.ulysses_ranks(r))
+    if ulysses > 1:  # contiguous ranks exchange heads
+        for r in range(ring):
+            group = dist.new_group(list(range(r * ulysses, (r + 1) * ulysses)))
             if r == ring_rank:
                 ulysses_group = group
-    if config.ring_degree > 1:
-        for u in range(config.ulysses_degree):
-            group = dist.new_group(config.ring_ranks(u))
+    if ring > 1:  # strided ranks pass key/value chunks around a ring
+        for u in range(ulysses):
+            group = dist.new_group(list(range(u, ring * ulysses, ulysses)))
             if u == ulysses_rank:
                 ring_group = group
     return ParallelGroups(config, rank, ring_group, ulysses_group, dist.group.WORLD)

@@ -5,17 +5,17 @@ resp. ``kv_len_next[s]`` keys of their sequence ``s``: the last query of a block
 keys up to its own position.
 
 * Ascend: two ``torch_npu.npu_fused_infer_attention_score`` calls in ``TND`` layout with
-  ``sparse_mode=3`` (right-down causal, 2048x2048 compressed mask). The torch_npu documentation says
-  that for TND both ``actual_seq_lengths`` and ``actual_seq_lengths_kv`` are cumulative (each entry
-  is the sum over the batch so far); only with paged K/V (``block_table``) is the kv list
-  per-sequence. K/V here are packed tensors, so each half gets a compacted K/V holding just the keys
-  it sees, with cumulative kv ends. TND is documented for bfloat16 with head size 128 or 192 and at
-  most 65,536 tokens; other calls run one BSND causal FIA call per sequence, which has no such limits.
-* CUDA / MUSA / CPU: the same semantics as a loop over sequences with ``attend(..., causal=True)``.
+  ``sparse_mode=3`` (right-down causal, 2048x2048 compressed mask). For TND torch_npu documents both
+  ``actual_seq_lengths`` and ``actual_seq_lengths_kv`` as cumulative (per-sequence kv lengths only
+  with paged K/V, ``block_table``), so each half gets a compacted K/V holding just the keys it sees.
+  TND is documented for bfloat16, head size 128 or 192 and at most 65,536 tokens; other calls run
+  one BSND causal FIA call per sequence, which has no such limits.
+* CUDA / MUSA / CPU: a loop over sequences with ``attend(..., causal=True)``.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -25,6 +25,7 @@ from attnbridge.attention.backends.fa import npu_fia
 from attnbridge.attention.contract import default_scale
 from attnbridge.attention.masks import npu_compressed_causal_mask
 from attnbridge.attention.parallel.zigzag import ZigzagMetadata
+from attnbridge.platforms.npu import load_torch_npu
 
 
 def zigzag_cp_attention(
@@ -37,13 +38,10 @@ def zigzag_cp_attention(
     platform: str | None = None,
     backend: str = "fa",
 ) -> torch.Tensor:
-    """Attention output ``[local_tokens, H_q, D]`` for this rank's zigzag-ordered queries.
-
-    ``q_local``: TND ``[meta.local_tokens, H_q, D]`` (from :func:`zigzag_split`). ``k``, ``v``: TND
-    ``[sum(prefix_lens + seq_lens), H_kv, D]`` in natural order, each sequence's cached prefix
-    first (:func:`gather_kv` gives this when there is no prefix). ``backend`` serves non-Ascend
-    platforms.
-    """
+    """Attention output ``[local_tokens, H_q, D]`` of this rank's zigzag-ordered TND queries (from
+    :func:`zigzag_split`) over ``k``, ``v``: TND ``[sum(prefix_lens + seq_lens), H_kv, D]`` in natural
+    order, each sequence's cached prefix first (:func:`gather_kv`). ``backend`` serves non-Ascend
+    platforms."""
     _check(q_local, k, v, meta)
     platform = platform_for(q_local.device, platform)
     split = meta.total_q_prev_tokens
@@ -51,16 +49,19 @@ def zigzag_cp_attention(
         (q_local[:split], meta.actual_seq_q_prev, meta.kv_len_prev, "kv_prev"),
         (q_local[split:], meta.actual_seq_q_next, meta.kv_len_next, "kv_next"),
     )
+    if platform == "npu":  # where TND cannot: one BSND causal FIA call per sequence
+        scale_value = default_scale(q_local.shape[-1], scale)
+        per_sequence = functools.partial(npu_fia, causal=True, scale=scale_value, return_lse=False)
+    else:
+        per_sequence = functools.partial(attend, backend=backend, causal=True, scale=scale, platform=platform)
     outs = []
     for q_half, q_lens, kv_lens, kv_key in halves:
-        if platform == "npu" and not fia_tnd_takes(q_half, k):
-            outs.append(_npu_bsnd_half(q_half, k, v, q_lens, kv_lens, meta, scale))
-        elif platform == "npu":
+        if platform == "npu" and fia_tnd_takes(q_half, k):
             kv_rows = meta.index_tensor(kv_key, k.device)
             k_half, v_half = k.index_select(0, kv_rows), v.index_select(0, kv_rows)
-            outs.append(_npu_fia_half(q_half, k_half, v_half, q_lens, kv_lens, meta, scale))
+            outs.append(_npu_fia_half(q_half, k_half, v_half, q_lens, kv_lens, scale))
         else:
-            outs.append(_varlen_half(q_half, k, v, q_lens, kv_lens, meta, scale, platform, backend))
+            outs.append(_per_sequence(q_half, k, v, q_lens, kv_lens, meta, per_sequence))
     return torch.cat(outs)
 
 
@@ -96,11 +97,8 @@ def _check(q_local, k, v, meta: ZigzagMetadata) -> None:
         raise ValueError(f"q heads ({q_local.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
 
 
-def _npu_fia_half(q, k, v, q_lens, kv_lens, meta: ZigzagMetadata, scale):
-    from attnbridge.platforms.npu import load_torch_npu
-
+def _npu_fia_half(q, k, v, q_lens, kv_lens, scale):
     torch_npu = load_torch_npu("fa")
-    mask = meta.cached("npu_causal_mask", q.device, lambda: npu_compressed_causal_mask(q.device))
     out, _ = torch_npu.npu_fused_infer_attention_score(
         q.contiguous(),
         k.contiguous(),
@@ -108,7 +106,7 @@ def _npu_fia_half(q, k, v, q_lens, kv_lens, meta: ZigzagMetadata, scale):
         num_heads=q.shape[1],
         num_key_value_heads=k.shape[1],
         input_layout="TND",
-        atten_mask=mask,
+        atten_mask=npu_compressed_causal_mask(q.device),
         sparse_mode=3,
         next_tokens=0,
         scale=default_scale(q.shape[-1], scale),
@@ -119,28 +117,12 @@ def _npu_fia_half(q, k, v, q_lens, kv_lens, meta: ZigzagMetadata, scale):
     return out
 
 
-def _npu_bsnd_half(q, k, v, q_lens, kv_lens, meta: ZigzagMetadata, scale):
-    """One BSND causal FIA call per sequence (bottom-right, ``sparse_mode=3``): no TND limits."""
+def _per_sequence(q, k, v, q_lens, kv_lens, meta: ZigzagMetadata, attention):
+    """``attention`` (on ``[1, S, H, D]``) of each sequence's queries over the keys they see."""
     outs, q_start = [], 0
     for kv_start, q_len, kv_len in zip(meta.kv_starts, q_lens, kv_lens):
         q_seq = q[q_start : q_start + q_len].unsqueeze(0)
         k_seq, v_seq = (x[kv_start : kv_start + kv_len].unsqueeze(0) for x in (k, v))
-        out = npu_fia(
-            q_seq, k_seq, v_seq, causal=True, scale=default_scale(q.shape[-1], scale), return_lse=False
-        )
-        outs.append(out.squeeze(0))
-        q_start += q_len
-    return torch.cat(outs)
-
-
-def _varlen_half(q, k, v, q_lens, kv_lens, meta: ZigzagMetadata, scale, platform, backend):
-    outs = []
-    q_start = 0
-    for kv_start, q_len, kv_len in zip(meta.kv_starts, q_lens, kv_lens):
-        q_seq = q[q_start : q_start + q_len].unsqueeze(0)
-        k_seq = k[kv_start : kv_start + kv_len].unsqueeze(0)
-        v_seq = v[kv_start : kv_start + kv_len].unsqueeze(0)
-        out = attend(q_seq, k_seq, v_seq, backend=backend, causal=True, scale=scale, platform=platform)
-        outs.append(out.squeeze(0))
+        outs.append(attention(q_seq, k_seq, v_seq).squeeze(0))
         q_start += q_len
     return torch.cat(outs)

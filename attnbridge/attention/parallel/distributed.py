@@ -25,12 +25,9 @@ class DistributedInfo:
     device: torch.device
 
 
-def _env_int(*names: str, default: int) -> int:
-    for name in names:
-        value = os.environ.get(name)
-        if value not in (None, ""):
-            return int(value)
-    return default
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
 
 
 #: Seconds the process group waits for every rank to join (and for any collective) unless told
@@ -55,26 +52,22 @@ def init_distributed(
     init_method: str | None = None,
     timeout: timedelta | None = None,
 ) -> DistributedInfo:
-    """Initialise the default process group from the launcher's environment, once.
-
-    Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (set by torchrun and by ``accelerate launch``;
-    ``MASTER_ADDR``/``MASTER_PORT`` are read by torch's ``env://``). The collective backend follows
-    the platform: HCCL on Ascend, NCCL on CUDA, MCCL on MUSA, gloo on CPU. The local device is
-    selected so that collectives and kernels land on the same card. Without a launcher
-    (``WORLD_SIZE`` unset or 1, no ``init_method``) nothing is initialised and a one-process
-    :class:`DistributedInfo` is returned. ``timeout`` defaults to ``$ATTNBRIDGE_DIST_TIMEOUT``
-    seconds, else 300.
+    """Initialise the default process group, once, from ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``
+    (torchrun, ``accelerate launch``) with the platform's collective library, and select the local
+    device so that collectives and kernels land on the same card. Without a launcher (``WORLD_SIZE``
+    unset or 1, no ``init_method``) nothing is initialised. ``timeout`` defaults to
+    ``$ATTNBRIDGE_DIST_TIMEOUT`` seconds, else 300.
     """
     from attnbridge.platforms import PLATFORM_ENV, detect_platform, get_platform
 
     platform = platform or os.environ.get(PLATFORM_ENV)
     platform_info = get_platform(platform) if platform else detect_platform()
-    local_rank = _env_int("LOCAL_RANK", default=0)
+    local_rank = _env_int("LOCAL_RANK", 0)
     device = _select_device(platform_info.name, platform_info.device_type, local_rank)
     if dist.is_available() and dist.is_initialized():
         return DistributedInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), device)
-    rank = _env_int("RANK", default=0)
-    world_size = _env_int("WORLD_SIZE", default=1)
+    rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
     if world_size == 1 and init_method is None:
         return DistributedInfo(0, 1, local_rank, None, device)
     backend = backend or COLLECTIVE_BACKENDS[platform_info.name]

@@ -1,9 +1,7 @@
-"""Ring attention: each rank keeps its queries and passes its key/value chunk around the ring.
-
-At hop ``s`` rank ``r`` holds the chunk of rank ``(r - s) mod R``; the transfer for hop ``s + 1`` is
-posted (``batch_isend_irecv``) before hop ``s`` is computed, so communication hides behind compute.
-Partial outputs are merged exactly through their softmax LSE, in float32.
-"""
+"""Ring attention: each rank keeps its queries and passes its key/value chunk around the ring. At
+hop ``s`` rank ``r`` holds the chunk of rank ``(r - s) mod R``; the transfer for hop ``s + 1`` is
+posted before hop ``s`` is computed, so communication hides behind compute. Partial outputs merge
+exactly through their softmax LSE, in float32."""
 
 from __future__ import annotations
 
@@ -22,15 +20,11 @@ def valid_keys(real_len: int | None, src: int, chunk: int) -> int:
     return min(max(real_len - src * chunk, 0), chunk)
 
 
-def _partial(layer, q, k, v, *, causal, scale):
-    return layer(q, k, v, causal=causal, scale=scale, return_lse=True)
-
-
 def _diagonal_partial(layer, q, k, v, *, valid, scale):
     """Causal attention of a chunk to itself when only its first ``valid`` tokens are real."""
     if valid == q.shape[1]:
-        return _partial(layer, q, k, v, causal=True, scale=scale)
-    out, lse = _partial(layer, q[:, :valid], k[:, :valid], v[:, :valid], causal=True, scale=scale)
+        return layer(q, k, v, causal=True, scale=scale, return_lse=True)
+    out, lse = layer(q[:, :valid], k[:, :valid], v[:, :valid], causal=True, scale=scale, return_lse=True)
     # Padded query rows see no key in this chunk: out 0, lse -inf (merge_partials ignores them).
     pad = q.shape[1] - valid
     out = torch.cat([out, out.new_zeros(out.shape[0], pad, *out.shape[2:])], dim=1)
@@ -50,16 +44,11 @@ def ring_attention(
     scale: float | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Attention of this rank's query chunk over the keys of every rank in ``group``.
-
-    ``q``, ``k``, ``v``: BSHD chunks of equal length ``C`` (rank ``i`` of the group holds tokens
-    ``[i*C, (i+1)*C)`` of a sequence right-padded to ``R*C``). ``real_len``: tokens that are real;
-    only ``clamp(real_len - src*C, 0, C)`` keys of chunk ``src`` are attended. ``causal``: global
-    positions, top-left aligned (the ring covers the whole self-attention sequence).
-    ``return_lse``: also return the float32 LSE ``[B, H, S_q]``, to merge with attention over
-    keys outside the ring (e.g. replicated text keys). Non-causal queries may then be longer or
-    shorter than the key chunk.
-    """
+    """Attention of this rank's query chunk over the keys of every rank in ``group``. ``q``, ``k``, ``v``:
+    BSHD chunks of length ``C``, rank ``i`` holding tokens ``[i*C, (i+1)*C)`` of a sequence right-padded to
+    ``R*C`` with ``real_len`` real tokens. ``causal``: global positions, top-left aligned. ``return_lse``:
+    also the float32 LSE ``[B, H, S_q]``, to merge with attention over keys outside the ring (replicated
+    text); non-causal queries may then differ in length."""
     size, rank = group_size(group), group_rank(group)
     chunk = k.shape[1]
     buffers = [torch.stack([k, v]).contiguous(), None]
@@ -87,7 +76,7 @@ def ring_attention(
         elif causal and src == rank:
             part = _diagonal_partial(layer, q, current[0], current[1], valid=valid, scale=scale)
         else:
-            part = _partial(layer, q, current[0, :, :valid], current[1, :, :valid], causal=False, scale=scale)
+            part = layer(q, current[0, :, :valid], current[1, :, :valid], scale=scale, return_lse=True)
         if part is not None:
             out, lse = part if out is None else merge_partials(out, lse, *part)
         for request in requests:

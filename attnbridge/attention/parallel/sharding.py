@@ -1,9 +1,7 @@
 """Cutting a full sequence into the per-rank chunks sequence-parallel attention expects, and back.
-
 Token counts of DiTs rarely divide the rank count, so the sequence is right-padded to a multiple of
 it; the real length travels with the chunks and the attention never lets a padded token act as a
-key. Outputs at padded positions are meaningless and :func:`gather_sequence` drops them.
-"""
+key. Outputs at padded positions are meaningless and :func:`gather_sequence` drops them."""
 
 from __future__ import annotations
 

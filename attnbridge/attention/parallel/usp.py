@@ -41,12 +41,10 @@ def check_ring_backend(layer: AttentionLayer) -> None:
 
 
 class ParallelAttention:
-    """Self-attention over a sequence sharded across ``ring_degree x ulysses_degree`` ranks.
-
-    Made once per model (it builds process groups when given a config) and called with this rank's
-    BSHD chunks; returns this rank's output chunk. ``layer`` is the backend that runs on each rank:
-    any backend for Ulysses only, one that returns the LSE (``"fa"``) when ``ring_degree > 1``.
-    """
+    """Self-attention over a sequence sharded across ``ring_degree x ulysses_degree`` ranks. Made once per
+    model (it builds process groups when given a config) and called with this rank's BSHD chunks; returns this
+    rank's output chunk. ``layer`` is the backend that runs on each rank: any backend for Ulysses only, one
+    that returns the LSE (``"fa"``) when ``ring_degree > 1``."""
 
     def __init__(
         self,

@@ -32,14 +32,11 @@ def _ranges(starts: Sequence[int], lengths: Sequence[int]) -> list[int]:
 
 @dataclass
 class ZigzagMetadata:
-    """Where every block of every sequence lives, seen from rank ``cp_rank``.
-
-    Per block (all ranks): ``split_list`` (block sizes, sequence-major), ``zigzag_index`` (this
-    rank's blocks in local order), ``reverse_split_len`` and ``cp_reverse_index`` (piece sizes of
-    the rank-ordered all-gather stream, and the stream pieces in natural order).
-    Per sequence (this rank): ``actual_seq_q_prev/next`` (query tokens), ``kv_len_prev/next`` (keys
-    each half sees: its own prefix cache plus blocks ``0..r`` resp. ``0..2cp-1-r``).
-    """
+    """Where every block of every sequence lives, seen from rank ``cp_rank``. Per block: ``split_list`` (block
+    sizes, sequence-major), ``zigzag_index`` (this rank's blocks in local order), ``reverse_split_len`` and
+    ``cp_reverse_index`` (piece sizes of the rank-ordered all-gather stream, and its pieces in natural order).
+    Per sequence, on this rank: ``actual_seq_q_prev/next`` (query tokens), ``kv_len_prev/next`` (keys each
+    half sees: its prefix cache plus blocks ``0..r`` resp. ``0..2cp-1-r``)."""
 
     cp_size: int
     cp_rank: int
@@ -91,21 +88,14 @@ class ZigzagMetadata:
         lens = self.kv_len_prev if half == "prev" else self.kv_len_next
         return _ranges(self.kv_starts, lens)
 
-    def cached(self, key: str, device: torch.device, make) -> torch.Tensor:
-        """A per-device tensor built once (index lists are reused by every layer)."""
+    def index_tensor(self, key: str, device: torch.device) -> torch.Tensor:
+        """The ``"natural"``, ``"kv_prev"`` or ``"kv_next"`` rows as a tensor on ``device``, built once
+        (every layer reuses them)."""
         tensor = self._device_cache.get((key, device))
         if tensor is None:
-            tensor = make()
-            self._device_cache[(key, device)] = tensor
+            rows = self.natural_index() if key == "natural" else self.kv_index(key.removeprefix("kv_"))
+            tensor = self._device_cache[(key, device)] = torch.tensor(rows, dtype=torch.long, device=device)
         return tensor
-
-    def index_tensor(self, key: str, device: torch.device) -> torch.Tensor:
-        build = {
-            "natural": self.natural_index,
-            "kv_prev": lambda: self.kv_index("prev"),
-            "kv_next": lambda: self.kv_index("next"),
-        }[key]
-        return self.cached(key, device, lambda: torch.tensor(build(), dtype=torch.long, device=device))
 
 
 def _block_sizes(length: int, blocks: int) -> list[int]:
@@ -119,11 +109,9 @@ def build_zigzag_metadata(
     cp_size: int,
     prefix_lens: Sequence[int] | None = None,
 ) -> ZigzagMetadata:
-    """The zigzag layout of a packed batch with ``seq_lens`` new tokens per sequence.
-
-    ``prefix_lens``: tokens already cached before each sequence's new tokens (radix-cache hits);
-    they only lengthen the keys. Every sequence needs at least ``2 * cp_size`` new tokens.
-    """
+    """The zigzag layout of a packed batch with ``seq_lens`` new tokens per sequence. ``prefix_lens``: tokens
+    already cached before each sequence's new tokens (radix-cache hits); they only lengthen the keys. Every
+    sequence needs at least ``2 * cp_size`` new tokens."""
     if cp_size < 1 or not 0 <= cp_rank < cp_size:
         raise ValueError(f"cp_rank must be in [0, cp_size); got cp_rank={cp_rank}, cp_size={cp_size}")
     seq_lens = [int(n) for n in seq_lens]
@@ -195,11 +183,9 @@ def restore_natural_order(gathered: torch.Tensor, meta: ZigzagMetadata) -> torch
 def zigzag_all_gather(
     x_local: torch.Tensor, meta: ZigzagMetadata, group: dist.ProcessGroup | None = None
 ) -> torch.Tensor:
-    """Every rank's zigzag-local tokens, gathered and put back in natural order.
-
-    One collective: each rank pads its tokens to ``max_rank_len`` so the gather is equal-sized.
-    Used for K/V before attention, and to reassemble outputs.
-    """
+    """Every rank's zigzag-local tokens, gathered and put back in natural order. One collective: each rank
+    pads its tokens to ``max_rank_len`` so the gather is equal-sized. Used for K/V before attention, and to
+    reassemble outputs."""
     if x_local.shape[0] != meta.local_tokens:
         raise ValueError(f"rank {meta.cp_rank} holds {meta.local_tokens} tokens; got {x_local.shape[0]}")
     if group is None and meta.cp_size > 1:

@@ -1,12 +1,10 @@
 """Block-sparse attention through FlexAttention, exact on every device: the CPU kernel and the
-reference the Triton kernel (:mod:`.triton_kernel`) is held to.
-
-FlexAttention run without compilation evaluates only the ``mask_mod`` and ignores a BlockMask's
-block lists, so the ``mask_mod`` here looks every (query block, key block) pair up in a table of
-the kept blocks, and checks pad keys (``key_valid``) and each sample's padded keys
-(``key_lengths``): whatever path runs it, the result is the listed blocks' attention. It runs in
-float32, in query chunks that bound the memory of the scores it materializes.
-"""
+reference the Triton kernel (:mod:`.triton_kernel`) is held to. FlexAttention run without
+compilation evaluates only the ``mask_mod`` and ignores a BlockMask's block lists, so the
+``mask_mod`` here looks every (query block, key block) pair up in a table of the kept blocks, and
+checks pad keys (``key_valid``) and each sample's padded keys (``key_lengths``): whatever path runs
+it, the result is the listed blocks' attention. It runs in float32, in query chunks that bound the
+memory of the scores it materializes."""
 
 from __future__ import annotations
 
@@ -42,15 +40,11 @@ def block_sparse_attention(
     key_lengths: torch.Tensor | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Attention of each ``block_size`` query block over its listed key blocks only.
-
-    ``q``/``k``/``v`` BSHD (``H_q % H_kv == 0``); ``kv_indices`` int ``[B, H_q, n_q_blocks, max_k]``
-    (entries past the row's count are ignored), ``kv_counts`` int ``[B, H_q, n_q_blocks]``; B and H
-    may be 1 to broadcast. ``key_valid`` optional bool ``[S_kv]``: False marks a pad key that gets
-    no weight; ``key_lengths`` optional int ``[B]``: keys from there on are a sample's padding.
-    Returns ``out`` BSHD in q's dtype, and with ``return_lse`` the float32 natural-log LSE
-    ``[B, H_q, S_q]``.
-    """
+    """Attention of each ``block_size`` query block over its listed key blocks only, on BSHD tensors.
+    ``kv_indices`` int ``[B, H_q, n_q_blocks, max_k]`` (entries past the row's count ignored) and
+    ``kv_counts`` int ``[B, H_q, n_q_blocks]`` (B and H may be 1 to broadcast). ``key_valid`` bool ``[S_kv]``:
+    False for a pad key; ``key_lengths`` int ``[B]``: each sample's valid keys. Returns ``out`` in q's dtype
+    and, with ``return_lse``, the float32 LSE ``[B, H_q, S_q]``."""
     _check_args(q, k, kv_indices, kv_counts, block_size, key_valid)
     scale = default_scale(q.shape[-1], scale)
     n_kv_blocks = math.ceil(k.shape[1] / block_size)
@@ -80,8 +74,8 @@ def _check_args(q, k, kv_indices, kv_counts, block_size, key_valid) -> None:
 
 
 def _valid_keys(k, key_valid, key_lengths) -> torch.Tensor | None:
-    """Bool ``[B or 1, S_kv]``: the keys that may get weight, or None when all may."""
-    valid = None if key_valid is None else key_valid[None, :]
+    """Bool ``[B, S_kv]``: the keys that may get weight, or None when all may."""
+    valid = None if key_valid is None else key_valid[None, :].expand(k.shape[0], -1)
     if key_lengths is not None:
         lengths = torch.arange(k.shape[1], device=k.device)[None, :] < key_lengths[:, None]
         valid = lengths if valid is None else valid & lengths
@@ -89,36 +83,29 @@ def _valid_keys(k, key_valid, key_lengths) -> torch.Tensor | None:
 
 
 def _exact_mask_mod(table: torch.Tensor, valid: torch.Tensor | None, block_size: int):
-    """``mask_mod`` that keeps exactly the listed blocks (and valid keys): ``table`` ``[B|1, H|1, nq, nk]``."""
-    b_of = (lambda b: b) if table.shape[0] > 1 else (lambda b: 0)
-    h_of = (lambda h: h) if table.shape[1] > 1 else (lambda h: 0)
+    """``mask_mod`` that keeps exactly the listed blocks of ``table`` ``[B, H, nq, nk]`` (and valid keys)."""
+
+    def kept(b, h, q_idx, kv_idx):
+        return table[b, h, q_idx // block_size, kv_idx // block_size]
+
     if valid is None:
-
-        def kept(b, h, q_idx, kv_idx):
-            return table[b_of(b), h_of(h), q_idx // block_size, kv_idx // block_size]
-
         return kept
-    vb_of = (lambda b: b) if valid.shape[0] > 1 else (lambda b: 0)
-
-    def kept_valid(b, h, q_idx, kv_idx):
-        return table[b_of(b), h_of(h), q_idx // block_size, kv_idx // block_size] & valid[vb_of(b), kv_idx]
-
-    return kept_valid
+    return lambda b, h, q_idx, kv_idx: kept(b, h, q_idx, kv_idx) & valid[b, kv_idx]
 
 
 def _flex(q, k, v, block_mask, scale, return_lse):
     """FlexAttention on BHSD tensors (unfused; traced into the caller's graph under ``torch.compile``)."""
-    fn, extra = flex_attention, {}
+    kwargs = {"block_mask": block_mask, "scale": scale, "enable_gqa": q.shape[1] != k.shape[1]}
     if return_lse:
-        extra.update({"return_aux": AuxRequest(lse=True)} if AuxRequest is not None else {"return_lse": True})
+        kwargs.update(
+            {"return_aux": AuxRequest(lse=True)} if AuxRequest is not None else {"return_lse": True}
+        )
     if torch.compiler.is_compiling():
-        result = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1], **extra)
+        result = flex_attention(q, k, v, **kwargs)
     else:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-            result = fn(
-                q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1], **extra
-            )
+            result = flex_attention(q, k, v, **kwargs)
     if not return_lse:
         return result, None
     out, aux = result

@@ -1,9 +1,6 @@
 """A block-sparse backend on one platform = a selector (which blocks) composed with a kernel (how).
-
-``block_sparse`` and ``rain_fusion`` differ in their selector; CPU/CUDA and Ascend differ in their
-kernel. :func:`compose` makes the impl class of one pair, whose limits are the kernel's, so the
-backend declarations stay one line per platform.
-"""
+``block_sparse`` and ``rain_fusion`` differ in their selector, CPU/CUDA and Ascend in their kernel;
+:func:`compose` makes the impl class of one pair, with the kernel's limits."""
 
 from __future__ import annotations
 
@@ -33,10 +30,6 @@ class SparseOptions:
     skip_first_steps: int = option(0, "denoising steps run dense before sparsity starts, integer >= 0", count)
 
 
-def _always_available(platform: str) -> None:
-    return None
-
-
 @dataclasses.dataclass(frozen=True)
 class Selector:
     """Which key blocks each query block keeps: ``select(q, k, scale, options, layout)`` on q, k
@@ -61,7 +54,7 @@ class Kernel:
     #: Whether ``run`` honours key padding; if not, padded calls run dense ``fa``.
     key_padding: bool = True
     install: tuple[str, ...] = ()
-    check_available: Callable[[str], None] = _always_available
+    check_available: Callable[[str], None] = lambda platform: None
     notes: str = ""
 
 
@@ -107,15 +100,20 @@ class SparseImpl(AttentionImpl):
         )
         return not self.kernel.key_padding or reorders
 
+    def _select(self, q, k, scale: float, context):
+        """The call's layout, q and k in mask order, and the blocks the selector keeps."""
+        layout = resolve_layout(self.backend, q, context, self.selector.image_order)
+        qs, ks = layout.to_mask_order(q), layout.to_mask_order(k)
+        return layout, qs, ks, self.selector.select(qs, ks, scale, self.options, layout)
+
     def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, context=None):
         if self.runs_dense(q, k, return_lse, context):
             return self._dense.forward(
                 q, k, v, causal=causal, scale=scale, return_lse=return_lse, context=context
             )
         scale = default_scale(q.shape[-1], scale)
-        layout = resolve_layout(self.backend, q, context, self.selector.image_order)
-        qs, ks, vs = (layout.to_mask_order(x) for x in (q, k, v))
-        selection = self.selector.select(qs, ks, scale, self.options, layout)
+        layout, qs, ks, selection = self._select(q, k, scale, context)
+        vs = layout.to_mask_order(v)
         result = self.kernel.run(qs, ks, vs, selection, scale, return_lse, layout, context.key_lengths)
         if return_lse:
             out, lse = result
@@ -127,9 +125,7 @@ class SparseImpl(AttentionImpl):
         dense): what ``attnbridge generate`` reports."""
         if self.runs_dense(q, k, False, context):
             return None
-        layout = resolve_layout(self.backend, q, context, self.selector.image_order)
-        qs, ks = layout.to_mask_order(q), layout.to_mask_order(k)
-        selection = self.selector.select(qs, ks, default_scale(q.shape[-1], None), self.options, layout)
+        selection = self._select(q, k, default_scale(q.shape[-1], None), context)[3]
         pairs = selection.counts.numel() * selection.num_kv_blocks
         return float(selection.counts.sum()) / pairs
 

@@ -1,11 +1,9 @@
-"""Tiling for video sparse attention: the latent token grid cut into 4x4x4 tiles of 64 tokens.
-
-A :class:`TileLayout` holds the index tensors of one grid on one device; they are read-only, so
-every caller may share them (built once per grid and device in eager mode, traced into the graph
-under ``torch.compile``: every shape here follows from the grid alone). The tile buffer that q, k
-and v are tiled into belongs to one call (:meth:`TileLayout.new_buffer`): two models or threads on
-one grid never write into each other's.
-"""
+"""Tiling for video sparse attention: the latent token grid cut into 4x4x4 tiles of 64 tokens. A
+:class:`TileLayout` holds the index tensors of one grid on one device; they are read-only, so every
+caller may share them (built once per grid and device in eager mode, traced into the graph under
+``torch.compile``: every shape here follows from the grid alone). The tile buffer that q, k and v
+are tiled into belongs to one call (:meth:`TileLayout.new_buffer`): two models or threads on one
+grid never write into each other's."""
 
 from __future__ import annotations
 
@@ -35,12 +33,9 @@ def tile_counts(grid: tuple[int, int, int]) -> tuple[int, int, int]:
 
 @dataclass(frozen=True, eq=False)
 class TileLayout:
-    """The index tensors of one latent grid on one device.
-
-    Padded layout: tile ``i`` occupies slots ``[64 i, 64 i + 64)``, tokens in raster (t, h, w) order
-    inside the tile, tiles in raster order over the tile grid; a partial tile's missing tokens are
-    pad slots, which hold zeros.
-    """
+    """The index tensors of one latent grid on one device. Padded layout: tile ``i`` occupies slots ``[64 i,
+    64 i + 64)``, tokens in raster (t, h, w) order inside the tile, tiles in raster order over the tile grid;
+    a partial tile's missing tokens are pad slots, which hold zeros."""
 
     grid: tuple[int, int, int]
     num_tiles: tuple[int, int, int]
