@@ -242,10 +242,8 @@ def test_cuda_matches_float64_reference(name):
 LAUNCH_VARIANTS = [
     tk.KernelConfig(use_tma=False),
     tk.KernelConfig(use_tma=True, block_n=64, num_stages=2),
-    tk.KernelConfig(use_tma=True, persistent=True, occupancy=2),
-    tk.KernelConfig(use_tma=False, persistent=True, ordered=False, block_m=64, block_n=64, num_warps=4),
-    tk.KernelConfig(use_tma=True, block_n=64, num_warps=4, num_stages=2, lazy_rescale=True),
-    tk.KernelConfig(use_tma=True, block_n=64, num_warps=4, num_stages=2, lazy_rescale=False),
+    tk.KernelConfig(use_tma=True, ordered=False, block_m=64, block_n=64, num_warps=4),
+    tk.KernelConfig(use_tma=False, block_n=64, num_warps=4, num_stages=2, mask_branch=False),
 ]
 
 
@@ -400,17 +398,14 @@ def _interpreter_cases() -> None:
     config_sets = {
         "pointer": [
             tk.KernelConfig(use_tma=False),
-            tk.KernelConfig(use_tma=False, block_n=64, persistent=True),
-            tk.KernelConfig(use_tma=False, block_m=64, block_n=64, persistent=True, ordered=False),
+            tk.KernelConfig(use_tma=False, block_n=64),
+            tk.KernelConfig(use_tma=False, block_m=64, block_n=64, ordered=False),
             tk.KernelConfig(use_tma=False, mask_branch=False),
-            tk.KernelConfig(use_tma=False, lazy_rescale=True),
-            tk.KernelConfig(use_tma=False, lazy_rescale=False),
         ],
         "tma": [
             tk.KernelConfig(use_tma=True),
-            tk.KernelConfig(use_tma=True, block_n=64, persistent=True),
-            tk.KernelConfig(use_tma=True, block_m=64, block_n=64, persistent=True, ordered=False),
-            tk.KernelConfig(use_tma=True, lazy_rescale=True),
+            tk.KernelConfig(use_tma=True, block_n=64),
+            tk.KernelConfig(use_tma=True, block_m=64, block_n=64, ordered=False),
         ],
     }
     cases = [

@@ -50,11 +50,11 @@ from typing import Any
 import torch
 
 from attnbridge.attention.options import count, fraction, kept_count, option
-from attnbridge.attention.registry import Backend, Unavailable
+from attnbridge.attention.registry import Backend
 from attnbridge.attention.sparse.ascend import ASCEND_BLOCK_SPARSE
-from attnbridge.attention.sparse.flex import FLEX
-from attnbridge.attention.sparse.impl import Selector, SparseOptions, compose
+from attnbridge.attention.sparse.impl import Selector, SparseOptions
 from attnbridge.attention.sparse.layout import compiled_on_gpu
+from attnbridge.attention.sparse.platforms import block_mask_platforms
 from attnbridge.attention.sparse.selection import (
     MASS_ESTIMATE,
     RANK_ESTIMATE,
@@ -64,7 +64,6 @@ from attnbridge.attention.sparse.selection import (
     mass_counts,
     select_by_mass,
 )
-from attnbridge.attention.sparse.triton_kernel import TRITON
 
 _DEFAULT_SPARSITY = 0.75
 
@@ -176,12 +175,7 @@ MASS_RANKED = Selector("estimated-mass", select_block_sparse)
 BACKEND = Backend(
     "block_sparse",
     "128-token block-sparse attention on the blocks of highest estimated mass",
-    platforms={
-        "cpu": compose(MASS_RANKED, FLEX),
-        "cuda": compose(MASS_RANKED, TRITON),
-        "musa": Unavailable("FlexAttention (Triton) is not available for MUSA; use 'sdpa', 'fa' or 'sage'"),
-        "npu": compose(MASS_RANKED, ASCEND_BLOCK_SPARSE),
-    },
+    platforms=block_mask_platforms(MASS_RANKED, ASCEND_BLOCK_SPARSE),
     options=BlockSparseOptions,
     sparse=True,
     order=4,

@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import torch
 
-from attnbridge.attention.registry import Backend, Unavailable
+from attnbridge.attention.registry import Backend
 from attnbridge.attention.sparse.ascend import ASCEND_RAIN_FUSION
-from attnbridge.attention.sparse.flex import FLEX
-from attnbridge.attention.sparse.impl import Selector, SparseOptions, compose
+from attnbridge.attention.sparse.impl import Selector, SparseOptions
 from attnbridge.attention.sparse.layout import compiled_on_gpu, dense_block_flags
+from attnbridge.attention.sparse.platforms import block_mask_platforms
 from attnbridge.attention.sparse.selection import (
     BlockSelection,
     mask_to_selection,
     pooled_scores,
     threshold_mask,
 )
-from attnbridge.attention.sparse.triton_kernel import TRITON
 
 #: Side of the square spatial patches tokens are regrouped into.
 TILE = 8
@@ -93,12 +92,7 @@ THRESHOLD = Selector("RainFusion 8x8-patch reorder + pooled threshold", select_r
 BACKEND = Backend(
     "rain_fusion",
     "RainFusion adaptive spatial/temporal/textural sparsity",
-    platforms={
-        "cpu": compose(THRESHOLD, FLEX),
-        "cuda": compose(THRESHOLD, TRITON),
-        "musa": Unavailable("FlexAttention (Triton) is not available for MUSA; use 'sdpa', 'fa' or 'sage'"),
-        "npu": compose(THRESHOLD, ASCEND_RAIN_FUSION),
-    },
+    platforms=block_mask_platforms(THRESHOLD, ASCEND_RAIN_FUSION),
     options=SparseOptions,
     sparse=True,
     order=5,

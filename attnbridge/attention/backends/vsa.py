@@ -28,6 +28,7 @@ from attnbridge.attention.contract import AttentionImpl, default_scale, repeat_k
 from attnbridge.attention.options import flag, fraction, option, optional_fraction
 from attnbridge.attention.registry import Backend, Unavailable, make_impl
 from attnbridge.attention.sparse import flex, triton_kernel
+from attnbridge.attention.sparse.platforms import NO_MUSA
 from attnbridge.attention.sparse.vsa_tiling import (
     TILE_SIZE,
     TILE_TOKENS,
@@ -250,7 +251,7 @@ BACKEND = Backend(
     platforms={
         "cpu": VSAImpl,
         "cuda": VSACudaImpl,
-        "musa": Unavailable("FlexAttention (Triton) is not available for MUSA; use 'sdpa', 'fa' or 'sage'"),
+        "musa": NO_MUSA,
         "npu": Unavailable(
             "no Ascend kernel for video sparse attention; use 'block_sparse' or 'rain_fusion'"
         ),

@@ -63,13 +63,10 @@ class KernelConfig:
     ``block_m``/``block_n``: query rows and keys per tile (None: the block size; a smaller power of
     two splits a block into sub-tiles). ``use_tma``: None picks TMA where the GPU (sm_90+) and the
     strides allow; True asks for it (still falls back when the strides do not allow it).
-    ``persistent``: ``occupancy`` programs per SM loop over the tiles, instead of one program per
-    tile. ``ordered``: tiles run longest list first (one small ranking kernel per call).
-    ``warp_specialize``: triton's automatic warp specialization of the key loop. ``mask_branch``:
+    ``ordered``: tiles run longest list first (one small ranking kernel per call). ``mask_branch``:
     mask the sequence end only in the key tile that crosses it (a branch per tile) rather than
-    in every tile. ``lazy_rescale``: rescale the accumulator only when some row's running max grew
-    by more than a factor 2**8 (same result up to rounding; measured 3-7% slower on an H200,
-    where the branch costs more than the multiplies it saves).
+    in every tile. One program per tile: a persistent grid, triton's warp specialization and a
+    lazy rescale of the accumulator measured no faster on an H200 (docs/benchmarks.md).
     """
 
     block_m: int | None = None
@@ -77,12 +74,8 @@ class KernelConfig:
     num_warps: int = 8
     num_stages: int = 3
     use_tma: bool | None = None
-    persistent: bool = False
-    occupancy: int = 1
     ordered: bool = True
-    warp_specialize: bool = False
     mask_branch: bool = True
-    lazy_rescale: bool = False
 
 
 #: Defaults on sm_90, keyed by (block_size, padded head dim), for bf16/fp16. Measured on an H200 at
@@ -120,11 +113,6 @@ def _padded_dim(head_dim: int) -> int:
 @functools.cache
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _device_index(device: torch.device) -> int:
@@ -261,62 +249,21 @@ def _scratch(size: int, alignment: int, stream):
 if triton is not None:
 
     @triton.jit
-    def _attend_tile(
-        tile,
-        Q,
-        K,
-        V,
-        Out,
-        Lse,
-        Indices,
-        Counts,
-        Order,
-        KeyValid,
-        KeyLengths,
-        stride_qb,
-        stride_qs,
-        stride_qh,
-        stride_kb,
-        stride_ks,
-        stride_kh,
-        stride_vb,
-        stride_vs,
-        stride_vh,
-        stride_ob,
-        stride_os,
-        stride_oh,
-        stride_ib,
-        stride_ih,
-        stride_iq,
-        stride_iw,
-        stride_cb,
-        stride_ch,
-        stride_cq,
-        seq_q,
-        seq_kv,
-        heads_q,
-        n_q_blocks,
-        width,
-        qk_scale,
-        GROUP: tl.constexpr,
-        HEAD_DIM: tl.constexpr,
-        D_PAD: tl.constexpr,
-        BLOCK: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        USE_TMA: tl.constexpr,
-        ORDERED: tl.constexpr,
-        EVEN_KV: tl.constexpr,
-        MASK_KV: tl.constexpr,
-        MASK_BRANCH: tl.constexpr,
-        LAZY_RESCALE: tl.constexpr,
-        HAS_VALID: tl.constexpr,
-        HAS_LENGTHS: tl.constexpr,
-        STORE_LSE: tl.constexpr,
-        NUM_STAGES: tl.constexpr,
-        WARP_SPECIALIZE: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
-    ):
+    def _block_sparse_fwd(
+        Q, K, V, Out, Lse, Indices, Counts, Order, KeyValid, KeyLengths,
+        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
+        stride_ib, stride_ih, stride_iq, stride_iw, stride_cb, stride_ch, stride_cq,
+        seq_q, seq_kv, heads_q, n_q_blocks, width, qk_scale,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, ORDERED: tl.constexpr,
+        EVEN_KV: tl.constexpr, MASK_KV: tl.constexpr, MASK_BRANCH: tl.constexpr,
+        HAS_VALID: tl.constexpr, HAS_LENGTHS: tl.constexpr, STORE_LSE: tl.constexpr,
+        NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """One program per 128-row query tile (``ORDERED``: the tiles in issue order, longest list
+        first) walking its own list of key blocks with an online softmax."""
+        tile = tl.program_id(0)
         SUB_M: tl.constexpr = BLOCK // BLOCK_M
         qk_scale = tl.cast(qk_scale, tl.float32)  # a float argument is float64 when inductor launches
         SUB_N: tl.constexpr = BLOCK // BLOCK_N
@@ -368,7 +315,7 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-        for j in tl.range(0, count * SUB_N, num_stages=NUM_STAGES, warp_specialize=WARP_SPECIALIZE):
+        for j in tl.range(0, count * SUB_N, num_stages=NUM_STAGES):
             if SUB_N == 1:
                 start_n = tl.load(index_row + j * stride_iw) * BLOCK
             else:
@@ -395,35 +342,16 @@ if triton is not None:
                 else:
                     qk = tl.where((keys < limit)[None, :], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            if LAZY_RESCALE:
-                # Rows keep a stale max until some row's max grows by more than 8 (log2 units): p
-                # stays below 2**8, and the rescale of acc is skipped in most tiles.
-                grow = tl.where(m_new > m_i, m_new - m_i, 0.0)
-                if tl.max(grow, 0) > 8.0:
-                    if MASK_KV:
-                        alpha = tl.math.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
-                    else:
-                        alpha = tl.math.exp2(m_i - m_new)
-                    acc = acc * alpha[:, None]
-                    l_i = l_i * alpha
-                    m_i = m_new
-                if MASK_KV:
-                    m_sub = tl.where(m_i == float("-inf"), 0.0, m_i)
-                else:
-                    m_sub = m_i
-                p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
-                l_i = l_i + tl.sum(p, 1)
+            if MASK_KV:
+                # A row with no valid key so far keeps m = -inf; subtract 0 (p = 0, not NaN).
+                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
             else:
-                if MASK_KV:
-                    # A row with no valid key so far keeps m = -inf; subtract 0 (p = 0, not NaN).
-                    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-                else:
-                    m_sub = m_new
-                p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
-                alpha = tl.math.exp2(m_i - m_sub)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None]
-                m_i = m_new
+                m_sub = m_new
+            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+            alpha = tl.math.exp2(m_i - m_sub)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            m_i = m_new
             if USE_TMA:
                 v = v_desc.load([start_n, 0])
             else:
@@ -491,90 +419,6 @@ if triton is not None:
             )
             rank += tl.sum((other_key[None, :] > key[:, None]).to(tl.int32), 1)
         tl.store(Order + rank, mine, mask=mine < n_work)
-
-    @triton.jit
-    def _block_sparse_fwd(
-        Q,
-        K,
-        V,
-        Out,
-        Lse,
-        Indices,
-        Counts,
-        Order,
-        KeyValid,
-        KeyLengths,
-        stride_qb,
-        stride_qs,
-        stride_qh,
-        stride_kb,
-        stride_ks,
-        stride_kh,
-        stride_vb,
-        stride_vs,
-        stride_vh,
-        stride_ob,
-        stride_os,
-        stride_oh,
-        stride_ib,
-        stride_ih,
-        stride_iq,
-        stride_iw,
-        stride_cb,
-        stride_ch,
-        stride_cq,
-        seq_q,
-        seq_kv,
-        heads_q,
-        n_q_blocks,
-        width,
-        n_tiles,
-        qk_scale,
-        GROUP: tl.constexpr,
-        HEAD_DIM: tl.constexpr,
-        D_PAD: tl.constexpr,
-        BLOCK: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        USE_TMA: tl.constexpr,
-        PERSISTENT: tl.constexpr,
-        ORDERED: tl.constexpr,
-        EVEN_KV: tl.constexpr,
-        MASK_KV: tl.constexpr,
-        MASK_BRANCH: tl.constexpr,
-        LAZY_RESCALE: tl.constexpr,
-        HAS_VALID: tl.constexpr,
-        HAS_LENGTHS: tl.constexpr,
-        STORE_LSE: tl.constexpr,
-        NUM_STAGES: tl.constexpr,
-        WARP_SPECIALIZE: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
-    ):
-        """One tile per program, or (``PERSISTENT``) a fixed set of programs striding over the tiles
-        in issue order, so the longest tiles are spread over all SMs in the first wave."""
-        if PERSISTENT:
-            for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-                _attend_tile(
-                    tile, Q, K, V, Out, Lse, Indices, Counts, Order, KeyValid, KeyLengths,
-                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-                    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
-                    stride_ib, stride_ih, stride_iq, stride_iw, stride_cb, stride_ch, stride_cq,
-                    seq_q, seq_kv, heads_q, n_q_blocks, width, qk_scale,
-                    GROUP, HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, USE_TMA, ORDERED, EVEN_KV,
-                    MASK_KV, MASK_BRANCH, LAZY_RESCALE, HAS_VALID, HAS_LENGTHS, STORE_LSE, NUM_STAGES,
-                    WARP_SPECIALIZE, DOT_PRECISION,
-                )  # fmt: skip
-        else:
-            _attend_tile(
-                tl.program_id(0), Q, K, V, Out, Lse, Indices, Counts, Order, KeyValid, KeyLengths,
-                stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-                stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
-                stride_ib, stride_ih, stride_iq, stride_iw, stride_cb, stride_ch, stride_cq,
-                seq_q, seq_kv, heads_q, n_q_blocks, width, qk_scale,
-                GROUP, HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, USE_TMA, ORDERED, EVEN_KV,
-                MASK_KV, MASK_BRANCH, LAZY_RESCALE, HAS_VALID, HAS_LENGTHS, STORE_LSE, NUM_STAGES,
-                WARP_SPECIALIZE, DOT_PRECISION,
-            )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -647,30 +491,25 @@ def launch(
     if n_tiles == 0 or width == 0:  # nothing to compute, or no key listed anywhere
         return out.zero_(), lse.fill_(float("-inf"))
 
-    on_cuda = q.device.type == "cuda"
     use_tma = config.use_tma
     if use_tma is None:
-        use_tma = on_cuda and _capability(_device_index(q.device))[0] >= 9
+        use_tma = q.device.type == "cuda" and _capability(_device_index(q.device))[0] >= 9
     use_tma = bool(use_tma) and all(_tma_friendly(x) for x in (q, k, v))
     if use_tma:
         _ensure_allocator()
 
     order = issue_order(counts, width, wrap=wrap) if config.ordered else counts
-    programs = n_tiles
-    if config.persistent:  # (the interpreter gets a few programs, so the tile loop runs there too)
-        slots = _sm_count(_device_index(q.device)) if on_cuda else 3
-        programs = min(n_tiles, slots * config.occupancy)
     has_valid, has_lengths = key_valid is not None, key_lengths is not None
     valid = key_valid if has_valid else counts
     lengths = key_lengths if has_lengths else counts
     even_kv = bool(s_kv % block_size == 0)
 
     kernel = _block_sparse_fwd if wrap is None else wrap(_block_sparse_fwd)
-    kernel[(programs,)](
+    kernel[(n_tiles,)](
         q, k, v, out, lse, indices, counts, order, valid, lengths,
         *_strides(q, 3), *_strides(k, 3), *_strides(v, 3), *_strides(out, 3),
         *_strides(indices, 4), *_strides(counts, 3),
-        s_q, s_kv, h_q, n_q_blocks, width, n_tiles, scale * _LOG2E,
+        s_q, s_kv, h_q, n_q_blocks, width, scale * _LOG2E,
         GROUP=group,
         HEAD_DIM=dim,
         D_PAD=_padded_dim(dim),
@@ -678,17 +517,14 @@ def launch(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         USE_TMA=use_tma,
-        PERSISTENT=config.persistent,
         ORDERED=config.ordered,
         EVEN_KV=even_kv,
         MASK_KV=not even_kv or has_valid or has_lengths,
         MASK_BRANCH=config.mask_branch,
-        LAZY_RESCALE=config.lazy_rescale,
         HAS_VALID=has_valid,
         HAS_LENGTHS=has_lengths,
         STORE_LSE=return_lse,
         NUM_STAGES=config.num_stages,
-        WARP_SPECIALIZE=config.warp_specialize,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps,
         num_stages=config.num_stages,
