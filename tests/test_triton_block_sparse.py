@@ -418,6 +418,7 @@ def _interpreter_cases() -> None:
         dict(batch=1, s_q=256, s_kv=200, h_q=2, h_kv=1, dim=128, block_size=128, dtype=torch.bfloat16),
         dict(batch=1, s_q=200, s_kv=200, h_q=2, h_kv=1, dim=96, block_size=64, dtype=torch.bfloat16,
              key_valid=True, broadcast=(False, True)),
+        dict(batch=1, s_q=256, s_kv=256, h_q=2, h_kv=2, dim=64, block_size=128, dtype=torch.bfloat16),
     ]  # fmt: skip
     for path, configs in config_sets.items():
         for number, case in enumerate(cases):

@@ -249,6 +249,21 @@ def _scratch(size: int, alignment: int, stream):
 if triton is not None:
 
     @triton.jit
+    def _load_key_tile(
+        base, keys, offs_d, stride, seq_kv, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, EVEN_KV: tl.constexpr
+    ):
+        """``[BLOCK_N, D_PAD]`` rows ``keys`` of a K or V head through pointers; past the sequence
+        end and the head dim, zeros (no mask when neither can happen)."""
+        offsets = keys[:, None] * stride + offs_d[None, :]
+        if EVEN_KV and D_PAD == HEAD_DIM:
+            tile = tl.load(base + offsets)
+        else:
+            tile = tl.load(
+                base + offsets, mask=(keys < seq_kv)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0
+            )
+        return tile
+
+    @triton.jit
     def _block_sparse_fwd(
         Q, K, V, Out, Lse, Indices, Counts, Order, KeyValid, KeyLengths,
         stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
@@ -325,12 +340,7 @@ if triton is not None:
             if USE_TMA:
                 k = k_desc.load([start_n, 0])
             else:
-                kv_offsets = keys[:, None] * stride_ks + offs_d[None, :]
-                if EVEN_KV and D_PAD == HEAD_DIM:
-                    k = tl.load(k_base + kv_offsets)
-                else:
-                    kv_mask = (keys < seq_kv)[:, None] & (offs_d < HEAD_DIM)[None, :]
-                    k = tl.load(k_base + kv_offsets, mask=kv_mask, other=0.0)
+                k = _load_key_tile(k_base, keys, offs_d, stride_ks, seq_kv, HEAD_DIM, D_PAD, EVEN_KV)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             if HAS_VALID:
                 keep = (keys < limit) & (tl.load(KeyValid + keys, mask=keys < seq_kv, other=0) != 0)
@@ -355,12 +365,7 @@ if triton is not None:
             if USE_TMA:
                 v = v_desc.load([start_n, 0])
             else:
-                v_offsets = keys[:, None] * stride_vs + offs_d[None, :]
-                if EVEN_KV and D_PAD == HEAD_DIM:
-                    v = tl.load(v_base + v_offsets)
-                else:
-                    kv_mask = (keys < seq_kv)[:, None] & (offs_d < HEAD_DIM)[None, :]
-                    v = tl.load(v_base + v_offsets, mask=kv_mask, other=0.0)
+                v = _load_key_tile(v_base, keys, offs_d, stride_vs, seq_kv, HEAD_DIM, D_PAD, EVEN_KV)
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
 
         # A row that attended no key has l = 0 and acc = 0: it writes 0 and LSE -inf. NaN inputs
