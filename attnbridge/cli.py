@@ -47,7 +47,31 @@ def backends_command(args: argparse.Namespace) -> int:
             marker = "*" if platform == here else " "
             print(f" {marker} {platform:5s} {line}")
     print("\n* = this machine's platform")
+    if here == "npu":
+        print("sgl-kernel-npu ops found here: " + "; ".join(npu_kernel_ops_found()))
     return 0
+
+
+def npu_kernel_ops_found() -> list[str]:
+    """Per NPU kernel backend, the op it calls on this machine and the package that registered it
+    (newer sgl-kernel-npu builds: ``torch.ops.npu``; older: ``torch.ops.attentions``), or why none."""
+    from attnbridge.attention.backends.laser import LASER_OPS
+    from attnbridge.attention.sparse.ascend import BLOCK_SPARSE_OPS, RAIN_FUSION_OPS
+    from attnbridge.errors import BackendUnavailableError
+    from attnbridge.platforms.npu import load_kernel_op
+
+    found = []
+    for backend, names in (
+        ("laser", LASER_OPS),
+        ("block_sparse", BLOCK_SPARSE_OPS),
+        ("rain_fusion", RAIN_FUSION_OPS),
+    ):
+        try:
+            op = load_kernel_op(backend, names)
+            found.append(f"{backend} {op.qualified_name} (from {op.package})")
+        except BackendUnavailableError as error:
+            found.append(f"{backend} none ({error.reason})")
+    return found
 
 
 def generate_command(args: argparse.Namespace) -> int:

@@ -189,6 +189,20 @@ def test_kernel_ops_are_looked_up_newest_layout_first(fake_npu_layout):
     assert sparse.qualified_name == f"torch.ops.{namespace}.ada_block_sparse_attention"
 
 
+@pytest.mark.parametrize("fake_npu_layout", ALL_LAYOUTS, indirect=True)
+def test_backends_command_names_the_ops_found(fake_npu_layout, capsys, monkeypatch):
+    from attnbridge import cli
+    from attnbridge.platforms import PLATFORMS
+
+    monkeypatch.setattr("attnbridge.platforms.detect_platform", lambda: PLATFORMS["npu"])
+    namespace = NAMESPACE[fake_npu_layout.layout]
+    assert cli.main(["backends"]) == 0
+    found = capsys.readouterr().out.splitlines()[-1]
+    assert found.startswith("sgl-kernel-npu ops found here: ")
+    assert f"laser torch.ops.{namespace}.{LASER_OP[namespace]}" in found
+    assert f"block_sparse torch.ops.{namespace}.ada_block_sparse_attention" in found
+
+
 def test_a_missing_kernel_names_every_layout_and_op_tried(fake_npu, monkeypatch):
     monkeypatch.delattr(torch.ops.attentions, "la")
     with pytest.raises(
