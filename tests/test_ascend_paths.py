@@ -32,6 +32,7 @@ from attnbridge.attention.parallel.cp_fia import FIA_TND_MAX_TOKENS, fia_tnd_tak
 from attnbridge.enable import enable_npu_attention
 from attnbridge.tiny_models import qwen_image_inputs, tiny_qwen3_moe, tiny_qwen_image_transformer
 from tests.emulation.reference import dense_reference, rel_l2
+from tests.test_cp_fia import causal_reference
 
 FIA = "npu_fused_infer_attention_score"
 FUSION = "npu_fusion_attention"
@@ -93,17 +94,6 @@ def test_fa_on_npu_passes_one_cached_causal_mask(fake_npu):
 # Context-parallel prefill: FIA TND where documented, else BSND per sequence
 
 
-def _causal_reference(q, k, v, seq_lens, prefix_lens):
-    """Packed TND float64 output of each sequence attending causally to its prefix and itself."""
-    outs, q_start, kv_start = [], 0, 0
-    for n, p in zip(seq_lens, prefix_lens):
-        q_seq = q[q_start : q_start + n][None]
-        k_seq, v_seq = k[kv_start : kv_start + p + n][None], v[kv_start : kv_start + p + n][None]
-        outs.append(dense_reference(q_seq, k_seq, v_seq, causal=True)[0][0])
-        q_start, kv_start = q_start + n, kv_start + p + n
-    return torch.cat(outs)
-
-
 def _all_ranks(seq_lens, cp_size, dtype, head_dim, prefix_lens):
     """Every rank's CP output on the emulated NPU, restored to natural order, and the reference."""
     kv_tokens = sum(seq_lens) + sum(prefix_lens)
@@ -113,7 +103,7 @@ def _all_ranks(seq_lens, cp_size, dtype, head_dim, prefix_lens):
     outs = [zigzag_cp_attention(zigzag_split(q, m), k, v, m, platform="npu") for m in metas]
     width = metas[0].max_rank_len
     padded = torch.cat([torch.cat([o, o.new_zeros(width - o.shape[0], *o.shape[1:])]) for o in outs])
-    return restore_natural_order(padded, metas[0]), _causal_reference(q, k, v, seq_lens, prefix_lens), metas
+    return restore_natural_order(padded, metas[0]), causal_reference(q, k, v, seq_lens, prefix_lens), metas
 
 
 def test_cp_prefill_on_npu_runs_fia_tnd_for_bf16_head_size_128(fake_npu):

@@ -4,7 +4,6 @@ names its kind, device, date and command, so no number appears without how it wa
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import json
 import subprocess
@@ -12,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.test_docs_generated import assert_up_to_date
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -31,16 +32,7 @@ RESULTS = sorted((ROOT / report.BENCH_DIR).glob("*.json"))
 def test_committed_section_is_rendered_from_the_json():
     docs = ROOT / report.DOCS_PATH
     expected = report.rendered_docs(ROOT / report.BENCH_DIR, docs)
-    actual = docs.read_text()
-    if actual != expected:
-        diff = "".join(
-            list(
-                difflib.unified_diff(
-                    actual.splitlines(True), expected.splitlines(True), str(docs), "rendered"
-                )
-            )[:40]
-        )
-        pytest.fail(f"{report.DOCS_PATH} is stale; regenerate it with `{report.REGENERATE}`\n{diff}")
+    assert_up_to_date(docs.read_text(), expected, str(report.DOCS_PATH), report.REGENERATE)
 
 
 @pytest.mark.parametrize("path", RESULTS, ids=[p.name for p in RESULTS])

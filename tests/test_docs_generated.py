@@ -18,19 +18,17 @@ ROOT = Path(__file__).resolve().parent.parent
 GENERATED = generated_docs(ROOT)
 
 
+def assert_up_to_date(actual: str, expected: str, name: str, regenerate: str) -> None:
+    """Fail with the first lines of the difference and the command that regenerates ``name``."""
+    if actual != expected:
+        diff = difflib.unified_diff(actual.splitlines(True), expected.splitlines(True), name, "generated")
+        pytest.fail(f"{name} is stale; regenerate it with `{regenerate}`\n{''.join(list(diff)[:40])}")
+
+
 @pytest.mark.parametrize("path", list(GENERATED), ids=[p.name for p in GENERATED])
 def test_committed_doc_is_generated(path):
-    expected = GENERATED[path]
     actual = path.read_text() if path.exists() else ""
-    if actual != expected:
-        diff = "".join(
-            list(
-                difflib.unified_diff(
-                    actual.splitlines(True), expected.splitlines(True), str(path), "generated"
-                )
-            )[:40]
-        )
-        pytest.fail(f"{path.relative_to(ROOT)} is stale; regenerate it with `{REGENERATE}`\n{diff}")
+    assert_up_to_date(actual, GENERATED[path], str(path.relative_to(ROOT)), REGENERATE)
 
 
 def test_platform_links_land_on_a_section():
