@@ -119,6 +119,9 @@ def test_unsupported_dtype_names_allowed_values():
     q = torch.randn(1, 4, 2, 64)
     with pytest.raises(ValueError, match="'sage' does not support dtype float32; allowed: float16, bfloat16"):
         impl.check_inputs(q, q, q, causal=False, return_lse=False)
+    # sageattn returns no LSE: a ring call must be refused, not served densely by fa.
+    with pytest.raises(ValueError, match=r"'sage' \(.*\) cannot return the softmax LSE"):
+        impl.check_inputs(q.half(), q.half(), q.half(), causal=False, return_lse=True)
 
 
 def test_layer_resolves_backend_once(monkeypatch):

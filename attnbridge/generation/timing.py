@@ -39,17 +39,18 @@ class LayerRecord:
     kept_fraction: float | None = None
     events: list[tuple[Any, Any]] = field(default_factory=list)
 
-    def add(self, seconds: float) -> None:
-        if self.calls == 1:
+    def add(self, seconds: float, first: bool) -> None:
+        if first:
             self.first_seconds += seconds
         else:
             self.seconds += seconds
 
     def resolve_events(self) -> None:
+        """Reads the events of every call; the first pair belongs to the layer's first call."""
         if self.events:
             self.events[-1][1].synchronize()  # the last call's end event: every earlier one is done too
-            for start, end in self.events:
-                self.add(start.elapsed_time(end) / 1000.0)
+            for index, (start, end) in enumerate(self.events):
+                self.add(start.elapsed_time(end) / 1000.0, first=index == 0)
             self.events = []
 
     @property
@@ -83,11 +84,11 @@ class AttentionTimer:
         event_cls = getattr(module, "Event", None) if module is not None else None
         if event_cls is None:
             synchronize(q.device)
-            start = time.perf_counter()
+            start, first = time.perf_counter(), record.calls == 1
 
             def done(out) -> None:
                 synchronize(q.device)
-                record.add(time.perf_counter() - start)
+                record.add(time.perf_counter() - start, first)
 
             return done
         start_event, end_event = event_cls(enable_timing=True), event_cls(enable_timing=True)

@@ -3,7 +3,8 @@
 Where ``sageattention`` is missing, or the platform has no Sage kernel, ``fa`` serves with a logged
 warning (or an error with ``strict=True``). Calls the installed ``sageattn`` cannot take run ``fa``
 too, with the reason logged once: head sizes other than 64/96/128, causal attention with
-``S_q != S_kv``, key padding, and LSE requests (ring attention). Its K
+``S_q != S_kv`` and key padding. An LSE request (ring attention) is refused: ``sageattn`` returns
+no LSE, and serving it from ``fa`` would make ``sage`` silently dense there. Its K
 smoothing (subtracting the keys' mean, which leaves the softmax unchanged) is done here out of
 place: ``sageattn`` does it in place on the caller's keys.
 """
@@ -40,8 +41,8 @@ class SageImpl(AttentionImpl):
     supports_lse = False
     install = (SAGE_INSTALL,)
     notes = (
-        "calls sageattn cannot take (head size not 64/96/128, causal with S_q != S_kv, key padding, "
-        "LSE) run dense `fa`, logged once; on an H200 (Hopper) sageattention 1.0.6's Triton kernels "
+        "calls sageattn cannot take (head size not 64/96/128, causal with S_q != S_kv, key padding) "
+        "run dense `fa`, logged once; on an H200 (Hopper) sageattention 1.0.6's Triton kernels "
         "were slower than `fa`: a Wan 1.3B 480p step took 710.2 ms against 603.3 ms"
     )
 
@@ -57,9 +58,9 @@ class SageImpl(AttentionImpl):
 
     def check_inputs(self, q, k, v, *, causal, return_lse):
         self._dense.check_inputs(q, k, v, causal=causal, return_lse=return_lse)
-        super().check_inputs(q, k, v, causal=causal, return_lse=False)
+        super().check_inputs(q, k, v, causal=causal, return_lse=return_lse)
 
-    def _refusal(self, q, k, causal, return_lse, context) -> str | None:
+    def _refusal(self, q, k, causal, context) -> str | None:
         """Why ``sageattn`` cannot take this call, or None."""
         if q.shape[-1] not in SAGE_HEAD_SIZES:
             return f"head size {q.shape[-1]} (sageattn takes {SAGE_HEAD_SIZES})"
@@ -67,12 +68,10 @@ class SageImpl(AttentionImpl):
             return "causal attention with S_q != S_kv"
         if context is not None and context.key_lengths is not None:
             return "key padding"
-        if return_lse:
-            return "an LSE request"
         return None
 
     def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, context=None):
-        refusal = self._refusal(q, k, causal, return_lse, context)
+        refusal = self._refusal(q, k, causal, context)
         if refusal is not None:
             if refusal not in self._logged:
                 self._logged.add(refusal)
