@@ -392,6 +392,19 @@ def _render_block_sparse_kernel(results: list[BenchResult]) -> str:
     )
 
 
+def _render_qwen_image_padding(results: list[BenchResult]) -> str:
+    (result,) = results
+    data = result.data
+    details = [
+        f"- {data.get('layers')} layers at full width, {data.get('image_tokens')} image tokens, "
+        f"{data.get('text_tokens')} text tokens of which {data.get('padded_text_tokens')} padded; ms per "
+        "transformer call, rel_l2 against the unpatched model on the same input"
+    ]
+    return _entry(
+        f"Qwen-Image with a padded text mask (`{result.path.name}`)", results, details, _render_rows(results)
+    )
+
+
 #: kind -> (renderer, whether all files of the kind make one entry). The order is the docs' order.
 RENDERERS: dict[str, tuple[Callable[[list[BenchResult]], str], bool]] = {
     "dense": (_render_dense, False),
@@ -403,6 +416,7 @@ RENDERERS: dict[str, tuple[Callable[[list[BenchResult]], str], bool]] = {
     "row_balance": (_render_row_balance, False),
     "oracle": (_render_oracle, True),
     "selection_quality": (_render_selection_quality, False),
+    "qwen_image_padding": (_render_qwen_image_padding, False),
 }
 
 

@@ -104,6 +104,7 @@ def measure(model, step, reference, backend: str, mode: str, *, warmup: int, rep
             uncompile(model)
         if patched:
             disable_npu_attention(model)
+    print(row, flush=True)  # as it comes: a run cut short still shows its finished rows
     return row
 
 

@@ -218,7 +218,8 @@ def render_attention_backends(table: SupportTable | None = None) -> str:
     out.append(
         "Install: `pip install -e .` (torch and einops); per platform, the packages in the tables below. "
         f"What ran on real hardware, per platform: [{PLATFORMS_DOC}]({PLATFORMS_DOC}); measurements of the "
-        "backends that were timed: [benchmarks.md](benchmarks.md).\n"
+        "backends that were timed: [benchmarks.md](benchmarks.md); the Ascend NPU calls, their sources, "
+        "limits and what could not be checked without an NPU: [ascend.md](ascend.md).\n"
     )
     out.append(
         _md_table(

@@ -152,3 +152,18 @@ def test_wan_step_compiles_the_repeated_blocks_on_the_cpu(tmp_path):
     assert len(rows) == 4 and rows[1]["mode"] == "compiled"
     assert rows[1]["ms"] is not None, rows[1].get("error")
     assert rows[3]["ms"] is not None or rows[3]["error"]
+
+
+def test_qwen_image_padding_run_matches_the_unpatched_model_and_renders(tmp_path):
+    """The padding benchmark on a tiny config: `fa` equals the unpatched model with and without a
+    padded text mask, and its file renders into the results section."""
+    pytest.importorskip("diffusers")
+    bench = _load("bench_qwen_image_padding")
+    out = tmp_path / "qwen_image_padding.json"
+    argv = ["--small", "--backends", "fa", "--warmup", "0", "--repeat", "1", "--out", str(out)]
+    assert bench.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["kind"] == "qwen_image_padding" and data["padded_text_tokens"] > 0
+    fa = next(r for r in data["rows"] if r["backend"] == "fa")
+    assert float(fa["unpadded rel_l2"]) < 1e-5 and float(fa["padded rel_l2"]) < 1e-5
+    assert "Qwen-Image with a padded text mask" in report.render_bench_section(tmp_path)

@@ -105,7 +105,7 @@ def test_emulated_laser_ignores_the_pre_tokens_padding(op, multiple):
 
 
 def test_emulated_la_refuses_window_values_it_does_not_model():
-    """Only what sglang passes is given a meaning (the kernel's semantics are inferred, not known)."""
+    """Only the window values sglang passes are emulated; other values are refused, not guessed."""
     padded = [torch.nn.functional.pad(torch.randn(1, 2, 300, 128), (0, 0, 0, 212)).half() for _ in range(3)]
     with pytest.raises(NotImplementedError, match="next_tokens=0 is not emulated"):
         ops.la(*padded, head_num=2, pre_tokens=212, next_tokens=0)
