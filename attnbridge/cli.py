@@ -103,8 +103,16 @@ def parse_option(text: str) -> tuple[str, object]:
     return key, {"true": True, "false": False}.get(value.lower(), value)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse's own errors (a bad choice, an unknown argument) as one ``error:`` line with exit 2,
+    like every other error of the command line, instead of a usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnbridge", description=__doc__)
+    parser = OneLineErrorParser(prog="attnbridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("backends", help="what this machine can run, and why not for the rest").set_defaults(
@@ -119,10 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"--option keys besides the backend's own (see `attnbridge backends`): {option_help}",
     )
     gen.add_argument("--model", default="wan-tiny", help="wan-tiny | qwen-image-tiny | qwen3-moe-tiny | PATH")
-    gen.add_argument("--backend", default="sdpa", choices=list(backends()))
+    gen.add_argument("--backend", default="sdpa", choices=list(backends()), help="attention backend")
     gen.add_argument("--steps", type=int, default=4, help="denoising steps; new tokens for text models")
-    gen.add_argument("--prompt", default="a red fox running through snow")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--prompt", default="a red fox running through snow", help="text prompt")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the random weights and noise")
     gen.add_argument(
         "--device", default=None, help="cpu, cuda, npu...; default: the accelerator found, else cpu"
     )

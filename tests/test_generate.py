@@ -212,12 +212,33 @@ def test_demo_command_in_a_fresh_process(tmp_path):
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    command = [sys.executable, "-m", "attnbridge", "generate", "--model", "wan-tiny", "--backend", "sdpa"]
+    command = [
+        sys.executable,
+        "-m",
+        "attnbridge",
+        "generate",
+        "--model",
+        "wan-tiny",
+        "--backend",
+        "block_sparse",
+    ]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "attention total" in done.stdout and "sdpa" in done.stdout
-    assert (tmp_path / "outputs" / "wan-tiny-sdpa.gif").is_file()
-    assert (tmp_path / "outputs" / "wan-tiny-sdpa.timing.json").is_file()
+    assert "attention total" in done.stdout and "block_sparse" in done.stdout
+    assert (tmp_path / "outputs" / "wan-tiny-block_sparse.gif").is_file()
+    timing = json.loads((tmp_path / "outputs" / "wan-tiny-block_sparse.timing.json").read_text())
+    kept = {row["kind"]: row["kept_fraction"] for row in timing["by_backend_kind"]}
+    assert 0 < kept["self"] < 0.5, kept  # the demo shows sparse attention skipping blocks
+    assert f"{kept['self']:.2f}" in done.stdout
+
+
+@pytest.mark.parametrize(("backend", "options"), [("rain_fusion", {"sparsity": 0.5}), ("vsa", {})])
+def test_every_sparse_backend_skips_blocks_on_the_tiny_wan(tmp_path, backend, options):
+    summary = run_generate(
+        "wan-tiny", backend=backend, steps=1, output=tmp_path, device="cpu", config=options
+    )
+    kept = {row["kind"]: row["kept_fraction"] for row in summary["by_backend_kind"]}
+    assert 0 < kept["self"] < 1, kept
 
 
 def test_two_processes_share_the_sequence_and_rank0_writes(tmp_path):
@@ -258,6 +279,12 @@ def test_cli_reports_a_bad_option_as_one_error_line(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def _has_torch_npu() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch_npu") is not None
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -274,20 +301,32 @@ def test_cli_reports_a_bad_option_as_one_error_line(tmp_path, capsys):
             "no cuda device is available on this machine",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
         ),
+        pytest.param(
+            ["--device", "npu"],
+            "--device 'npu': torch_npu cannot be imported",
+            marks=pytest.mark.skipif(_has_torch_npu(), reason="this machine has torch_npu"),
+        ),
+        (["--backend", "flash9"], "argument --backend: invalid choice: 'flash9'"),
+        (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
+        (["stray"], "unrecognized arguments: stray"),
     ],
 )
 def test_every_cli_error_is_one_line_with_exit_2(tmp_path, capsys, argv, message):
-    code = main(["generate", "--model", "wan-tiny", "--output", str(tmp_path / "o"), *argv])
+    try:
+        code = main(["generate", "--model", "wan-tiny", "--output", str(tmp_path / "o"), *argv])
+    except SystemExit as exit_:  # argparse's own errors leave through the parser
+        code = exit_.code
     err = capsys.readouterr().err
     assert code == 2, err
-    assert err.count("\n") == 1 and err.startswith("attnbridge generate: error: ") and message in err, err
+    prefixes = ("attnbridge generate: error: ", "attnbridge: error: ")  # the latter: left-over arguments
+    assert err.count("\n") == 1 and err.startswith(prefixes) and message in err, err
 
 
 def test_generate_help_shows_defaults_and_the_option_keys(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines where it likes
-    assert "(default: wan-tiny)" in out and "(default: 4)" in out
+    assert "(default: wan-tiny)" in out and "(default: 4)" in out and "(default: sdpa)" in out
     for key in ("height", "width", "num_frames", "dtype", "ulysses_degree", "strict"):
         assert f"{key}:" in out
 

@@ -87,13 +87,22 @@ def test_a_nan_weight_gives_nan_as_unpatched():
 # ------------------------------------------------------------------------------ state and threads
 
 
-def test_one_patched_model_in_two_threads_keeps_each_calls_grid():
-    """Same token count, different grids: each thread's calls must see their own grid."""
-    model = tiny_wan_transformer(layers=2, head_dim=64)
-    enable_npu_attention(model, "block_sparse", sparsity=0.5)
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))],
+)
+def test_one_patched_model_in_two_threads_keeps_each_calls_grid(device):
+    """Same token count, different grids: each thread's calls must see their own grid. ``vsa`` tiles
+    the tokens by the grid, so a call that read the other thread's grid gives another output."""
+    model = tiny_wan_transformer(layers=2, head_dim=64).to(device)
+    enable_npu_attention(model, "vsa", sparsity=0.5)
     inputs = {
         "a": wan_inputs(frames=3, height=16, width=16, seed=1),  # grid (3, 8, 8)
         "b": wan_inputs(frames=6, height=8, width=16, seed=2),  # grid (6, 4, 8): also 192 tokens
+    }
+    inputs = {
+        name: {k: v.to(device) if torch.is_tensor(v) else v for k, v in x.items()}
+        for name, x in inputs.items()
     }
     alone = {name: _run(model, x) for name, x in inputs.items()}
     results, errors = {"a": [], "b": []}, []
@@ -230,11 +239,22 @@ def test_a_list_is_not_a_tensor():
         attend(q.tolist(), k, v)
 
 
-def test_numpy_scalars_are_numbers_and_strings_are_not_bools():
-    layer = AttentionLayer("block_sparse", sparsity=np.float32(0.5), skip_first_steps=np.int64(2))
-    assert layer.options.sparsity == 0.5 and layer.options.skip_first_steps == 2
+def test_numpy_scalars_are_numbers():
+    q, k, v = _qkv()
+    expected = attend(q, k, v, backend="block_sparse", sparsity=0.5, skip_first_steps=2)
+    out = attend(q, k, v, backend="block_sparse", sparsity=np.float32(0.5), skip_first_steps=np.int64(2))
+    assert torch.equal(out, expected)
+    model = tiny_wan_transformer()
+    enable_npu_attention(model, "block_sparse", sparsity=np.float32(0.5), skip_first_steps=np.int64(2))
+    disable_npu_attention(model)
+
+
+def test_a_string_is_not_a_bool():
     with pytest.raises(ValueError, match="fastvideo_kernel must be True or False; got 'false'"):
         AttentionLayer("vsa", fastvideo_kernel="false")
+
+
+def test_a_list_is_not_a_sparsity():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\).*\[0.5\]"):
         attend(q, k, v, backend="block_sparse", sparsity=[0.5])

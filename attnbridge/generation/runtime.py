@@ -35,9 +35,15 @@ def pick_device(requested: str | None, launcher_device: torch.device | None = No
     """``requested``, else the launcher's device for this rank, else the accelerator found, else CPU."""
     if requested:
         if requested.startswith("npu"):
-            from attnbridge.platforms.npu import load_torch_npu
+            from attnbridge.platforms.npu import TORCH_NPU_INSTALL, load_torch_npu
 
-            load_torch_npu()  # registers the "npu" device type
+            try:
+                load_torch_npu()  # registers the "npu" device type
+            except ImportError as error:
+                raise ValueError(
+                    f"--device {requested!r}: torch_npu cannot be imported ({error.__cause__}); "
+                    f"install it with: {TORCH_NPU_INSTALL}"
+                ) from None
         try:
             device = torch.device(requested)
         except RuntimeError as error:
