@@ -14,7 +14,7 @@ import torch
 
 from attnbridge.adapters.layers import backend_for_kind
 from attnbridge.adapters.transformers import SPARSE_LM_REFUSAL
-from attnbridge.attention.contract import AttentionImpl, dtype_name
+from attnbridge.attention.contract import AttentionImpl, describe_sizes, dtype_name
 from attnbridge.attention.registry import Unavailable, backends, get_backend
 from attnbridge.errors import BackendUnavailableError
 from attnbridge.models import FAMILIES, ModelFamily
@@ -134,7 +134,7 @@ class KernelSupport:
     def describe_head_sizes(self) -> str:
         if self.impl is None:
             return "-"
-        return "any" if self.head_sizes is None else ", ".join(map(str, self.head_sizes))
+        return "any" if self.head_sizes is None else describe_sizes(self.head_sizes)
 
 
 @dataclass(frozen=True)

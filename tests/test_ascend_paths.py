@@ -15,10 +15,12 @@ Tolerances (relative L2 against float64, or against the unpatched bfloat16 model
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
-from attnbridge import attend
+from attnbridge import attend, notices
 from attnbridge.attention.backends import laser
 from attnbridge.attention.contract import AttentionContext
 from attnbridge.attention.masks import npu_compressed_causal_mask
@@ -28,7 +30,7 @@ from attnbridge.attention.parallel import (
     zigzag_cp_attention,
     zigzag_split,
 )
-from attnbridge.attention.parallel.cp_fia import FIA_TND_MAX_TOKENS, fia_tnd_takes
+from attnbridge.attention.parallel.cp_fia import FIA_TND_MAX_TOKENS, fia_tnd_refusal
 from attnbridge.enable import enable_npu_attention
 from attnbridge.tiny_models import qwen_image_inputs, tiny_qwen3_moe, tiny_qwen_image_transformer
 from tests.emulation.reference import dense_reference, rel_l2
@@ -61,9 +63,21 @@ def _op_calls(fake, name):
 @pytest.mark.parametrize("head_dim", [72, 528])
 def test_fa_on_npu_refuses_a_head_size_fia_does_not_take(fake_npu, head_dim):
     q, k, v = _qkv(1, 8, 8, 2, 2, head_dim)
-    with pytest.raises(ValueError, match=f"head size {head_dim} must be a multiple of 16 and at most 512"):
+    with pytest.raises(ValueError, match=f"head size {head_dim}; allowed: multiples of 16 up to 512"):
         attend(q, k, v, backend="fa", platform="npu")
     assert fake_npu.calls == []
+
+
+def test_fa_on_npu_refuses_a_model_whose_head_size_fia_does_not_take_at_enable(fake_npu):
+    """The model's config tells the head size: the refusal comes before anything is patched."""
+    model = tiny_qwen3_moe(head_dim=72)
+    before = {name: type(module) for name, module in model.named_modules()}
+    with pytest.raises(
+        ValueError, match="head size 72, which this model has; allowed: multiples of 16 up to 512"
+    ):
+        enable_npu_attention(model, "fa", platform="npu")
+    assert {name: type(module) for name, module in model.named_modules()} == before
+    assert model.config._attn_implementation != "attnbridge_fa"
 
 
 def test_fa_on_npu_refuses_128_query_heads_per_key_value_head(fake_npu):
@@ -121,11 +135,19 @@ def test_cp_prefill_on_npu_runs_fia_tnd_for_bf16_head_size_128(fake_npu):
     [(torch.float16, 128, [0, 0, 0]), (torch.bfloat16, 64, [0, 0, 0]), (torch.float16, 64, [3, 0, 4])],
     ids=["fp16-d128", "bf16-d64", "fp16-d64-prefix"],
 )
-def test_cp_prefill_on_npu_outside_tnd_runs_bsnd_fia_per_sequence(fake_npu, dtype, head_dim, prefix_lens):
+def test_cp_prefill_on_npu_outside_tnd_runs_bsnd_fia_per_sequence(
+    fake_npu, dtype, head_dim, prefix_lens, caplog, monkeypatch
+):
     """FIA TND is documented for bfloat16 with head size 128/192 only; other calls run one BSND
-    causal FIA call per sequence and half, each with exactly that sequence's visible keys."""
+    causal FIA call per sequence and half, each with exactly that sequence's visible keys, and the
+    user is told once why."""
+    monkeypatch.setattr(notices, "_given", set())
     seq_lens, cp_size = [5, 17, 9], 2
-    out, want, metas = _all_ranks(seq_lens, cp_size, dtype, head_dim, prefix_lens)
+    with caplog.at_level(logging.WARNING, logger="attnbridge"):
+        out, want, metas = _all_ranks(seq_lens, cp_size, dtype, head_dim, prefix_lens)
+    assert caplog.text.count("TND layout does not take") == 1, caplog.text
+    reason = "dtype float16" if dtype == torch.float16 else f"head size {head_dim}"
+    assert f"does not take {reason}" in caplog.text and "runs BSND causal FIA" in caplog.text
     assert out.dtype == dtype and rel_l2(out, want) < TOL[dtype]
     calls = [(args, kwargs) for op, args, kwargs in fake_npu.calls if op == FIA]
     assert len(calls) == len(fake_npu.calls) == 2 * cp_size * len(seq_lens)
@@ -146,12 +168,22 @@ def test_fia_tnd_is_used_up_to_65536_tokens():
     def tensor(tokens, dtype=torch.bfloat16, head_dim=128):
         return torch.empty(tokens, 2, head_dim, dtype=dtype, device="meta")
 
-    assert fia_tnd_takes(tensor(FIA_TND_MAX_TOKENS), tensor(FIA_TND_MAX_TOKENS))
-    assert fia_tnd_takes(tensor(16, head_dim=192), tensor(16, head_dim=192))
-    assert not fia_tnd_takes(tensor(16), tensor(FIA_TND_MAX_TOKENS + 1))
-    assert not fia_tnd_takes(tensor(FIA_TND_MAX_TOKENS + 1), tensor(16))
-    assert not fia_tnd_takes(tensor(16, torch.float16), tensor(16, torch.float16))
-    assert not fia_tnd_takes(tensor(16, head_dim=64), tensor(16, head_dim=64))
+    assert fia_tnd_refusal(tensor(FIA_TND_MAX_TOKENS), tensor(FIA_TND_MAX_TOKENS)) is None
+    assert fia_tnd_refusal(tensor(16, head_dim=192), tensor(16, head_dim=192)) is None
+    assert (
+        fia_tnd_refusal(tensor(16), tensor(FIA_TND_MAX_TOKENS + 1))
+        == "65537 tokens (TND takes at most 65536)"
+    )
+    assert (
+        fia_tnd_refusal(tensor(FIA_TND_MAX_TOKENS + 1), tensor(16))
+        == "65537 tokens (TND takes at most 65536)"
+    )
+    assert fia_tnd_refusal(tensor(16, torch.float16), tensor(16, torch.float16)) == (
+        "dtype float16 (TND takes bfloat16 only)"
+    )
+    assert fia_tnd_refusal(tensor(16, head_dim=64), tensor(16, head_dim=64)) == (
+        "head size 64 (TND takes 128 or 192)"
+    )
 
 
 def test_cp_prefill_on_npu_refuses_a_head_size_fia_does_not_take_before_the_op(fake_npu):
@@ -159,6 +191,16 @@ def test_cp_prefill_on_npu_refuses_a_head_size_fia_does_not_take_before_the_op(f
     q, k, v = (torch.randn(20, 2, 72).half() for _ in range(3))
     meta = build_zigzag_metadata(seq_lens, 0, 2)
     with pytest.raises(ValueError, match="head size 72"):
+        zigzag_cp_attention(zigzag_split(q, meta), k, v, meta, platform="npu")
+    assert fake_npu.calls == []
+
+
+def test_cp_prefill_on_npu_refuses_more_than_64_query_heads_per_kv_head_in_tnd(fake_npu):
+    seq_lens = [8, 12]
+    q = torch.randn(20, 130, 128).bfloat16()
+    k, v = (torch.randn(20, 2, 128).bfloat16() for _ in range(2))
+    meta = build_zigzag_metadata(seq_lens, 0, 2)
+    with pytest.raises(ValueError, match="130 query heads per 2 key/value heads is a ratio above 64"):
         zigzag_cp_attention(zigzag_split(q, meta), k, v, meta, platform="npu")
     assert fake_npu.calls == []
 

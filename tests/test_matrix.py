@@ -212,7 +212,9 @@ def refused_inputs(kernel: KernelSupport) -> list[str]:
         return []
     checks = [f"dtype-{str(d).removeprefix('torch.')}" for d in effective.refused_dtypes()]
     if effective.head_sizes is not None:
-        checks.append(f"head-{next(size for size in (16, 48, 80, 256) if size not in effective.head_sizes)}")
+        checks.append(
+            f"head-{next(size for size in (16, 48, 80, 256, 72) if size not in effective.head_sizes)}"
+        )
     checks += [] if effective.lse else ["lse"]
     checks += [] if effective.causal else ["causal"]
     return checks

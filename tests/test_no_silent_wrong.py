@@ -287,3 +287,24 @@ def test_a_rank_that_never_starts_fails_within_the_timeout(monkeypatch):
     )
     assert done.returncode == 3, done.stderr[-2000:]
     assert "did not start within 2 s" in done.stdout and "ATTNBRIDGE_DIST_TIMEOUT" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("lengths", "message"),
+    [
+        (torch.tensor([100, 200]), r"must be an integer tensor of shape \[1\]"),
+        (torch.tensor([[100]]), r"must be an integer tensor of shape \[1\]"),
+        (torch.tensor([100.5]), r"must be an integer tensor of shape \[1\]"),
+        ([100], "must be a torch tensor"),
+        (torch.tensor([0]), r"must lie in \[1, 256\].*\[0, 0\]"),
+        (torch.tensor([300]), r"must lie in \[1, 256\].*\[300, 300\]"),
+    ],
+    ids=["two-for-one-sample", "2-D", "float", "list", "zero", "past-the-keys"],
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_key_lengths_that_do_not_fit_the_call_are_refused(backend, lengths, message):
+    """Lengths of another batch, shape or range once changed the output's shape or ran silently."""
+    q, k, v = (torch.randn(1, 256, 2, 64) for _ in range(3))
+    context = AttentionContext(key_lengths=lengths, grid=(4, 8, 8))
+    with pytest.raises(ValueError, match=f"backend '{backend}': key_lengths {message}"):
+        attend(q, k, v, backend=backend, context=context)

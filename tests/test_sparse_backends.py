@@ -25,14 +25,13 @@ import math
 import pytest
 import torch
 
-from attnbridge import AttentionLayer, attend
+from attnbridge import AttentionLayer, attend, notices
 from attnbridge.attention.backends.block_sparse import select_block_sparse
 from attnbridge.attention.backends.laser import range_shift, uses_laser_kernel
 from attnbridge.attention.backends.rain_fusion import rain_fusion_order, select_rain_fusion
 from attnbridge.attention.contract import AttentionContext
 from attnbridge.attention.options import kept_count
 from attnbridge.attention.registry import get_backend
-from attnbridge.attention.sparse import impl as sparse_impl
 from attnbridge.attention.sparse import triton_kernel
 from attnbridge.attention.sparse.flex import block_sparse_attention
 from attnbridge.attention.sparse.layout import is_dense_step, resolve_layout
@@ -563,7 +562,7 @@ def test_bad_options_name_backend_and_range(backend, options, match):
 
 
 def test_sparsity_zero_warns_once_per_process_that_dense_is_better(caplog, monkeypatch):
-    monkeypatch.setattr(sparse_impl, "_warned_dense", set())
+    monkeypatch.setattr(notices, "_given", set())
     q, k, v = _qkv(1, 960, 2, 2, 32)
     with caplog.at_level(logging.WARNING, logger="attnbridge"):
         for _ in range(3):  # three layers (a model's blocks), each called twice

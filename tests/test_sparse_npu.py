@@ -15,12 +15,13 @@ each layout and both installed together, where the newer one must win.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
 
-from attnbridge import AttentionLayer, attend
+from attnbridge import AttentionLayer, attend, notices
 from attnbridge.attention.backends import block_sparse, rain_fusion
 from attnbridge.attention.backends.laser import LASER_OPS, NpuLaserImpl
 from attnbridge.attention.contract import AttentionContext
@@ -393,10 +394,13 @@ def test_laser_npu_takes_a_prescaled_bf16_query_with_scale_1(fake_npu_layout):
 
 
 @pytest.mark.parametrize("fake_npu_layout", ALL_LAYOUTS, indirect=True)
-def test_laser_npu_runs_fia_for_a_scale_fp16_cannot_hold(fake_npu_layout):
+def test_laser_npu_runs_fia_for_a_scale_fp16_cannot_hold(fake_npu_layout, caplog, monkeypatch):
+    monkeypatch.setattr(notices, "_given", set())
     q, k, v = _qkv(1, 2304, 2, 2, 64)
     q = (q.float() * 1e-3).bfloat16()
-    out = attend(q, k, v, backend="laser", platform="npu", scale=1e5)
+    with caplog.at_level(logging.WARNING, logger="attnbridge"):
+        out = attend(q, k, v, backend="laser", platform="npu", scale=1e5)
+    assert "softmax scale 100000 does not fit the kernel's float16 scale" in caplog.text
     assert _ops_called(fake_npu_layout) == [("npu_fused_infer_attention_score", "torch_npu")]
     assert torch.isfinite(out).all() and rel_l2(out, dense_reference(q, k, v, scale=1e5)[0]) < BF16_TOL
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from attnbridge.attention.api import AttentionLayer
+from attnbridge.attention.contract import describe_sizes
 from attnbridge.attention.registry import Backend, Unavailable, get_backend
 from attnbridge.platforms import detect_platform
 
@@ -62,7 +63,7 @@ def _check_limits(backend: str, impl, kinds: set[str], head_sizes: set[int]) -> 
     if wrong:
         raise ValueError(
             f"backend {backend!r} does not support head size {wrong[0]}, which this model has; "
-            f"allowed: {list(allowed)}"
+            f"allowed: {describe_sizes(allowed)}"
         )
 
 

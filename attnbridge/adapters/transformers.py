@@ -15,7 +15,6 @@ unpatched model does, with a warning once per process.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,14 +28,12 @@ from attnbridge.attention.contract import AttentionContext
 from attnbridge.attention.masks import leading_lengths
 from attnbridge.attention.registry import Backend, backend_names
 from attnbridge.models import ModelFamily
-
-logger = logging.getLogger("attnbridge")
+from attnbridge.notices import warn_once
 
 #: Attribute on each patched attention module holding its AttentionLayer.
 LAYER_ATTR = "_attnbridge_layer"
 #: Attribute on each patched attention module holding its model's :class:`PaddingState`.
 PADDING_ATTR = "_attnbridge_padding"
-_warned_masked: set[bool] = set()
 
 
 def attnbridge_attention_forward(
@@ -90,12 +87,10 @@ def attnbridge_attention_forward(
 def _masked_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if not _warned_masked:
-        _warned_masked.add(True)
-        logger.warning(
-            "attention with a mask attnbridge backends do not take (left padding, sliding window) or "
-            "with dropout runs through transformers' SDPA; unmasked and right-padded calls use the backend"
-        )
+    warn_once(
+        "attention with a mask attnbridge backends do not take (left padding, sliding window) or "
+        "with dropout runs through transformers' SDPA; unmasked and right-padded calls use the backend"
+    )
     return sdpa_attention_forward(
         module,
         query,

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from attnbridge.attention.contract import AttentionContext, AttentionImpl
+from attnbridge.attention.contract import AttentionContext, AttentionImpl, check_key_lengths
 from attnbridge.attention.registry import Backend, get_backend, make_impl
 from attnbridge.platforms import PLATFORM_ENV, get_platform, platform_name_for_device
 
@@ -105,6 +105,8 @@ class AttentionLayer:
             raise ValueError(f"backend {self.backend!r} expects q as a torch tensor; got {type(q).__name__}")
         impl = self.impl_for(q.device)
         impl.check_inputs(q, k, v, causal=causal, return_lse=return_lse)
+        if context is not None and context.key_lengths is not None:
+            check_key_lengths(self.backend, context.key_lengths, q, k)
         if q.shape[1] == 0:  # no queries: nothing to compute, as torch SDPA does
             lse = torch.empty(q.shape[0], q.shape[2], 0, dtype=torch.float32, device=q.device)
             return (torch.empty_like(q), lse) if return_lse else torch.empty_like(q)

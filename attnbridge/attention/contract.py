@@ -37,6 +37,14 @@ class AttentionContext:
     gate: torch.Tensor | None = None
 
 
+def describe_sizes(sizes: tuple[int, ...]) -> str:
+    """``16, 32, ... 512`` as "multiples of 16 up to 512"; a short list as it is."""
+    step = sizes[0] if len(sizes) > 4 else 0
+    if step and sizes == tuple(range(step, sizes[-1] + 1, step)):
+        return f"multiples of {step} up to {sizes[-1]}"
+    return ", ".join(map(str, sizes))
+
+
 class AttentionImpl(ABC):
     """One kernel on one platform, made once per layer. The class attributes are its limits:
     :meth:`check_inputs` enforces them on every call, the support table and the docs read them."""
@@ -79,7 +87,7 @@ class AttentionImpl(ABC):
         if self.supported_head_sizes is not None and head_size not in self.supported_head_sizes:
             raise ValueError(
                 f"backend {self.backend!r} does not support head size {head_size}; "
-                f"allowed: {list(self.supported_head_sizes)}"
+                f"allowed: {describe_sizes(self.supported_head_sizes)}"
             )
         if return_lse and not self.supports_lse:
             raise ValueError(
@@ -135,6 +143,32 @@ def check_qkv(backend: str, q: Any, k: Any, v: Any) -> None:
         raise ValueError(f"backend {backend!r}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     if q.device != k.device or k.device != v.device:
         raise ValueError(f"backend {backend!r}: q, k, v are on different devices ({q.device}, {k.device})")
+
+
+def check_key_lengths(backend: str, key_lengths: Any, q: torch.Tensor, k: torch.Tensor) -> None:
+    """``key_lengths``: an integer tensor ``[B]`` on q's device. On the CPU each value is checked
+    to lie in ``[1, S_kv]`` too; on an accelerator that would wait for the device at every call, so
+    there the values are the caller's word (the adapters make them from the model's mask)."""
+    where = f"backend {backend!r}: key_lengths"
+    if not isinstance(key_lengths, torch.Tensor):
+        raise ValueError(
+            f"{where} must be a torch tensor of valid keys per sample; got {type(key_lengths).__name__}"
+        )
+    if (
+        key_lengths.shape != (q.shape[0],)
+        or key_lengths.dtype.is_floating_point
+        or key_lengths.dtype == torch.bool
+    ):
+        raise ValueError(
+            f"{where} must be an integer tensor of shape [{q.shape[0]}] (one length per sample); "
+            f"got {key_lengths.dtype} {tuple(key_lengths.shape)}"
+        )
+    if key_lengths.device != q.device:
+        raise ValueError(f"{where} is on {key_lengths.device}, q on {q.device}")
+    if key_lengths.device.type == "cpu" and not torch.compiler.is_compiling():
+        low, high = int(key_lengths.min()), int(key_lengths.max())
+        if low < 1 or high > k.shape[1]:
+            raise ValueError(f"{where} must lie in [1, {k.shape[1]}] (S_kv); got values in [{low}, {high}]")
 
 
 def default_scale(head_size: int, scale: float | None) -> float:

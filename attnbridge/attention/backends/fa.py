@@ -189,6 +189,7 @@ class AtenFAImpl(AttentionImpl):
 FIA_HEAD_ALIGN = 16
 FIA_MAX_HEAD_DIM = 512
 FIA_MAX_HEAD_RATIO = 64
+FIA_HEAD_SIZES = tuple(range(FIA_HEAD_ALIGN, FIA_MAX_HEAD_DIM + 1, FIA_HEAD_ALIGN))
 
 
 def check_fia_limits(backend: str, q: torch.Tensor, k: torch.Tensor) -> None:
@@ -253,8 +254,10 @@ class NpuFIAImpl(AttentionImpl):
     description = "torch_npu.npu_fused_infer_attention_score (BSND, softmax_lse_flag)"
     # The documented FIA kernel takes float16/bfloat16 only: float32 is refused by name, not cast.
     supported_dtypes = HALF_DTYPES
+    # Declared, so that enable_npu_attention refuses a model whose head size FIA does not take.
+    supported_head_sizes = FIA_HEAD_SIZES
     install = (TORCH_NPU_INSTALL,)
-    notes = "head size a multiple of 16 up to 512, at most 64 query heads per key/value head"
+    notes = "at most 64 query heads per key/value head"
 
     @classmethod
     def check_available(cls, platform: str) -> None:

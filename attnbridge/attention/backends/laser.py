@@ -31,6 +31,7 @@ import torch
 from attnbridge.attention.contract import HALF_DTYPES, AttentionImpl, default_scale, repeat_kv_heads
 from attnbridge.attention.registry import Backend, Unavailable, make_impl
 from attnbridge.errors import BackendUnavailableError
+from attnbridge.notices import warn_once
 from attnbridge.platforms.npu import (
     SGL_KERNEL_NPU_INSTALL,
     TORCH_NPU_INSTALL,
@@ -82,6 +83,11 @@ class LaserImplBase(AttentionImpl):
 
     def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, context=None):
         scale = default_scale(q.shape[-1], scale)
+        if range_shift(q.dtype, scale) is None:
+            warn_once(
+                f"backend 'laser': softmax scale {scale:g} does not fit the kernel's float16 scale "
+                f"(scale x shift^2 <= {FP16_MAX:g}) whatever the range shift; such calls run dense 'fa'"
+            )
         if not uses_laser_kernel(q, k, causal=causal, return_lse=return_lse, scale=scale, context=context):
             return self._dense.forward(
                 q, k, v, causal=causal, scale=scale, return_lse=return_lse, context=context

@@ -21,10 +21,11 @@ import itertools
 import torch
 
 from attnbridge.attention.api import attend, platform_for
-from attnbridge.attention.backends.fa import npu_fia
+from attnbridge.attention.backends.fa import check_fia_limits, npu_fia
 from attnbridge.attention.contract import default_scale
 from attnbridge.attention.masks import npu_compressed_causal_mask
 from attnbridge.attention.parallel.zigzag import ZigzagMetadata
+from attnbridge.notices import warn_once
 from attnbridge.platforms.npu import load_torch_npu
 
 
@@ -56,7 +57,14 @@ def zigzag_cp_attention(
         per_sequence = functools.partial(attend, backend=backend, causal=True, scale=scale, platform=platform)
     outs = []
     for q_half, q_lens, kv_lens, kv_key in halves:
-        if platform == "npu" and fia_tnd_takes(q_half, k):
+        refusal = fia_tnd_refusal(q_half, k) if platform == "npu" else "not on Ascend"
+        if platform == "npu" and refusal is not None:
+            warn_once(
+                f"context-parallel prefill on Ascend: FIA's TND layout does not take {refusal}; "
+                "each sequence runs BSND causal FIA"
+            )
+        if refusal is None:
+            check_fia_limits("fa", q_half[None], k[None])  # TND [T, H, D] as a batch of one
             kv_rows = meta.index_tensor(kv_key, k.device)
             k_half, v_half = k.index_select(0, kv_rows), v.index_select(0, kv_rows)
             outs.append(_npu_fia_half(q_half, k_half, v_half, q_lens, kv_lens, scale))
@@ -71,13 +79,16 @@ FIA_TND_HEAD_SIZES = (128, 192)
 FIA_TND_MAX_TOKENS = 65536
 
 
-def fia_tnd_takes(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether FIA's TND layout documents this call; otherwise each sequence runs BSND causal FIA."""
-    return (
-        q.dtype == torch.bfloat16
-        and q.shape[-1] in FIA_TND_HEAD_SIZES
-        and max(q.shape[0], k.shape[0]) <= FIA_TND_MAX_TOKENS
-    )
+def fia_tnd_refusal(q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """What of this call FIA's TND layout does not document, or None; a refused call runs BSND
+    causal FIA per sequence."""
+    if q.dtype != torch.bfloat16:
+        return f"dtype {str(q.dtype).removeprefix('torch.')} (TND takes bfloat16 only)"
+    if q.shape[-1] not in FIA_TND_HEAD_SIZES:
+        return f"head size {q.shape[-1]} (TND takes {' or '.join(map(str, FIA_TND_HEAD_SIZES))})"
+    if max(q.shape[0], k.shape[0]) > FIA_TND_MAX_TOKENS:
+        return f"{max(q.shape[0], k.shape[0])} tokens (TND takes at most {FIA_TND_MAX_TOKENS})"
+    return None
 
 
 def _check(q_local, k, v, meta: ZigzagMetadata) -> None:

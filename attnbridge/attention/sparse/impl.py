@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -16,10 +15,7 @@ from attnbridge.attention.options import count, fraction, option
 from attnbridge.attention.registry import make_impl
 from attnbridge.attention.sparse.layout import is_dense_step, resolve_layout
 from attnbridge.attention.sparse.selection import BlockSelection
-
-logger = logging.getLogger("attnbridge")
-#: Backends already warned about running at sparsity 0 (once per process).
-_warned_dense: set[str] = set()
+from attnbridge.notices import warn_once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,12 +68,10 @@ class SparseImpl(AttentionImpl):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._dense = make_impl("fa", self.platform)
-        if self.options.sparsity == 0.0 and self.backend not in _warned_dense:
-            _warned_dense.add(self.backend)
-            logger.warning(
-                "attention backend %r with sparsity=0 keeps every block; a dense backend ('fa' or "
-                "'sdpa') computes the same result faster",
-                self.backend,
+        if self.options.sparsity == 0.0:
+            warn_once(
+                f"attention backend {self.backend!r} with sparsity=0 keeps every block; a dense backend "
+                "('fa' or 'sdpa') computes the same result faster"
             )
 
     def check_inputs(self, q, k, v, *, causal, return_lse):
