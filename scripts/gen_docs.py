@@ -279,6 +279,12 @@ def render_attention_backends(table: SupportTable | None = None) -> str:
             for each in dict.fromkeys((kernel, effective)):
                 if each.notes:
                     notes.append(f"{platform} `{each.impl_name}`: {each.notes}.")
+            padding = effective.impl.padding_fallback
+            if padding:
+                notes.append(
+                    f"{platform} `{effective.impl_name}`: {padding}: calls with padded keys run dense `fa` "
+                    "(said once when a model whose batches can be padded is patched)."
+                )
         out.append(
             _md_table(["platform", "kernel", "what runs", "dtypes", "head sizes", "install"], rows) + "\n"
         )

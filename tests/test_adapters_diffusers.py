@@ -7,6 +7,7 @@ float32 summation order). ``disable_npu_attention`` must restore bit-identical o
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -126,6 +127,23 @@ def test_qwen_image_padded_text_batch_runs_the_backend_and_matches_unpatched(bac
     inputs["encoder_hidden_states_mask"] = torch.ones(2, 5, dtype=torch.long)
     _run(model, inputs)
     assert len(spy) == 2 and spy[0][2].key_lengths is None  # no padding: no mask at all
+
+
+@pytest.mark.parametrize("family", ["qwen_image", "wan"])
+def test_a_backend_that_runs_padded_calls_dense_says_so_once_at_enable(family, caplog):
+    """``laser``'s kernel takes no key lengths: a model whose batches can be padded (Qwen-Image) is
+    told so when patched, once, and not per call; Wan's inputs are never padded: nothing is said."""
+    model = tiny_qwen_image_transformer() if family == "qwen_image" else tiny_wan_transformer()
+    with caplog.at_level(logging.WARNING, logger="attnbridge"):
+        enable_npu_attention(model, "laser")
+    said = caplog.text.count("the Laser kernel takes no key lengths, so calls with padded keys")
+    assert said == (1 if family == "qwen_image" else 0), caplog.text
+    if family == "qwen_image":
+        caplog.clear()
+        inputs = qwen_image_inputs(batch=2, text_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
+        with caplog.at_level(logging.WARNING, logger="attnbridge"):
+            _run(model, inputs)
+        assert "padded" not in caplog.text
 
 
 def test_qwen_image_padding_in_the_middle_of_a_prompt_is_refused():

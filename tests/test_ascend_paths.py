@@ -302,6 +302,25 @@ def test_qwen_image_prompts_of_different_lengths_on_npu_match_unpatched(fake_npu
             assert kwargs["atten_mask"].shape == (2, 1, 17, 17)
 
 
+@pytest.mark.parametrize(
+    ("backend", "kernel"),
+    [("block_sparse", "ada_block_sparse_attention"), ("rain_fusion", "npu_block_sparse_attention")],
+)
+def test_sparse_backends_on_npu_say_at_enable_that_padded_calls_run_dense(fake_npu, backend, kernel, caplog):
+    """The NPU block-sparse kernels take no key lengths: padded calls run dense FIA, said once, when
+    the model is patched, and not at every call."""
+    model = tiny_qwen_image_transformer(head_dim=64).to(torch.bfloat16)
+    inputs = _bf16(qwen_image_inputs(batch=2, text_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])))
+    with caplog.at_level(logging.WARNING, logger="attnbridge"):
+        enable_npu_attention(model, backend, platform="npu")
+        assert caplog.text.count("padded keys") == 1 and kernel in caplog.text, caplog.text
+        caplog.clear()
+        with torch.no_grad():
+            model(**inputs, return_dict=False)
+    assert "padded" not in caplog.text
+    assert {op for op, _, _ in fake_npu.calls} == {FIA}
+
+
 def _padded_ids(side):
     ids = torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)

@@ -800,3 +800,18 @@ def test_cuda_fresh_pad_masks_do_not_recompile():
     for _ in range(3):
         call()
     assert counters["stats"]["unique_graphs"] == before
+
+
+@pytest.mark.parametrize("backend", ["block_sparse", "rain_fusion"])
+def test_padded_keys_change_nothing_in_a_sparse_call_over_several_blocks(backend):
+    """Key padding at sparsity 0.5 over 3 blocks: whatever the padded keys and values hold, neither the
+    selection nor the kernel sees them; and the call did skip blocks (it differs from dense)."""
+    q, k, v = _qkv(2, 300, 2, 2, 64)
+    context = AttentionContext(key_lengths=torch.tensor([300, 170]), grid=(1, 15, 20), step=5)
+    out = attend(q, k, v, backend=backend, sparsity=0.5, context=context)
+    k_junk, v_junk = k.clone(), v.clone()
+    k_junk[1, 170:] = 100 * torch.randn_like(k_junk[1, 170:])
+    v_junk[1, 170:] = 1e4
+    assert torch.equal(attend(q, k_junk, v_junk, backend=backend, sparsity=0.5, context=context), out)
+    dense = attend(q, k, v, backend="sdpa", context=context)
+    assert (out - dense).abs().max() > 1e-3

@@ -156,6 +156,7 @@ def plan_diffusers_model(
         platform=platform,
         strict=strict,
         device=model_device(model),
+        padded=family.key_lengths_from_inputs is not None,
     )
     state = ForwardState()
     sharding = None

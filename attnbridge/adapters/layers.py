@@ -67,6 +67,14 @@ def _check_limits(backend: str, impl, kinds: set[str], head_sizes: set[int]) -> 
         )
 
 
+def _padding_fallback(layer: AttentionLayer, device: torch.device | None) -> str | None:
+    """Why the kernel ``layer`` runs on ``device`` sends padded calls to a dense fallback, if it does."""
+    try:
+        return layer.impl_for(device if device is not None else torch.device("cpu")).padding_fallback
+    except Exception:  # noqa: BLE001 - a kernel that cannot start here: the first call says why
+        return None
+
+
 def resolve_ahead(layer: AttentionLayer, device: torch.device | None) -> None:
     """Resolve the layer's kernels for the model's device and this machine's accelerator (where the
     model may move after enabling) now: a call under ``torch.compile`` cannot import or read the
@@ -86,9 +94,11 @@ def make_layers(
     platform: str | None,
     strict: bool,
     device: torch.device | None,
+    padded: bool = False,
 ) -> dict[str, AttentionLayer]:
     """One layer per attention module ``(path, kind, head size)``; the first layer of each backend
-    is resolved and checked eagerly."""
+    is resolved and checked eagerly. ``padded``: the model's inputs can carry key padding (a batch
+    of prompts of different lengths); a backend whose kernel cannot take it says so now."""
     layers: dict[str, AttentionLayer] = {}
     # served backend -> (its first layer, the kinds it serves, the head sizes it sees)
     served_by: dict[str, tuple[AttentionLayer, set[str], set[int]]] = {}
@@ -106,6 +116,16 @@ def make_layers(
         check_resolves(first, device, kinds, heads)
     for layer in layers.values():
         resolve_ahead(layer, device)
+    for first, _, _ in served_by.values():
+        reason = _padding_fallback(first, device) if padded else None
+        if reason:
+            logger.warning(
+                "backend %r: %s, so calls with padded keys (prompts of different lengths in one batch) "
+                "run dense %r",
+                first.backend,
+                reason,
+                DENSE_FOR_SPARSE,
+            )
     if backend.sparse and DENSE_FOR_SPARSE in served_by:
         count = sum(1 for _, kind, _ in sites if kind == "cross")
         logger.info(

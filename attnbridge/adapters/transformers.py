@@ -271,6 +271,7 @@ def plan_transformers_model(
         platform=platform,
         strict=strict,
         device=device,
+        padded=True,  # a batch of prompts is padded to its longest
     )
     if device is not None and any(site.causal for _, _, site in sites):
         first = next(iter(layers.values()))

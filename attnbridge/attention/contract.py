@@ -54,6 +54,9 @@ class AttentionImpl(ABC):
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = DENSE_DTYPES
     #: ``None`` means any head size.
     supported_head_sizes: ClassVar[tuple[int, ...] | None] = None
+    #: Why calls with key padding run a dense fallback instead of this kernel (None: it takes them);
+    #: said once when a model that can be padded is patched.
+    padding_fallback: ClassVar[str | None] = None
     supports_lse: ClassVar[bool] = True
     supports_causal: ClassVar[bool] = True
     #: Attention kinds this kernel serves; a model with another kind is refused at enable time.

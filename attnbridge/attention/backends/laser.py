@@ -73,6 +73,8 @@ def uses_laser_kernel(q, k, *, causal: bool, return_lse: bool, scale: float, con
 class LaserImplBase(AttentionImpl):
     """Steps 1-4 around :meth:`run_kernel`; the dense calls go to the platform's ``fa``."""
 
+    padding_fallback = "the Laser kernel takes no key lengths"
+
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._dense = make_impl("fa", self.platform)

@@ -2,8 +2,8 @@
 
 Where ``sageattention`` is missing, or the platform has no Sage kernel, ``fa`` serves with a logged
 warning (or an error with ``strict=True``). Calls the installed ``sageattn`` cannot take run ``fa``
-too, with the reason logged once: head sizes other than 64/96/128, causal attention with
-``S_q != S_kv`` and key padding. An LSE request (ring attention) is refused: ``sageattn`` returns
+too, with the reason logged once: head sizes other than 64/96/128 and causal attention with
+``S_q != S_kv``; key padding runs ``fa`` too, said when a model that can be padded is patched. An LSE request (ring attention) is refused: ``sageattn`` returns
 no LSE, and serving it from ``fa`` would make ``sage`` silently dense there. Its K
 smoothing (subtracting the keys' mean, which leaves the softmax unchanged) is done here out of
 place: ``sageattn`` does it in place on the caller's keys.
@@ -39,6 +39,7 @@ class SageImpl(AttentionImpl):
     description = "sageattention.sageattn (int8 QK, NHD)"
     supported_dtypes = HALF_DTYPES
     supports_lse = False
+    padding_fallback = "sageattn takes no key padding"
     install = (SAGE_INSTALL,)
     notes = (
         "calls sageattn cannot take (head size not 64/96/128, causal with S_q != S_kv, key padding) "
@@ -60,20 +61,19 @@ class SageImpl(AttentionImpl):
         self._dense.check_inputs(q, k, v, causal=causal, return_lse=return_lse)
         super().check_inputs(q, k, v, causal=causal, return_lse=return_lse)
 
-    def _refusal(self, q, k, causal, context) -> str | None:
+    def _refusal(self, q, k, causal) -> str | None:
         """Why ``sageattn`` cannot take this call, or None."""
         if q.shape[-1] not in SAGE_HEAD_SIZES:
             return f"head size {q.shape[-1]} (sageattn takes {SAGE_HEAD_SIZES})"
         if causal and q.shape[1] != k.shape[1]:
             return "causal attention with S_q != S_kv"
-        if context is not None and context.key_lengths is not None:
-            return "key padding"
         return None
 
     def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, context=None):
-        refusal = self._refusal(q, k, causal, context)
-        if refusal is not None:
-            if refusal not in self._logged:
+        refusal = self._refusal(q, k, causal)
+        padded = context is not None and context.key_lengths is not None  # said when enabled
+        if refusal is not None or padded:
+            if refusal is not None and refusal not in self._logged:
                 self._logged.add(refusal)
                 logger.warning("backend 'sage': %s runs dense 'fa'", refusal)
             return self._dense.forward(

@@ -138,5 +138,6 @@ def compose(selector: Selector, kernel: Kernel) -> type[SparseImpl]:
             "supported_head_sizes": kernel.supported_head_sizes,
             "install": kernel.install,
             "notes": kernel.notes,
+            "padding_fallback": None if kernel.key_padding else f"{kernel.name} takes no key lengths",
         },
     )

@@ -53,6 +53,27 @@ def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
+def valid_keys_per_block(key_lengths: torch.Tensor, seq: int, block_size: int) -> torch.Tensor:
+    """How many of each block's keys are valid (not padding), per sample: float32 ``[B, nb]``."""
+    starts = torch.arange(0, seq, block_size, device=key_lengths.device)
+    sizes = (seq - starts).clamp(max=block_size)
+    return (key_lengths[:, None] - starts[None, :]).clamp(min=0).minimum(sizes).float()
+
+
+def pool_keys(k: torch.Tensor, block_size: int, key_lengths: torch.Tensor | None) -> torch.Tensor:
+    """:func:`pool_blocks` over the valid keys only: what padded keys hold (junk, NaN) never reaches
+    a selection. A block with no valid key pools to zero (its score is masked anyway)."""
+    if key_lengths is None:
+        return pool_blocks(k, block_size)
+    seq = k.shape[1]
+    valid = torch.arange(seq, device=k.device)[None, :] < key_lengths[:, None]
+    sums = pool_blocks(torch.where(valid[..., None, None], k, 0), block_size)
+    starts = torch.arange(0, seq, block_size, device=k.device)
+    sizes = (seq - starts).clamp(max=block_size).float()
+    counts = valid_keys_per_block(key_lengths, seq, block_size)
+    return sums * (sizes / counts.clamp(min=1.0))[..., None, None]
+
+
 def pooled_scores(
     q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float, key_lengths: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -62,7 +83,7 @@ def pooled_scores(
     no selection spends its budget on padding.
     """
     q_bar = pool_blocks(q, block_size).transpose(1, 2)  # [B, Hq, nq, D]
-    k_bar = pool_blocks(k, block_size).transpose(1, 2)  # [B, Hkv, nk, D]
+    k_bar = pool_keys(k, block_size, key_lengths).transpose(1, 2)  # [B, Hkv, nk, D]
     groups = q.shape[2] // k.shape[2]
     if groups > 1:
         k_bar = k_bar.repeat_interleave(groups, dim=1)
@@ -118,16 +139,18 @@ def estimated_block_mass(
     nb, ns = math.ceil(seq / block_size), math.ceil(seq / sub)
     groups = q.shape[2] // k.shape[2]
 
-    def stats(x):
-        """Sub-block means [B, H, ns, D], their squared norms and per-dimension variances [B, H, ns]."""
-        mean = pool_blocks(x, sub).transpose(1, 2)
+    def stats(x, lengths=None):
+        """Sub-block means [B, H, ns, D], their squared norms and per-dimension variances [B, H, ns]
+        (of the valid tokens only, with ``lengths``)."""
+        mean = pool_keys(x, sub, lengths).transpose(1, 2)
         square = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square()[..., None]
-        mean_square = pool_blocks(square, sub).transpose(1, 2)[..., 0]
+        mean_square = pool_keys(square, sub, lengths).transpose(1, 2)[..., 0]
         norm = mean.square().sum(dim=-1)
         return mean, norm, ((mean_square - norm) / dim).clamp(min=0.0)
 
     q_bar, q_norm, q_var = stats(q)
-    k_bar, k_norm, k_var = (t.repeat_interleave(groups, dim=1) if groups > 1 else t for t in stats(k))
+    k_stats = stats(k, key_lengths)
+    k_bar, k_norm, k_var = (t.repeat_interleave(groups, dim=1) if groups > 1 else t for t in k_stats)
     logits = torch.matmul(q_bar, k_bar.transpose(-1, -2)) * scale  # [B, Hq, ns, ns]
     nan = logits.isnan()
     padded = nb * sub_blocks - ns
@@ -137,9 +160,8 @@ def estimated_block_mass(
     sizes[-1] = seq - sub * (ns - 1)
     log_sizes = sizes.log()
     key_bias = log_sizes.expand(batch, ns)
-    if key_lengths is not None:
-        starts = torch.arange(ns, device=q.device) * sub
-        key_bias = key_bias.masked_fill(starts[None, :] >= key_lengths[:, None], float("-inf"))
+    if key_lengths is not None:  # each key sub-block weighs its valid keys; one with none, nothing
+        key_bias = valid_keys_per_block(key_lengths, seq, sub).log()
     results = []
     for temperature, spread in estimates:
         z = logits * temperature
