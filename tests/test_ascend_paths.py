@@ -80,6 +80,20 @@ def test_fa_on_npu_refuses_a_model_whose_head_size_fia_does_not_take_at_enable(f
     assert model.config._attn_implementation != "attnbridge_fa"
 
 
+@pytest.mark.parametrize(
+    ("heads", "head_dim", "message"),
+    [
+        (272, 16, "272 query heads; FIA takes at most 256"),
+        (128, 512, "128 query heads x head size 512 must stay below 65535 in the BSND layout"),
+    ],
+)
+def test_fa_on_npu_refuses_head_counts_fia_does_not_take(fake_npu, heads, head_dim, message):
+    q, k, v = _qkv(1, 4, 4, heads, heads, head_dim)
+    with pytest.raises(ValueError, match=message):
+        attend(q, k, v, backend="fa", platform="npu")
+    assert fake_npu.calls == []
+
+
 def test_fa_on_npu_refuses_128_query_heads_per_key_value_head(fake_npu):
     q, k, v = _qkv(1, 8, 8, 128, 1, 16)
     with pytest.raises(ValueError, match="128 query heads per 1 key/value heads is a ratio above 64"):

@@ -189,17 +189,28 @@ class AtenFAImpl(AttentionImpl):
 FIA_HEAD_ALIGN = 16
 FIA_MAX_HEAD_DIM = 512
 FIA_MAX_HEAD_RATIO = 64
+FIA_MAX_HEADS = 256
+#: BSND (and BSH) only: query heads x head size must stay below this.
+FIA_BSND_WIDTH_LIMIT = 65535
 FIA_HEAD_SIZES = tuple(range(FIA_HEAD_ALIGN, FIA_MAX_HEAD_DIM + 1, FIA_HEAD_ALIGN))
 
 
-def check_fia_limits(backend: str, q: torch.Tensor, k: torch.Tensor) -> None:
-    """FIA's head-size and head-ratio limits, as a ValueError naming the limit."""
+def check_fia_limits(backend: str, q: torch.Tensor, k: torch.Tensor, layout: str = "BSND") -> None:
+    """FIA's head-size, head-count and head-ratio limits (q, k as BSND), as a ValueError naming the
+    limit."""
     where = f"backend {backend!r} on Ascend (npu_fused_infer_attention_score)"
     head_dim = q.shape[-1]
     if head_dim % FIA_HEAD_ALIGN or head_dim > FIA_MAX_HEAD_DIM:
         raise ValueError(
             f"{where}: head size {head_dim} must be a multiple of {FIA_HEAD_ALIGN} and at most "
             f"{FIA_MAX_HEAD_DIM}"
+        )
+    if q.shape[2] > FIA_MAX_HEADS:
+        raise ValueError(f"{where}: {q.shape[2]} query heads; FIA takes at most {FIA_MAX_HEADS}")
+    if layout == "BSND" and q.shape[2] * head_dim >= FIA_BSND_WIDTH_LIMIT:
+        raise ValueError(
+            f"{where}: {q.shape[2]} query heads x head size {head_dim} must stay below "
+            f"{FIA_BSND_WIDTH_LIMIT} in the BSND layout"
         )
     if q.shape[2] // k.shape[2] > FIA_MAX_HEAD_RATIO:
         raise ValueError(

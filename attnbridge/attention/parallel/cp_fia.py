@@ -64,7 +64,7 @@ def zigzag_cp_attention(
                 "each sequence runs BSND causal FIA"
             )
         if refusal is None:
-            check_fia_limits("fa", q_half[None], k[None])  # TND [T, H, D] as a batch of one
+            check_fia_limits("fa", q_half[None], k[None], layout="TND")  # TND [T, H, D] as a batch of one
             kv_rows = meta.index_tensor(kv_key, k.device)
             k_half, v_half = k.index_select(0, kv_rows), v.index_select(0, kv_rows)
             outs.append(_npu_fia_half(q_half, k_half, v_half, q_lens, kv_lens, scale))
