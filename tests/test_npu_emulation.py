@@ -57,18 +57,6 @@ def _qkv(b, s_q, s_kv, h, h_kv, d, dtype=torch.float32):
     )
 
 
-def _to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """BSHD -> layout (the test's own conversion, independent of the emulation's)."""
-    if layout == "BNSD":
-        return x.permute(0, 2, 1, 3).contiguous()
-    assert layout == "BSND"
-    return x.contiguous()
-
-
-def _from_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    return x.permute(0, 2, 1, 3) if layout == "BNSD" else x
-
-
 def _bnsd(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous()
 
@@ -166,27 +154,26 @@ def test_rel_l2_measures_relative_error():
 # npu_fused_infer_attention_score
 
 
-@pytest.mark.parametrize("layout", ["BSND", "BNSD"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_fia_matches_reference(npu, layout, causal, shape):
+def test_fia_matches_reference(npu, causal, shape):
     b, s_q, s_kv, h, h_kv, d = shape
     q, k, v = _qkv(*shape)
     extra = {"atten_mask": CAUSAL_2048, "sparse_mode": 3} if causal else {}
     out, lse = npu.npu_fused_infer_attention_score(
-        _to_layout(q, layout),
-        _to_layout(k, layout),
-        _to_layout(v, layout),
+        q,
+        k,
+        v,
         num_heads=h,
         num_key_value_heads=h_kv,
-        input_layout=layout,
+        input_layout="BSND",
         scale=0.3,
         softmax_lse_flag=True,
         **extra,
     )
     want_out, want_lse = dense_reference(q, k, v, causal=causal, scale=0.3)
-    assert out.shape == _to_layout(q, layout).shape and out.dtype == torch.float32
-    assert rel_l2(_from_layout(out, layout), want_out) < FP32_TOL
+    assert out.shape == q.shape and out.dtype == torch.float32
+    assert rel_l2(out, want_out) < FP32_TOL
     assert lse.shape == (b, h, s_q, 1) and lse.dtype == torch.float32
     _assert_lse(lse[..., 0], want_lse)
 
@@ -214,9 +201,10 @@ def test_fia_bfloat16_within_tolerance():
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_fia_tnd_uneven_cumulative_lengths(npu, causal):
+    """Causal as the CP prefill calls it: sparse_mode 3 with next_tokens=0, which FIA ignores there."""
     q_lens, kv_lens, h, h_kv, d = [5, 17, 9], [7, 17, 12], 4, 2, 16
     seqs, (q, k, v) = _packed(q_lens, kv_lens, h, h_kv, d)
-    extra = {"atten_mask": CAUSAL_2048, "sparse_mode": 3} if causal else {}
+    extra = {"atten_mask": CAUSAL_2048, "sparse_mode": 3, "next_tokens": 0} if causal else {}
     out, lse = npu.npu_fused_infer_attention_score(
         q,
         k,
@@ -368,6 +356,7 @@ def _fia_bad_calls():
             },
             "TND",
         ),
+        "sparse_mode 5": ((q, k, v), {**fia, "sparse_mode": 5}, "sparse_mode 5 is not supported"),
         "sparse_mode 3 without mask": ((q, k, v), {**fia, "sparse_mode": 3}, "compressed atten_mask"),
         "sparse_mode 3 small mask": (
             (q, k, v),
@@ -467,37 +456,82 @@ def test_fia_strict_docs_follow_the_fixture(fake_npu):
     fake_npu.npu_fused_infer_attention_score(q, k, v, num_heads=2, input_layout="BSND")
 
 
-def test_fia_refuses_what_it_does_not_emulate(npu):
+def _fia_not_emulated_calls():
+    """(args, kwargs, message) per input FIA documents and attnbridge never passes."""
     q, k, v = _qkv(2, 3, 128, 2, 2, 16)
-    with pytest.raises(NotImplementedError, match="block_table is not emulated"):
-        npu.npu_fused_infer_attention_score(
-            q, k, v, num_heads=2, input_layout="BSND", block_table=torch.zeros(2, 1, dtype=torch.int32)
-        )
-    with pytest.raises(NotImplementedError, match="block_size=128 is not emulated"):
-        npu.npu_fused_infer_attention_score(q, k, v, num_heads=2, input_layout="BSND", block_size=128)
-    with pytest.raises(NotImplementedError, match="input_layout 'BSH' is not emulated"):
-        npu.npu_fused_infer_attention_score(
-            q.flatten(2), k.flatten(2), v.flatten(2), num_heads=2, input_layout="BSH"
-        )
+    fia = {"num_heads": 2, "input_layout": "BSND"}
+    full_mask = torch.zeros(3, 128, dtype=torch.bool)
+    return {
+        "paged KV": (
+            (q, k, v),
+            {**fia, "block_table": torch.zeros(2, 1, dtype=torch.int32)},
+            "block_table is not emulated",
+        ),
+        "block_size": ((q, k, v), {**fia, "block_size": 128}, "block_size=128 is not emulated"),
+        "BSH": (
+            (q.flatten(2), k.flatten(2), v.flatten(2)),
+            {**fia, "input_layout": "BSH"},
+            "input_layout 'BSH' is not emulated",
+        ),
+        "BNSD": (
+            (_bnsd(q), _bnsd(k), _bnsd(v)),
+            {**fia, "input_layout": "BNSD"},
+            "input_layout 'BNSD' is not emulated",
+        ),
+        "sparse_mode 1": (
+            (q, k, v),
+            {**fia, "sparse_mode": 1, "atten_mask": full_mask},
+            "sparse_mode 1 is not emulated",
+        ),
+        "sparse_mode 2": (
+            (q, k, v),
+            {**fia, "sparse_mode": 2, "atten_mask": CAUSAL_2048},
+            "sparse_mode 2 is not emulated",
+        ),
+        "sparse_mode 4": (
+            (q, k, v),
+            {**fia, "sparse_mode": 4, "atten_mask": CAUSAL_2048},
+            "sparse_mode 4 is not emulated",
+        ),
+        "sparse_mode 0 pre_tokens band": (
+            (q, k, v),
+            {**fia, "atten_mask": full_mask, "pre_tokens": 0},
+            "pre_tokens=0 is not emulated",
+        ),
+        "sparse_mode 0 next_tokens band": (
+            (q, k, v),
+            {**fia, "next_tokens": 0},
+            "next_tokens=0 is not emulated",
+        ),
+    }
+
+
+_FIA_NOT_EMULATED = _fia_not_emulated_calls()
+
+
+@pytest.mark.parametrize("case", list(_FIA_NOT_EMULATED), ids=list(_FIA_NOT_EMULATED))
+def test_fia_refuses_what_it_does_not_emulate(npu, case):
+    args, kwargs, message = _FIA_NOT_EMULATED[case]
+    with pytest.raises(NotImplementedError, match=message):
+        npu.npu_fused_infer_attention_score(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
 # npu_fusion_attention
 
 
-@pytest.mark.parametrize("layout", ["BSND", "BNSD"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_fusion_attention_matches_reference(npu, layout, causal, shape):
+def test_fusion_attention_matches_reference(npu, causal, shape):
     b, s_q, s_kv, h, h_kv, d = shape
     q, k, v = _qkv(*shape)
     extra = {"atten_mask": CAUSAL_2048, "sparse_mode": 3} if causal else {}
     out, softmax_max, softmax_sum, softmax_in, seed, offset, numels = npu.npu_fusion_attention(
-        _to_layout(q, layout), _to_layout(k, layout), _to_layout(v, layout), h, layout, scale=0.3, **extra
+        q, k, v, h, "BSND", scale=0.3, **extra
     )
     want_out, want_lse = dense_reference(q, k, v, causal=causal, scale=0.3)
-    assert out.shape == _to_layout(q, layout).shape and out.dtype == torch.float32
-    assert rel_l2(_from_layout(out, layout), want_out) < FP32_TOL
+    assert out.shape == q.shape and out.dtype == torch.float32
+    assert rel_l2(out, want_out) < FP32_TOL
     for stat in (softmax_max, softmax_sum):
         assert stat.shape == (b, h, s_q, 8) and stat.dtype == torch.float32
         assert torch.equal(stat, stat[..., :1].expand_as(stat))  # one value replicated 8 times
@@ -530,17 +564,10 @@ def test_fusion_attention_sparse_mode_0_applies_the_mask_as_given(npu, mask_shap
     assert rel_l2(out, dense_reference(q, k, v, scale=0.5, kv_lengths=kv_lengths)[0]) < FP32_TOL
 
 
-def test_fusion_attention_sparse_mode_0_band_from_pre_and_next_tokens(npu):
-    q, k, v = _qkv(1, 8, 8, 2, 2, 8)
-    no_mask = torch.zeros(8, 8, dtype=torch.bool)
-    out = npu.npu_fusion_attention(q, k, v, 2, "BSND", atten_mask=no_mask, scale=0.5, next_tockens=0)[0]
-    assert rel_l2(out, dense_reference(q, k, v, causal=True, scale=0.5)[0]) < FP32_TOL
-
-
 def test_fusion_attention_without_mask_ignores_sparse_mode(npu):
-    """Documented: with atten_mask None, sparse_mode and pre/next_tockens have no effect."""
+    """Documented: with atten_mask None, sparse_mode has no effect."""
     q, k, v = _qkv(1, 8, 8, 2, 2, 8)
-    out = npu.npu_fusion_attention(q, k, v, 2, "BSND", scale=0.5, sparse_mode=3, next_tockens=0)[0]
+    out = npu.npu_fusion_attention(q, k, v, 2, "BSND", scale=0.5, sparse_mode=3)[0]
     assert rel_l2(out, dense_reference(q, k, v, causal=False, scale=0.5)[0]) < FP32_TOL
 
 
@@ -556,6 +583,7 @@ def _fusion_bad_calls():
             "only used with input_layout TND",
         ),
         "softmax_layout TND with BSND": ((q, k, v, 4, "BSND"), {"softmax_layout": "TND"}, "softmax_layout"),
+        "sparse_mode 9": ((q, k, v, 4, "BSND"), {"sparse_mode": 9}, "sparse_mode 9 is not supported"),
         "sparse_mode 3 small mask": (
             (q, k, v, 4, "BSND"),
             {"sparse_mode": 3, "atten_mask": torch.triu(torch.ones(6, 6, dtype=torch.bool), 1)},
@@ -587,15 +615,52 @@ def test_fusion_attention_dropout_is_not_silently_ignored(npu):
         npu.npu_fusion_attention(q, k, v, 2, "BSND", keep_prob=0.9)
 
 
-@pytest.mark.parametrize("layout", ["TND", "BSH", "SBH"])
-def test_fusion_attention_refuses_layouts_it_does_not_emulate(npu, layout):
+def _fusion_not_emulated_calls():
+    """(args, kwargs, message) per input fusion attention documents and attnbridge never passes."""
     q, k, v = _qkv(1, 4, 4, 2, 2, 8)
-    if layout == "TND":
-        args, kwargs = (q[0], k[0], v[0]), {"actual_seq_qlen": [4], "actual_seq_kvlen": [4]}
-    else:
-        args, kwargs = (q.flatten(2), k.flatten(2), v.flatten(2)), {}
-    with pytest.raises(NotImplementedError, match=f"input_layout '{layout}' is not emulated"):
-        npu.npu_fusion_attention(*args, 2, layout, **kwargs)
+    bsnd = (q, k, v, 2, "BSND")
+    full_mask = torch.zeros(4, 4, dtype=torch.bool)
+    flat = (q.flatten(2), k.flatten(2), v.flatten(2), 2)
+    cases = {
+        "TND": (
+            (q[0], k[0], v[0], 2, "TND"),
+            {"actual_seq_qlen": [4], "actual_seq_kvlen": [4]},
+            "input_layout 'TND' is not emulated",
+        ),
+        "BSH": ((*flat, "BSH"), {}, "input_layout 'BSH' is not emulated"),
+        "SBH": ((*flat, "SBH"), {}, "input_layout 'SBH' is not emulated"),
+        "BNSD": ((_bnsd(q), _bnsd(k), _bnsd(v), 2, "BNSD"), {}, "input_layout 'BNSD' is not emulated"),
+        "sparse_mode 1": (bsnd, {"sparse_mode": 1, "atten_mask": full_mask}, "sparse_mode 1 is not emulated"),
+        "sparse_mode 2": (
+            bsnd,
+            {"sparse_mode": 2, "atten_mask": CAUSAL_2048},
+            "sparse_mode 2 is not emulated",
+        ),
+        "pre_tockens band": (
+            bsnd,
+            {"atten_mask": full_mask, "pre_tockens": 0},
+            "pre_tockens=0 is not emulated",
+        ),
+        "next_tockens band": (
+            bsnd,
+            {"atten_mask": full_mask, "next_tockens": 0},
+            "next_tockens=0 is not emulated",
+        ),
+        "next_tockens without mask": (bsnd, {"next_tockens": 0}, "next_tockens=0 is not emulated"),
+    }
+    for mode in range(4, 9):
+        cases[f"sparse_mode {mode}"] = (bsnd, {"sparse_mode": mode}, f"sparse_mode {mode} is not emulated")
+    return cases
+
+
+_FUSION_NOT_EMULATED = _fusion_not_emulated_calls()
+
+
+@pytest.mark.parametrize("case", list(_FUSION_NOT_EMULATED), ids=list(_FUSION_NOT_EMULATED))
+def test_fusion_attention_refuses_what_it_does_not_emulate(npu, case):
+    args, kwargs, message = _FUSION_NOT_EMULATED[case]
+    with pytest.raises(NotImplementedError, match=message):
+        npu.npu_fusion_attention(*args, **kwargs)
 
 
 def test_fusion_attention_takes_the_torch_npu_2_14_arguments(npu):

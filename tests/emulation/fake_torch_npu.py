@@ -3,9 +3,19 @@
 It follows the documented semantics of ``torch_npu.npu_fused_infer_attention_score`` (FIA) and
 ``torch_npu.npu_fusion_attention``, computes in float64, and rejects what the real op rejects that a
 caller could get wrong (layout strings, head counts, mask shapes, TND length lists), so plumbing bugs
-fail on CPU rather than on an Ascend box. It emulates only what attnbridge calls: FIA in BSND/BNSD
-and TND, fusion attention in BSND/BNSD, contiguous (unpaged) K/V. Any other documented input raises
-``NotImplementedError`` ("... is not emulated") instead of computing something.
+fail on CPU rather than on an Ascend box. It emulates only what attnbridge calls, on contiguous
+(unpaged) K/V:
+
+* FIA in BSND and TND, ``sparse_mode`` 0 (no mask, or a full mask in BSND) with the default
+  ``pre_tokens`` / ``next_tokens``, or ``sparse_mode`` 3 (compressed causal mask);
+* fusion attention in BSND, ``sparse_mode`` 0 (no mask, or a full mask) or 3 (compressed causal
+  mask), with the default ``pre_tockens`` / ``next_tockens``.
+
+Any other documented input raises ``NotImplementedError`` ("... is not emulated") instead of
+computing something: the other layouts (BNSD included), FIA ``sparse_mode`` 1/2/4, fusion
+``sparse_mode`` 1/2/4-8, a token band (non-default ``pre_tokens`` / ``next_tokens`` with FIA
+``sparse_mode`` 0, any non-default ``pre_tockens`` / ``next_tockens`` of fusion attention), paging,
+quantization, ``pse``, dropout.
 
 Sources. "docs l.N" is a line of ``torch_npu/_op_plugin_docs.py`` in the torch-npu 2.14.0 wheel (FIA
 docstring from l.8053, ``_v2`` from l.8577, fusion attention from l.1592); "yaml:N" is a line of
@@ -14,11 +24,10 @@ docstring from l.8053, ``_v2`` from l.8577, fusion attention from l.1592); "yaml
 * Schemas: yaml:349 (FIA), yaml:404 (fusion, ending ``softmax_layout, sink, dropout_mask, seed,
   offset``).
 * ``atten_mask``: True / 1 means *masked out* (docs l.1610; vllm-ascend ``attention_mask.py:53``
-  builds FIA's mask the same way). ``sparse_mode`` 2/3 take the 2048 x 2048 compressed
-  upper-triangular mask; 3 is causal aligned to the bottom right of each sequence ("rightDownCausal",
-  docs l.8121 for FIA, l.1610ff for fusion), 2 to the top left; FIA ignores ``pre_tokens`` /
-  ``next_tokens`` with sparse_mode 1/2/3 (docs l.8215); sparse_mode has no effect when Q_S == 1
-  ("Q_S为1且不带rope输入时该参数无效", docs l.8121ff).
+  builds FIA's mask the same way). ``sparse_mode`` 3 takes the 2048 x 2048 compressed
+  upper-triangular mask and is causal aligned to the bottom right of each sequence
+  ("rightDownCausal", docs l.8121 for FIA, l.1610ff for fusion); FIA ignores ``pre_tokens`` /
+  ``next_tokens`` with sparse_mode 3 (docs l.8215), so attnbridge's ``next_tokens=0`` there is taken.
 * FIA TND: ``actual_seq_lengths`` are cumulative end offsets ("当前Batch与之前所有Batch的seqlen和"),
   and so is ``actual_seq_lengths_kv`` without paging (docs l.8275; vllm-ascend
   ``attention_v1.py:2111,2121``); each must be non-decreasing ("后一个元素的值必须大于等于前一个元素的值").
@@ -35,8 +44,8 @@ docstring from l.8053, ``_v2`` from l.8577, fusion attention from l.1592); "yaml
   ``attention_cp.py:580-584`` passes equal q/kv lengths with sparse_mode 3): neither is enforced.
 * Fusion attention: float16/bfloat16/float32; GQA when the head counts are proportional (docs
   l.1592ff); returns ``(out, softmax_max, softmax_sum, softmax_in, seed, offset, numels)`` with
-  max/sum float32 ``[B, N, S, 8]`` (one value replicated 8 times); without a mask, sparse_mode and
-  ``pre_tockens``/``next_tockens`` are ignored and the attention is full (docs l.1689).
+  max/sum float32 ``[B, N, S, 8]`` (one value replicated 8 times); without a mask, sparse_mode is
+  ignored and the attention is full (docs l.1689).
 
 Not documented, chosen here: a query row that sees no key (or lies past its actual length) gives
 ``out = 0``, ``lse = -inf``, ``softmax_max = -inf``, ``softmax_sum = 0``.
@@ -64,9 +73,11 @@ FUSION_OP = "npu_fusion_attention"
 #: Layouts each op documents (``input_layout`` in docs l.8053ff and l.1592ff), and the subset the
 #: fake computes (the rest raise "not emulated").
 FIA_LAYOUTS = ("BSH", "BSND", "BNSD", "TND", "BNSD_BSND", "NTD_TND", "TND_NTD")
-FIA_EMULATED_LAYOUTS = ("BSND", "BNSD", "TND")
+FIA_EMULATED_LAYOUTS = ("BSND", "TND")
 FUSION_LAYOUTS = ("BSH", "SBH", "BSND", "BNSD", "TND")
-FUSION_EMULATED_LAYOUTS = ("BSND", "BNSD")
+FUSION_EMULATED_LAYOUTS = ("BSND",)
+#: ``sparse_mode`` values the fake computes (both ops): 0, and 3 (compressed bottom-right causal).
+EMULATED_SPARSE_MODES = (0, 3)
 HALF = (torch.float16, torch.bfloat16)
 FUSION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SPARSE_MODULE = "tests.emulation.fake_torch_npu_sparse"
@@ -139,15 +150,9 @@ def _attend_segment(seg: _Segment, scale: float) -> _SegmentResult:
     return _SegmentResult(out, lse, row_max, row_sum)
 
 
-def _band(s_q: int, s_kv: int, pre: int, nxt: int) -> torch.Tensor:
-    """Top-left-origin band: query ``i`` sees key ``j`` iff ``-pre <= j - i <= next``."""
-    diff = torch.arange(s_kv)[None, :] - torch.arange(s_q)[:, None]
-    return (diff <= nxt) & (diff >= -pre)
-
-
-def _causal(s_q: int, s_kv: int, *, bottom_right: bool) -> torch.Tensor:
-    offset = s_kv - s_q if bottom_right else 0
-    return torch.arange(s_kv)[None, :] <= torch.arange(s_q)[:, None] + offset
+def _bottom_right_causal(s_q: int, s_kv: int) -> torch.Tensor:
+    """``sparse_mode`` 3: query ``i`` sees key ``j`` iff ``j <= i + S_kv - S_q``."""
+    return torch.arange(s_kv)[None, :] <= torch.arange(s_q)[:, None] + (s_kv - s_q)
 
 
 @functools.lru_cache(maxsize=1)
@@ -157,7 +162,7 @@ def _compressed_mask() -> torch.Tensor:
 
 
 def _check_compressed_mask(op: str, mask: torch.Tensor | None, sparse_mode: int) -> None:
-    """sparse_mode 2/3/4 take the fixed 2048 x 2048 upper-triangular mask, True = masked (docs l.8121,
+    """sparse_mode 3 takes the fixed 2048 x 2048 upper-triangular mask, True = masked (docs l.8121,
     l.1610ff)."""
     size = COMPRESSED_MASK_SIZE
     if mask is None:
@@ -237,13 +242,13 @@ def _check_layout(op: str, layout: str, documented: tuple[str, ...], emulated: t
         )
 
 
-def _to_bsnd(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """BSND / BNSD -> ``[B, S, N, D]``."""
-    return x.transpose(1, 2) if layout == "BNSD" else x
-
-
-def _from_bsnd(x: torch.Tensor, layout: str) -> torch.Tensor:
-    return (x.transpose(1, 2) if layout == "BNSD" else x).contiguous()
+def _check_sparse_mode(op: str, sparse_mode, documented: range) -> None:
+    if sparse_mode not in documented:
+        raise RuntimeError(
+            f"{op}: sparse_mode {sparse_mode} is not supported ({documented.start}..{documented.stop - 1} are)"
+        )
+    if sparse_mode not in EMULATED_SPARSE_MODES:
+        raise NotImplementedError(f"fake {op}: sparse_mode {sparse_mode} is not emulated (only 0 and 3)")
 
 
 def _check_qkv_basics(op: str, query, key, value, layout: str) -> None:
@@ -295,7 +300,7 @@ def _fia_batch_lengths(name: str, values: list[int] | None, batch: int, limit: i
 
 
 def _fia_user_mask(mask: torch.Tensor, batch: int, s_q: int) -> Callable[[int], torch.Tensor]:
-    """``sparse_mode`` 0/1 mask: returns ``b -> bool [S_q', S_kv']`` (True = masked). Shapes may be
+    """``sparse_mode`` 0 mask: returns ``b -> bool [S_q', S_kv']`` (True = masked). Shapes may be
     padded up (the docs allow rounding S up to 16/32), so callers slice."""
     _check_mask_dtype(FIA_OP, mask, (torch.bool, torch.int8, torch.uint8))
     m = mask.to(torch.bool)
@@ -313,25 +318,16 @@ def _fia_user_mask(mask: torch.Tensor, batch: int, s_q: int) -> Callable[[int], 
     )
 
 
-def _fia_visible(
-    sparse_mode: int, user_mask, s_q: int, s_kv: int, pre_tokens: int, next_tokens: int
-) -> torch.Tensor:
-    if s_q == 1 and sparse_mode in (2, 3, 4):
-        return torch.ones(1, s_kv, dtype=torch.bool)  # sparse_mode has no effect when Q_S == 1
-    if sparse_mode == 2:
-        return _causal(s_q, s_kv, bottom_right=False)
+def _fia_visible(sparse_mode: int, user_mask, s_q: int, s_kv: int) -> torch.Tensor:
     if sparse_mode == 3:
-        return _causal(s_q, s_kv, bottom_right=True)
+        return _bottom_right_causal(s_q, s_kv)
     if user_mask is None:
         return torch.ones(s_q, s_kv, dtype=torch.bool)
     if user_mask.shape[-2] < s_q or user_mask.shape[-1] < s_kv:
         raise RuntimeError(
             f"{FIA_OP}: atten_mask covers {tuple(user_mask.shape[-2:])} but the sequence needs ({s_q}, {s_kv})"
         )
-    visible = ~user_mask[:s_q, :s_kv]
-    if sparse_mode == 0 and s_q > 1:
-        visible = visible & _band(s_q, s_kv, pre_tokens, next_tokens)
-    return visible
+    return ~user_mask[:s_q, :s_kv]
 
 
 def _check_fia_documented_limits(
@@ -451,15 +447,14 @@ def npu_fused_infer_attention_score(
         raise RuntimeError(f"{op}: num_heads must be a positive int; got {num_heads!r}")
     kv_heads = num_key_value_heads or num_heads
     _check_heads(op, num_heads, kv_heads, max_group=64)
-    if sparse_mode not in (0, 1, 2, 3, 4):
-        raise RuntimeError(f"{op}: sparse_mode {sparse_mode} is not supported (0, 1, 2, 3, 4 are)")
-    if sparse_mode == 4:
-        raise NotImplementedError(f"fake {op}: sparse_mode 4 (band) is not emulated")
+    _check_sparse_mode(op, sparse_mode, range(5))
+    if sparse_mode == 0:  # sparse_mode 3 ignores them (docs l.8215)
+        _require_default(op, pre_tokens=(pre_tokens, INT_MAX), next_tokens=(next_tokens, INT_MAX))
     if inner_precise not in (0, 1, 2, 3):
         raise RuntimeError(f"{op}: inner_precise must be 0, 1, 2 or 3; got {inner_precise}")
 
     # Head counts the layout carries must agree with num_heads / num_key_value_heads.
-    head_axis = {"BSND": 2, "BNSD": 1, "TND": 1}[layout]
+    head_axis = 2 if layout == "BSND" else 1
     if query.shape[head_axis] != num_heads:
         raise RuntimeError(
             f"{op}: num_heads={num_heads} but query has {query.shape[head_axis]} heads (layout {layout})"
@@ -480,16 +475,14 @@ def npu_fused_infer_attention_score(
     kv_lens_arg = _int_list(op, "actual_seq_lengths_kv", actual_seq_lengths_kv)
 
     user_mask = None
-    if sparse_mode in (2, 3, 4):
+    if sparse_mode == 3:
         _check_compressed_mask(op, atten_mask, sparse_mode)
     elif atten_mask is not None:
         if layout == "TND":
             raise RuntimeError(
                 f"{op}: with input_layout TND only sparse_mode=0 without a mask or sparse_mode=3"
             )
-        user_mask = _fia_user_mask(atten_mask, query.shape[0], query.shape[1 if layout == "BSND" else 2])
-    elif sparse_mode == 1:
-        raise RuntimeError(f"{op}: sparse_mode=1 needs the full atten_mask")
+        user_mask = _fia_user_mask(atten_mask, query.shape[0], query.shape[1])
 
     # Split into sequences.
     if layout == "TND":
@@ -505,21 +498,20 @@ def npu_fused_infer_attention_score(
         q_parts = list(query.split(q_lens))
         k_parts, v_parts = list(key.split(kv_lens)), list(value.split(kv_lens))
     else:
-        q4, k4, v4 = (_to_bsnd(t, layout) for t in (query, key, value))
-        batch, s_q = q4.shape[0], q4.shape[1]
-        if k4.shape[0] != batch:
-            raise RuntimeError(f"{op}: query batch {batch} and key batch {k4.shape[0]} differ")
+        batch, s_q = query.shape[0], query.shape[1]
+        if key.shape[0] != batch:
+            raise RuntimeError(f"{op}: query batch {batch} and key batch {key.shape[0]} differ")
         q_lens = _fia_batch_lengths("actual_seq_lengths", q_lens_arg, batch, s_q)
-        kv_lens = _fia_batch_lengths("actual_seq_lengths_kv", kv_lens_arg, batch, k4.shape[1])
-        q_parts = [q4[b, :n] for b, n in enumerate(q_lens)]
-        k_parts = [k4[b, :n] for b, n in enumerate(kv_lens)]
-        v_parts = [v4[b, :n] for b, n in enumerate(kv_lens)]
+        kv_lens = _fia_batch_lengths("actual_seq_lengths_kv", kv_lens_arg, batch, key.shape[1])
+        q_parts = [query[b, :n] for b, n in enumerate(q_lens)]
+        k_parts = [key[b, :n] for b, n in enumerate(kv_lens)]
+        v_parts = [value[b, :n] for b, n in enumerate(kv_lens)]
     _check_fia_documented_limits(layout, query, key, num_heads, q_lens, kv_lens, sparse_mode)
 
     results = []
     for b, (qp, kp, vp) in enumerate(zip(q_parts, k_parts, v_parts)):
         mask_b = user_mask(b) if user_mask is not None else None
-        visible = _fia_visible(sparse_mode, mask_b, qp.shape[0], kp.shape[0], pre_tokens, next_tokens)
+        visible = _fia_visible(sparse_mode, mask_b, qp.shape[0], kp.shape[0])
         results.append(
             _attend_segment(_Segment(qp.double(), kp.double(), vp.double(), visible), float(scale))
         )
@@ -533,7 +525,6 @@ def npu_fused_infer_attention_score(
         for b, (n, r) in enumerate(zip(q_lens, results)):
             out[b, :n] = r.out
             lse[b, :, :n] = r.lse
-        out = _from_bsnd(out, layout)
         lse = lse[..., None]
     out = out.to(dtype=query.dtype, device=query.device)
     if not softmax_lse_flag:
@@ -546,7 +537,7 @@ def npu_fused_infer_attention_score(
 
 
 def _fusion_user_mask(mask: torch.Tensor, batch: int, heads: int, s_q: int, s_kv: int):
-    """``sparse_mode`` 0/1 mask, bool or uint8 (docs l.1610): ``(b, head) -> bool [S_q, S_kv]``
+    """``sparse_mode`` 0 mask, bool or uint8 (docs l.1610): ``(b, head) -> bool [S_q, S_kv]``
     (True = masked)."""
     _check_mask_dtype(FUSION_OP, mask, (torch.bool, torch.uint8))
     m = mask.to(torch.bool)
@@ -559,17 +550,6 @@ def _fusion_user_mask(mask: torch.Tensor, batch: int, heads: int, s_q: int, s_kv
         f"{FUSION_OP}: atten_mask shape {tuple(mask.shape)} does not fit; allowed: (S_q, S_kv), "
         f"(B|1, N|1, S_q, S_kv) with S_q={s_q}, S_kv={s_kv}"
     )
-
-
-def _fusion_visible(sparse_mode: int, user_mask, s_q: int, s_kv: int, pre: int, nxt: int) -> torch.Tensor:
-    if sparse_mode == 2:
-        return _causal(s_q, s_kv, bottom_right=False)
-    if sparse_mode == 3:
-        return _causal(s_q, s_kv, bottom_right=True)
-    visible = ~user_mask[:s_q, :s_kv]
-    if sparse_mode == 0:
-        visible = visible & _band(s_q, s_kv, pre, nxt)
-    return visible
 
 
 def npu_fusion_attention(
@@ -604,7 +584,13 @@ def npu_fusion_attention(
     _require_unset(
         op, pse=pse, padding_mask=padding_mask, prefix=prefix, sink=sink, dropout_mask=dropout_mask
     )
-    _require_default(op, seed=(seed, 0), offset=(offset, 0))
+    _require_default(
+        op,
+        pre_tockens=(pre_tockens, INT_MAX),
+        next_tockens=(next_tockens, INT_MAX),
+        seed=(seed, 0),
+        offset=(offset, 0),
+    )
     layout = input_layout
     _check_layout(op, layout, FUSION_LAYOUTS, FUSION_EMULATED_LAYOUTS)
     _check_qkv_basics(op, query, key, value, layout)
@@ -615,10 +601,7 @@ def npu_fusion_attention(
         raise NotImplementedError(f"fake {op}: dropout (keep_prob < 1) is not emulated")
     if not isinstance(head_num, int) or head_num < 1:
         raise RuntimeError(f"{op}: head_num must be a positive int; got {head_num!r}")
-    if sparse_mode not in range(9):
-        raise RuntimeError(f"{op}: sparse_mode {sparse_mode} is not supported (0..8 are)")
-    if sparse_mode >= 4 and atten_mask is not None:
-        raise NotImplementedError(f"fake {op}: sparse_mode {sparse_mode} is not emulated")
+    _check_sparse_mode(op, sparse_mode, range(9))
     if softmax_layout != "":
         raise RuntimeError(f"{op}: softmax_layout {softmax_layout!r} is only valid as 'TND' with TND input")
     if key.shape[:-1] != value.shape[:-1]:
@@ -628,18 +611,14 @@ def npu_fusion_attention(
     if actual_seq_qlen is not None or actual_seq_kvlen is not None:
         raise RuntimeError(f"{op}: actual_seq_qlen/actual_seq_kvlen are only used with input_layout TND")
 
-    head_axis = 2 if layout == "BSND" else 1
-    if query.shape[head_axis] != head_num:
-        raise RuntimeError(
-            f"{op}: head_num={head_num} but query has {query.shape[head_axis]} heads ({layout})"
-        )
-    _check_heads(op, head_num, key.shape[head_axis])
-    q4, k4, v4 = (_to_bsnd(t, layout) for t in (query, key, value))
-    if q4.shape[0] != k4.shape[0]:
-        raise RuntimeError(f"{op}: query batch {q4.shape[0]} and key batch {k4.shape[0]} differ")
-    if q4.shape[-1] != k4.shape[-1] or k4.shape[-1] < v4.shape[-1]:
+    if query.shape[2] != head_num:
+        raise RuntimeError(f"{op}: head_num={head_num} but query has {query.shape[2]} heads ({layout})")
+    _check_heads(op, head_num, key.shape[2])
+    if query.shape[0] != key.shape[0]:
+        raise RuntimeError(f"{op}: query batch {query.shape[0]} and key batch {key.shape[0]} differ")
+    if query.shape[-1] != key.shape[-1] or key.shape[-1] < value.shape[-1]:
         raise RuntimeError(f"{op}: head dims must satisfy D_q == D_k >= D_v")
-    batch, s_q, s_kv = q4.shape[0], q4.shape[1], k4.shape[1]
+    batch, s_q, s_kv = query.shape[0], query.shape[1], key.shape[1]
 
     user_mask = None
     if atten_mask is not None:
@@ -650,22 +629,18 @@ def npu_fusion_attention(
 
     results = []
     for b in range(batch):
-        if atten_mask is None:  # docs l.1689: without a mask, sparse_mode and pre/next are ignored
+        if atten_mask is None:  # docs l.1689: without a mask, sparse_mode is ignored
             visible = torch.ones(s_q, s_kv, dtype=torch.bool)
-        elif user_mask is not None and atten_mask.dim() == 4 and atten_mask.shape[1] > 1:
-            visible = torch.stack(
-                [
-                    _fusion_visible(sparse_mode, user_mask(b, n), s_q, s_kv, pre_tockens, next_tockens)
-                    for n in range(head_num)
-                ]
-            )
+        elif sparse_mode == 3:
+            visible = _bottom_right_causal(s_q, s_kv)
+        elif atten_mask.dim() == 4 and atten_mask.shape[1] > 1:
+            visible = ~torch.stack([user_mask(b, n) for n in range(head_num)])
         else:
-            mask_b = user_mask(b, 0) if user_mask is not None else None
-            visible = _fusion_visible(sparse_mode, mask_b, s_q, s_kv, pre_tockens, next_tockens)
-        segment = _Segment(q4[b].double(), k4[b].double(), v4[b].double(), visible)
+            visible = ~user_mask(b, 0)
+        segment = _Segment(query[b].double(), key[b].double(), value[b].double(), visible)
         results.append(_attend_segment(segment, float(scale)))
 
-    out = _from_bsnd(torch.stack([r.out for r in results]), layout)
+    out = torch.stack([r.out for r in results])
     row_max = torch.stack([r.row_max for r in results])  # [B, N, S]
     row_sum = torch.stack([r.row_sum for r in results])
     softmax_max = row_max[..., None].expand(*row_max.shape, 8).to(torch.float32).contiguous()
