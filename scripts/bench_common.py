@@ -39,6 +39,46 @@ WAN_1_3B = dict(
 )
 
 
+#: Qwen-Image transformer architecture (diffusers QwenImageTransformer2DModel kwargs): 60
+#: double-stream blocks, 24 heads of 128, text width 3584, 2x2-packed 16-channel latents.
+QWEN_IMAGE = dict(
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=60,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=3584,
+    axes_dims_rope=(16, 56, 56),
+)
+
+
+def parse_backend(text: str) -> tuple[str, dict]:
+    """A ``--backends`` entry, ``name`` or ``name:sparsity``, as (backend, options). A bare
+    transformer call has no step count, so sparse backends run sparse from the first call."""
+    name, _, sparsity = text.partition(":")
+    if not sparsity:
+        return name, {}
+    options = {"sparsity": float(sparsity)}
+    if name in ("block_sparse", "rain_fusion"):
+        options["skip_first_steps"] = 0
+    return name, options
+
+
+def add_timing_arguments(parser) -> None:
+    """``--small``, ``--warmup``, ``--repeat`` and ``--out`` of the scripts that time a model call."""
+    parser.add_argument("--small", action="store_true", help="tiny config on the CPU (smoke run)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--out", default=None, help="where to write the JSON results")
+
+
+def model_device(small: bool) -> tuple[str, torch.dtype]:
+    """The GPU in bf16 for a full run, the CPU in float32 for a ``--small`` one (or without a GPU)."""
+    device = "cuda" if torch.cuda.is_available() and not small else "cpu"
+    return device, torch.bfloat16 if device == "cuda" else torch.float32
+
+
 def device_name(device: str | None = None) -> str:
     """The GPU's name, or the CPU's when ``device`` is ``"cpu"`` (a ``--small`` run on a host that has a GPU)."""
     if device != "cpu" and torch.cuda.is_available():

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import WAN_1_3B, device_name, print_table, rel_l2, wall_ms, write_json  # noqa: E402
+from bench_common import QWEN_IMAGE, WAN_1_3B, device_name, print_table, rel_l2, wall_ms, write_json  # noqa: E402
 
 from attnbridge import disable_npu_attention, enable_npu_attention  # noqa: E402
 from attnbridge.attention.parallel import init_distributed  # noqa: E402
@@ -46,17 +46,6 @@ WAN_SMALL = {
 }
 #: Wan2.1-T2V-14B: 40 heads of 128 (dim 5120), ffn 13824, 40 layers.
 WAN_14B = {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
-#: Qwen-Image: 60 double-stream blocks, 24 heads of 128, text width 3584, 2x2-packed 16-channel latents.
-QWEN_IMAGE = dict(
-    patch_size=2,
-    in_channels=64,
-    out_channels=16,
-    num_layers=60,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=3584,
-    axes_dims_rope=(16, 56, 56),
-)
 QWEN_SMALL = {**QWEN_IMAGE, "num_layers": 2, "attention_head_dim": 32, "num_attention_heads": 4}
 QWEN_SMALL.update(joint_attention_dim=64, axes_dims_rope=(8, 12, 12))
 

@@ -21,28 +21,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import device_name, print_table, rel_l2, wall_ms, write_json  # noqa: E402
+from bench_common import (  # noqa: E402
+    QWEN_IMAGE,
+    add_timing_arguments,
+    device_name,
+    model_device,
+    parse_backend,
+    print_table,
+    rel_l2,
+    wall_ms,
+    write_json,
+)
 
 from attnbridge import disable_npu_attention, enable_npu_attention  # noqa: E402
 
-QWEN_IMAGE = dict(
-    patch_size=2,
-    in_channels=64,
-    out_channels=16,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=3584,
-    axes_dims_rope=(16, 56, 56),
-)
 SMALL = dict(QWEN_IMAGE, attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64)
 SMALL["axes_dims_rope"] = (16, 24, 24)
 DEFAULT = "diffusers default (unpatched)"
-
-
-def parse_backend(text: str) -> tuple[str, dict]:
-    """``name`` or ``name:sparsity``."""
-    name, _, sparsity = text.partition(":")
-    return (name, {"sparsity": float(sparsity)}) if sparsity else (name, {})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,24 +49,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side", type=int, default=1024, help="image side in pixels")
     parser.add_argument("--text", type=int, default=256, help="text tokens")
     parser.add_argument("--pad", type=int, default=64, help="padded text tokens (at the end)")
-    parser.add_argument("--small", action="store_true", help="tiny config on the CPU (smoke run)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--out", default=None)
+    add_timing_arguments(parser)
     args = parser.parse_args(argv)
 
     import diffusers
     from diffusers import QwenImageTransformer2DModel
 
-    device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device, dtype = model_device(args.small)
     config = SMALL if args.small else QWEN_IMAGE
     layers, side, text = (2, 256, 32) if args.small else (args.layers, args.side, args.text)
     pad = min(args.pad, text - 1)
     grid = side // 16  # 8x VAE, then 2x2 patches
     torch.manual_seed(0)
     with torch.device(device):
-        model = QwenImageTransformer2DModel(num_layers=layers, **config).to(dtype=dtype).eval()
+        model = QwenImageTransformer2DModel(**{**config, "num_layers": layers}).to(dtype=dtype).eval()
     image = torch.randn(1, grid * grid, config["in_channels"], device=device, dtype=dtype)
     prompt = torch.randn(1, text, config["joint_attention_dim"], device=device, dtype=dtype)
     masks = {

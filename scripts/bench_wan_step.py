@@ -28,7 +28,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import WAN_1_3B, device_name, print_table, rel_l2, wall_ms, write_json  # noqa: E402
+from bench_common import (  # noqa: E402
+    WAN_1_3B,
+    add_timing_arguments,
+    device_name,
+    model_device,
+    parse_backend,
+    print_table,
+    rel_l2,
+    wall_ms,
+    write_json,
+)
 
 from attnbridge import disable_npu_attention, enable_npu_attention  # noqa: E402
 
@@ -41,17 +51,6 @@ WAN_SMALL = {
     "text_dim": 64,
 }
 DEFAULT = "diffusers default (unpatched)"
-
-
-def parse_backend(text: str) -> tuple[str, dict]:
-    """``name`` or ``name:sparsity``."""
-    name, _, sparsity = text.partition(":")
-    if not sparsity:
-        return name, {}
-    options = {"sparsity": float(sparsity)}
-    if name in ("block_sparse", "rain_fusion"):
-        options["skip_first_steps"] = 0  # a bare transformer call has no step count: sparse from the start
-    return name, options
 
 
 def compile_blocks(model) -> None:
@@ -124,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--backends", nargs="+", default=["sdpa", "fa"])
-    parser.add_argument("--small", action="store_true", help="tiny config on the CPU (smoke run)")
     parser.add_argument("--frames", type=int, default=21, help="latent frames (81 video frames -> 21)")
     parser.add_argument("--height", type=int, default=60, help="latent height (480 / 8)")
     parser.add_argument("--width", type=int, default=104, help="latent width (832 / 8)")
@@ -133,16 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time every row after compile_repeated_blocks(fullgraph=True)",
     )
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--out", default=None)
+    add_timing_arguments(parser)
     args = parser.parse_args(argv)
 
     import diffusers
     from diffusers import WanTransformer3DModel
 
-    device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device, dtype = model_device(args.small)
     config = WAN_SMALL if args.small else WAN_1_3B
     frames, height, width = (3, 8, 8) if args.small else (args.frames, args.height, args.width)
     torch.manual_seed(0)
