@@ -84,16 +84,17 @@ def _bshd_result(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, return_l
 
 def _padding_bias(q, key_lengths, s_kv, causal):
     """Additive float bias ``[B, 1, S_q, S_kv]`` (0 visible, -inf not) for padding and causality,
-    in a buffer whose rows are 16-element aligned (the raw aten kernels need that)."""
+    in a buffer whose rows are 16-element aligned (the raw aten kernels need that). Padding alone
+    is one row per sample, broadcast over the queries (stride 0): no ``S_q x S_kv`` buffer to write
+    and read at every call."""
     visible = key_padding_mask(key_lengths, s_kv) if key_lengths is not None else None
     if causal:
         tri = bottom_right_causal_mask(q.shape[2], s_kv, q.device)[None, None]
         visible = tri if visible is None else visible & tri
-    storage = torch.zeros(
-        visible.shape[0], 1, q.shape[2], -(-s_kv // 16) * 16, dtype=q.dtype, device=q.device
-    )
+    rows = visible.shape[2]  # 1 for padding alone
+    storage = torch.zeros(visible.shape[0], 1, rows, -(-s_kv // 16) * 16, dtype=q.dtype, device=q.device)
     storage[..., :s_kv].masked_fill_(~visible, float("-inf"))
-    return storage[..., :s_kv]
+    return storage[..., :s_kv].expand(-1, -1, q.shape[2], -1)
 
 
 def _cudnn(q, k, v, causal, scale, lse, bias):
