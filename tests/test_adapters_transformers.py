@@ -111,6 +111,19 @@ def test_padded_batch_matches_unpatched(side, spy):
         assert spy == []
 
 
+def test_a_right_padded_batch_with_an_empty_prompt_runs_and_matches_unpatched():
+    """A prompt with no tokens at all (an all-zero mask row) is key length 0: allowed, and the other
+    samples equal the unpatched model."""
+    model = tiny_qwen3_moe()
+    ids = _ids(batch=2, length=6)
+    mask = torch.ones_like(ids)
+    mask[1] = 0
+    reference = _logits(model, ids, mask)
+    enable_npu_attention(model, "fa")
+    patched = _logits(model, ids, mask)
+    assert _max_abs(patched[0], reference[0]) <= TOLERANCE["fa"]
+
+
 def test_unpadded_mask_goes_through_the_backend(spy):
     """An all-ones attention_mask is dropped by transformers' mask builder: the backend runs, causal."""
     model = tiny_qwen3_moe()

@@ -335,6 +335,21 @@ def test_sparse_backends_on_npu_say_at_enable_that_padded_calls_run_dense(fake_n
     assert {op for op, _, _ in fake_npu.calls} == {FIA}
 
 
+def test_a_model_enabled_on_the_cpu_is_told_what_the_npu_kernel_does_with_padding(
+    fake_npu, caplog, monkeypatch
+):
+    """Enabled on the CPU of an Ascend machine (then moved to the NPU): the NPU kernel's padding
+    fallback is said at enable, although the CPU kernel takes padding."""
+    from attnbridge.adapters import layers
+    from attnbridge.platforms import PLATFORMS
+
+    monkeypatch.setattr(layers, "detect_platform", lambda: PLATFORMS["npu"])  # an Ascend machine
+    model = tiny_qwen_image_transformer(head_dim=64)
+    with caplog.at_level(logging.WARNING, logger="attnbridge"):
+        enable_npu_attention(model, "block_sparse")
+    assert "ada_block_sparse_attention (BNSD) takes no key lengths" in caplog.text, caplog.text
+
+
 def _padded_ids(side):
     ids = torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)

@@ -207,3 +207,23 @@ def test_fa_with_padded_keys_matches_reference(device, causal, dtype):
         ref_out, ref_lse = torch.cat([head, tail], dim=1), torch.cat([head_lse, tail_lse], dim=2)
         assert rel_l2(out[b : b + 1].cpu(), ref_out) < TOLERANCE[dtype], b
         assert torch.allclose(lse[b : b + 1].double().cpu(), ref_lse, atol=1e-2), b
+
+
+def test_sage_sends_padded_calls_to_fa_and_the_rest_to_sageattn():
+    """sageattn takes no key padding: a padded call runs dense ``fa`` (said at enable time), an
+    unpadded one reaches sageattn (here a stand-in that records its calls)."""
+    from attnbridge.attention.backends.sage import SageImpl
+    from attnbridge.attention.registry import make_impl
+
+    impl = SageImpl.__new__(SageImpl)  # sageattention cannot be built on a CPU machine
+    impl.backend, impl._dense = "sage", make_impl("fa", "cpu")
+    calls = []
+    impl._sageattn = lambda q, k, v, **kwargs: calls.append(kwargs) or torch.zeros_like(q)
+    q, k, v = _qkv((2, 40, 40, 2, 2, 64), torch.float16)
+    lengths = torch.tensor([40, 23])
+    out = impl.forward(q, k, v, context=AttentionContext(key_lengths=lengths))
+    assert calls == []
+    ref_out, _ = dense_reference(q[1:], k[1:, :23], v[1:, :23])
+    assert rel_l2(out[1:], ref_out) < TOLERANCE[torch.float16]
+    impl.forward(q, k, v)
+    assert len(calls) == 1 and calls[0]["tensor_layout"] == "NHD"

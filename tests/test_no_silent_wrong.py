@@ -296,10 +296,10 @@ def test_a_rank_that_never_starts_fails_within_the_timeout(monkeypatch):
         (torch.tensor([[100]]), r"must be an integer tensor of shape \[1\]"),
         (torch.tensor([100.5]), r"must be an integer tensor of shape \[1\]"),
         ([100], "must be a torch tensor"),
-        (torch.tensor([0]), r"must lie in \[1, 256\].*\[0, 0\]"),
-        (torch.tensor([300]), r"must lie in \[1, 256\].*\[300, 300\]"),
+        (torch.tensor([-1]), r"must lie in \[0, 256\].*\[-1, -1\]"),
+        (torch.tensor([300]), r"must lie in \[0, 256\].*\[300, 300\]"),
     ],
-    ids=["two-for-one-sample", "2-D", "float", "list", "zero", "past-the-keys"],
+    ids=["two-for-one-sample", "2-D", "float", "list", "negative", "past-the-keys"],
 )
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_key_lengths_that_do_not_fit_the_call_are_refused(backend, lengths, message):

@@ -804,14 +804,28 @@ def test_cuda_fresh_pad_masks_do_not_recompile():
 
 @pytest.mark.parametrize("backend", ["block_sparse", "rain_fusion"])
 def test_padded_keys_change_nothing_in_a_sparse_call_over_several_blocks(backend):
-    """Key padding at sparsity 0.5 over 3 blocks: whatever the padded keys and values hold, neither the
-    selection nor the kernel sees them; and the call did skip blocks (it differs from dense)."""
-    q, k, v = _qkv(2, 300, 2, 2, 64)
-    context = AttentionContext(key_lengths=torch.tensor([300, 170]), grid=(1, 15, 20), step=5)
+    """Key padding at sparsity 0.5 over 5 blocks, the last one partly padded: whatever the padded keys
+    and values hold (junk, NaN), neither the selection nor the kernel sees them; and the call did
+    skip blocks (it differs from dense)."""
+    q, k, v = _qkv(2, 640, 2, 2, 64)
+    context = AttentionContext(key_lengths=torch.tensor([640, 520]), grid=(1, 20, 32), step=5)
     out = attend(q, k, v, backend=backend, sparsity=0.5, context=context)
-    k_junk, v_junk = k.clone(), v.clone()
-    k_junk[1, 170:] = 100 * torch.randn_like(k_junk[1, 170:])
-    v_junk[1, 170:] = 1e4
-    assert torch.equal(attend(q, k_junk, v_junk, backend=backend, sparsity=0.5, context=context), out)
+    for junk in (100 * torch.randn(120, 2, 64), torch.full((120, 2, 64), float("nan"))):
+        k_junk, v_junk = k.clone(), v.clone()
+        k_junk[1, 520:], v_junk[1, 520:] = junk, 1e4
+        assert torch.equal(attend(q, k_junk, v_junk, backend=backend, sparsity=0.5, context=context), out)
     dense = attend(q, k, v, backend="sdpa", context=context)
     assert (out - dense).abs().max() > 1e-3
+
+
+def test_a_reordering_backend_says_once_that_padded_calls_run_dense(caplog, monkeypatch):
+    """rain_fusion reorders the tokens of a grid of several frames, which would move padded keys off
+    the end: such calls run dense ``fa``, and the user is told once."""
+    monkeypatch.setattr(notices, "_given", set())
+    q, k, v = _qkv(2, 640, 2, 2, 64)
+    context = AttentionContext(key_lengths=torch.tensor([640, 520]), grid=(2, 20, 16), step=5)
+    with caplog.at_level(logging.WARNING, logger="attnbridge"):
+        for _ in range(2):
+            out = attend(q, k, v, backend="rain_fusion", sparsity=0.5, context=context)
+    assert caplog.text.count("would move the padded keys off the end") == 1, caplog.text
+    assert torch.equal(out, attend(q, k, v, backend="fa", context=context))

@@ -10,7 +10,7 @@ import torch
 
 from attnbridge.attention.api import AttentionLayer
 from attnbridge.attention.contract import describe_sizes
-from attnbridge.attention.registry import Backend, Unavailable, get_backend
+from attnbridge.attention.registry import Backend, Unavailable, get_backend, resolve
 from attnbridge.platforms import detect_platform
 
 #: Dense backend of cross-attention under a sparse backend (no token grid to sparsify): the one the
@@ -68,11 +68,22 @@ def _check_limits(backend: str, impl, kinds: set[str], head_sizes: set[int]) -> 
 
 
 def _padding_fallback(layer: AttentionLayer, device: torch.device | None) -> str | None:
-    """Why the kernel ``layer`` runs on ``device`` sends padded calls to a dense fallback, if it does."""
+    """Why the kernel ``layer`` runs on the model's platform, or on this machine's accelerator (where
+    the model may move), sends padded calls to a dense fallback, if one does."""
     try:
-        return layer.impl_for(device if device is not None else torch.device("cpu")).padding_fallback
-    except Exception:  # noqa: BLE001 - a kernel that cannot start here: the first call says why
-        return None
+        platforms = [layer.platform_for(device if device is not None else torch.device("cpu"))]
+    except ValueError:  # a device no platform serves (meta)
+        platforms = []
+    if layer.platform is None:
+        platforms.append(detect_platform().name)
+    for platform in dict.fromkeys(platforms):
+        try:
+            _, impl_cls = resolve(layer.backend, platform, strict=layer.strict)
+        except ImportError:  # a kernel that cannot start here: the first call says why
+            continue
+        if impl_cls.padding_fallback:
+            return impl_cls.padding_fallback
+    return None
 
 
 def resolve_ahead(layer: AttentionLayer, device: torch.device | None) -> None:

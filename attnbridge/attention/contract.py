@@ -150,7 +150,7 @@ def check_qkv(backend: str, q: Any, k: Any, v: Any) -> None:
 
 def check_key_lengths(backend: str, key_lengths: Any, q: torch.Tensor, k: torch.Tensor) -> None:
     """``key_lengths``: an integer tensor ``[B]`` on q's device. On the CPU each value is checked
-    to lie in ``[1, S_kv]`` too; on an accelerator that would wait for the device at every call, so
+    to lie in ``[0, S_kv]`` too (0: an empty prompt, whose rows get 0); on an accelerator that would wait for the device at every call, so
     there the values are the caller's word (the adapters make them from the model's mask)."""
     where = f"backend {backend!r}: key_lengths"
     if not isinstance(key_lengths, torch.Tensor):
@@ -170,8 +170,8 @@ def check_key_lengths(backend: str, key_lengths: Any, q: torch.Tensor, k: torch.
         raise ValueError(f"{where} is on {key_lengths.device}, q on {q.device}")
     if key_lengths.device.type == "cpu" and not torch.compiler.is_compiling():
         low, high = int(key_lengths.min()), int(key_lengths.max())
-        if low < 1 or high > k.shape[1]:
-            raise ValueError(f"{where} must lie in [1, {k.shape[1]}] (S_kv); got values in [{low}, {high}]")
+        if low < 0 or high > k.shape[1]:
+            raise ValueError(f"{where} must lie in [0, {k.shape[1]}] (S_kv); got values in [{low}, {high}]")
 
 
 def default_scale(head_size: int, scale: float | None) -> float:

@@ -12,13 +12,11 @@ place: ``sageattn`` does it in place on the caller's keys.
 from __future__ import annotations
 
 import importlib
-import logging
 
 from attnbridge.attention.contract import HALF_DTYPES, AttentionImpl, default_scale, repeat_kv_heads
 from attnbridge.attention.registry import Backend, Unavailable, make_impl
 from attnbridge.errors import BackendUnavailableError
-
-logger = logging.getLogger("attnbridge")
+from attnbridge.notices import warn_once
 
 SAGE_INSTALL = "pip install sageattention"
 SAGE_HEAD_SIZES = (64, 96, 128)
@@ -42,8 +40,8 @@ class SageImpl(AttentionImpl):
     padding_fallback = "sageattn takes no key padding"
     install = (SAGE_INSTALL,)
     notes = (
-        "calls sageattn cannot take (head size not 64/96/128, causal with S_q != S_kv, key padding) "
-        "run dense `fa`, logged once; on an H200 (Hopper) sageattention 1.0.6's Triton kernels "
+        "calls sageattn cannot take (head size not 64/96/128, causal with S_q != S_kv) run dense "
+        "`fa`, logged once; on an H200 (Hopper) sageattention 1.0.6's Triton kernels "
         "were slower than `fa`: a Wan 1.3B 480p step took 710.2 ms against 603.3 ms"
     )
 
@@ -55,7 +53,6 @@ class SageImpl(AttentionImpl):
         super().__init__(**kwargs)
         self._sageattn = _load_sageattn(self.platform)
         self._dense = make_impl("fa", self.platform)
-        self._logged: set[str] = set()
 
     def check_inputs(self, q, k, v, *, causal, return_lse):
         self._dense.check_inputs(q, k, v, causal=causal, return_lse=return_lse)
@@ -73,9 +70,8 @@ class SageImpl(AttentionImpl):
         refusal = self._refusal(q, k, causal)
         padded = context is not None and context.key_lengths is not None  # said when enabled
         if refusal is not None or padded:
-            if refusal is not None and refusal not in self._logged:
-                self._logged.add(refusal)
-                logger.warning("backend 'sage': %s runs dense 'fa'", refusal)
+            if refusal is not None:
+                warn_once(f"backend 'sage': {refusal} runs dense 'fa'")
             return self._dense.forward(
                 q, k, v, causal=causal, scale=scale, return_lse=return_lse, context=context
             )

@@ -92,6 +92,11 @@ class SparseImpl(AttentionImpl):
             self.selector.image_order is not None
             and self.selector.image_order(tuple(context.grid or (1, 1, 1))) is not None
         )
+        if reorders and self.kernel.key_padding:
+            warn_once(
+                f"backend {self.backend!r}: its token order on a grid of more than one frame would move "
+                "the padded keys off the end, so calls with padded keys run dense 'fa'"
+            )
         return not self.kernel.key_padding or reorders
 
     def _select(self, q, k, scale: float, context):
