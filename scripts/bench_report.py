@@ -189,15 +189,22 @@ def _render_sparse(results: list[BenchResult]) -> str:
         cols.append("oracle rel-L2")
         for row, r in zip(rows, data["results"]):
             row.append("-" if r.get("oracle_rel_l2") is None else _fmt(r["oracle_rel_l2"], 4))
+    if any("kept_per_row" in r for r in data["results"]):
+        cols.append("blocks per row (min / mean / max)")
+        for row, r in zip(rows, data["results"]):
+            per_row = r.get("kept_per_row")
+            row.append("-" if per_row is None else f"{per_row['min']} / {per_row['mean']} / {per_row['max']}")
+    details = [
+        f"- Shape {_shape_text(data.get('shape', {}))}; dense cuDNN SDPA {_fmt(data['dense_cudnn_ms'])} ms; "
+        f"block-sparse kernel: {data.get('kernel', 'FlexAttention')}"
+        + (f"; {data['note']}" if data.get("note") else "")
+    ]
+    for r in data["results"]:
+        if r.get("select_kernels"):
+            kernels = ", ".join(f"{k['kernel']} {k['us_per_call']} us" for k in r["select_kernels"])
+            details.append(f"- Selection kernels, `{r['backend']}` {r['sparsity']:.2f}, per call: {kernels}")
     return _entry(
-        f"Sparse backends vs dense cuDNN (`{result.path.name}`)",
-        results,
-        [
-            f"- Shape {_shape_text(data.get('shape', {}))}; dense cuDNN SDPA {_fmt(data['dense_cudnn_ms'])} ms; "
-            f"block-sparse kernel: {data.get('kernel', 'FlexAttention')}"
-            + (f"; {data['note']}" if data.get("note") else "")
-        ],
-        _md_table(cols, rows),
+        f"Sparse backends vs dense cuDNN (`{result.path.name}`)", results, details, _md_table(cols, rows)
     )
 
 

@@ -117,7 +117,19 @@ def unique_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def bench_backend(backend, sparsity, q, k, v, grid, reference, device):
+def selection_profile(select, reps: int = 5, top: int = 8) -> list[dict]:
+    """The selection's slowest device kernels, microseconds per call (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            select()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:top]
+    return [{"kernel": e.key[:80], "us_per_call": round(e.device_time_total / reps, 1)} for e in events]
+
+
+def bench_backend(backend, sparsity, q, k, v, grid, reference, device, profile_selection=False):
     """One backend at one sparsity through ``AttentionLayer`` (what a model calls), then its stages."""
     context = AttentionContext(kind="self", grid=grid, step=10)
     layer = AttentionLayer(backend, sparsity=sparsity)
@@ -149,7 +161,15 @@ def bench_backend(backend, sparsity, q, k, v, grid, reference, device):
         return impl.selector.select(qs, ks, scale, options, layout)
 
     selection = select()
+    counts = selection.counts.float()
+    row["kept_per_row"] = {
+        "min": int(counts.min()),
+        "mean": round(float(counts.mean()), 1),
+        "max": int(counts.max()),
+    }
     row["select_ms"] = median_ms(select)
+    if profile_selection and device.type == "cuda":
+        row["select_kernels"] = selection_profile(select)
     row["kernel_ms"] = median_ms(lambda: impl.kernel.run(qs, ks, vs, selection, scale, False, layout))
     if backend == "block_sparse":
         oracle = oracle_selection(qs, ks, scale, sparsity, layout)
@@ -171,6 +191,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75, 0.9])
     parser.add_argument("--backends", nargs="+", default=["block_sparse", "rain_fusion"])
     parser.add_argument("--vsa-sparsity", type=float, nargs="*", default=[0.875])
+    parser.add_argument(
+        "--profile-selection", action="store_true", help="record the selection's slowest GPU kernels"
+    )
     args = parser.parse_args(argv)
 
     shape = SMALL if args.small else FULL
@@ -185,7 +208,7 @@ def main(argv=None) -> int:
     rows = []
     runs = [(b, s) for b in args.backends for s in args.sparsity] + [("vsa", s) for s in args.vsa_sparsity]
     for backend, sparsity in runs:
-        row = bench_backend(backend, sparsity, q, k, v, grid, reference, device)
+        row = bench_backend(backend, sparsity, q, k, v, grid, reference, device, args.profile_selection)
         row["speedup_vs_dense"] = dense_ms / row["ms"]
         rows.append(row)
         print(

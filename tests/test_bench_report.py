@@ -167,3 +167,30 @@ def test_qwen_image_padding_run_matches_the_unpatched_model_and_renders(tmp_path
     fa = next(r for r in data["rows"] if r["backend"] == "fa")
     assert float(fa["unpadded rel_l2"]) < 1e-5 and float(fa["padded rel_l2"]) < 1e-5
     assert "Qwen-Image with a padded text mask" in report.render_bench_section(tmp_path)
+
+
+def test_sparse_rows_render_blocks_per_row_and_selection_kernels(tmp_path):
+    """``bench_sparse.py --profile-selection`` adds the spread of kept blocks per row and the
+    selection's slowest kernels; both reach the rendered entry."""
+    bench = _load("bench_sparse")
+    out = tmp_path / "sparse_small.json"
+    argv = [
+        "--small",
+        "--out",
+        str(out),
+        "--sparsity",
+        "0.75",
+        "--backends",
+        "block_sparse",
+        "--vsa-sparsity",
+    ]
+    assert bench.main(argv) == 0
+    data = json.loads(out.read_text())
+    row = data["results"][0]
+    assert 1 <= row["kept_per_row"]["min"] <= row["kept_per_row"]["mean"] <= row["kept_per_row"]["max"]
+    row["select_kernels"] = [{"kernel": "triton_pool", "us_per_call": 12.5}]  # a GPU run's field
+    out.write_text(json.dumps(data))
+    section = report.render_bench_section(tmp_path)
+    per_row = row["kept_per_row"]
+    assert f"{per_row['min']} / {per_row['mean']} / {per_row['max']}" in section
+    assert "Selection kernels, `block_sparse` 0.75, per call: triton_pool 12.5 us" in section
