@@ -53,6 +53,10 @@ QWEN_IMAGE = dict(
 )
 
 
+#: The row of the unpatched model in the scripts that time whole model calls.
+DEFAULT = "diffusers default (unpatched)"
+
+
 def parse_backend(text: str) -> tuple[str, dict]:
     """A ``--backends`` entry, ``name`` or ``name:sparsity``, as (backend, options). A bare
     transformer call has no step count, so sparse backends run sparse from the first call."""

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
+    DEFAULT,
     QWEN_IMAGE,
     add_timing_arguments,
     device_name,
@@ -35,9 +36,13 @@ from bench_common import (  # noqa: E402
 
 from attnbridge import disable_npu_attention, enable_npu_attention  # noqa: E402
 
-SMALL = dict(QWEN_IMAGE, attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64)
-SMALL["axes_dims_rope"] = (16, 24, 24)
-DEFAULT = "diffusers default (unpatched)"
+SMALL = dict(
+    QWEN_IMAGE,
+    attention_head_dim=64,
+    num_attention_heads=2,
+    joint_attention_dim=64,
+    axes_dims_rope=(16, 24, 24),
+)
 
 
 def main(argv: list[str] | None = None) -> int:

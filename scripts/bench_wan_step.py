@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
+    DEFAULT,
     WAN_1_3B,
     add_timing_arguments,
     device_name,
@@ -50,7 +51,6 @@ WAN_SMALL = {
     "num_layers": 2,
     "text_dim": 64,
 }
-DEFAULT = "diffusers default (unpatched)"
 
 
 def compile_blocks(model) -> None:

@@ -27,6 +27,7 @@ Not documented, chosen here: rows that see no key give 0; LSE outputs are float3
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -172,64 +173,42 @@ def _laser(
     return lse.float(), out.float()
 
 
-def la(
-    query,
-    key,
-    value,
-    atten_mask=None,
-    alibi_mask=None,
-    drop_mask=None,
-    scale_value=1.0,
-    head_num=2,
-    input_layout="BNSD",
-    keep_prob=1.0,
-    pre_tokens=2147483647,
-    next_tokens=1,
-    is_highPrecision=True,
-):
-    """``torch.ops.attentions.la`` (SKN ``register_ops.cpp:23-28``) -> ``(softmax_log_max_sum [B,N,S]
-    float32, out [B,N,S,D] float32)`` (``la.cpp:43-53``). ``la.cpp:36`` checks only the rank; the rest
-    is the kernel's (:func:`_laser`). S must be a multiple of 256, the tail alignment: this build has
-    no host check, and its callers (sglang ``laser_attn.py``, MindIE-SD ``ascend_laser_attention.py``)
-    pad to 256."""
-    op = "attentions.la"
-    _require(query.dim() == 4, op, f"the first input dimension of la must be 4 but got {query.dim()}")
-    _require(key.dim() == value.dim() == 4, op, "key/value must be 4-D (BNSD)")
-    masks = (atten_mask, alibi_mask, drop_mask)
-    return _laser(
-        op,
+def _laser_op(op: str, seq_multiple: int, host_checks: Callable, doc: str) -> Callable:
+    """An op with ``la``'s schema (SKN ``register_ops.cpp:23-28``; ``laser_attn`` keeps it) that runs
+    ``host_checks(query, key, value)``, then the Laser kernel (:func:`_laser`)."""
+
+    def laser(
         query,
         key,
         value,
-        masks,
-        scale_value,
-        head_num,
-        input_layout,
-        keep_prob,
-        pre_tokens,
-        next_tokens,
-        256,
-    )
+        atten_mask=None,
+        alibi_mask=None,
+        drop_mask=None,
+        scale_value=1.0,
+        head_num=2,
+        input_layout="BNSD",
+        keep_prob=1.0,
+        pre_tokens=2147483647,
+        next_tokens=1,
+        is_highPrecision=True,
+    ):
+        host_checks(query, key, value)
+        masks = (atten_mask, alibi_mask, drop_mask)
+        args = (scale_value, head_num, input_layout, keep_prob, pre_tokens, next_tokens, seq_multiple)
+        return _laser(op, query, key, value, masks, *args)
+
+    laser.__name__ = laser.__qualname__ = op.rsplit(".", 1)[-1]
+    laser.__doc__ = doc
+    return laser
 
 
-def laser_attn(
-    query,
-    key,
-    value,
-    atten_mask=None,
-    alibi_mask=None,
-    drop_mask=None,
-    scale_value=1.0,
-    head_num=2,
-    input_layout="BNSD",
-    keep_prob=1.0,
-    pre_tokens=2147483647,
-    next_tokens=1,
-    is_highPrecision=True,
-):
-    """``torch.ops.npu.laser_attn``: ``la``'s schema and kernel (SKN-new ``attentions/__init__.py``),
-    with host checks (``laser_attention.cpp`` ``check_inputs``): rank-4 BNSD, fp16, head dim 128,
-    Hq % Hkv == 0, ``head_num == query.size(1)``, S a multiple of 128, ``keep_prob`` in (0, 1]."""
+def _la_host_checks(query, key, value) -> None:
+    op = "attentions.la"
+    _require(query.dim() == 4, op, f"the first input dimension of la must be 4 but got {query.dim()}")
+    _require(key.dim() == value.dim() == 4, op, "key/value must be 4-D (BNSD)")
+
+
+def _laser_attn_host_checks(query, key, value) -> None:
     op = "npu.laser_attn"
     _require(
         query.dim() == key.dim() == value.dim() == 4,
@@ -237,21 +216,26 @@ def laser_attn(
         "laser_attn expects query, key, and value in rank-4 BNSD layout",
     )
     _require(min(query.shape) > 0 and min(key.shape) > 0, op, "dimensions must be greater than zero")
-    masks = (atten_mask, alibi_mask, drop_mask)
-    return _laser(
-        op,
-        query,
-        key,
-        value,
-        masks,
-        scale_value,
-        head_num,
-        input_layout,
-        keep_prob,
-        pre_tokens,
-        next_tokens,
-        128,
-    )
+
+
+la = _laser_op(
+    "attentions.la",
+    256,
+    _la_host_checks,
+    """``torch.ops.attentions.la`` (SKN ``register_ops.cpp:23-28``) -> ``(softmax_log_max_sum [B,N,S]
+    float32, out [B,N,S,D] float32)`` (``la.cpp:43-53``). ``la.cpp:36`` checks only the rank; the rest
+    is the kernel's (:func:`_laser`). S must be a multiple of 256, the tail alignment: this build has
+    no host check, and its callers (sglang ``laser_attn.py``, MindIE-SD ``ascend_laser_attention.py``)
+    pad to 256.""",
+)
+laser_attn = _laser_op(
+    "npu.laser_attn",
+    128,
+    _laser_attn_host_checks,
+    """``torch.ops.npu.laser_attn``: ``la``'s schema and kernel (SKN-new ``attentions/__init__.py``),
+    with host checks (``laser_attention.cpp`` ``check_inputs``): rank-4 BNSD, fp16, head dim 128,
+    Hq % Hkv == 0, ``head_num == query.size(1)``, S a multiple of 128, ``keep_prob`` in (0, 1].""",
+)
 
 
 # ----------------------------------------------------------------------------------------------
