@@ -9,8 +9,7 @@ from attnbridge.errors import BackendUnavailableError
 __version__ = "0.1.0"
 
 if "transformers" in _sys.modules:
-    # A patched model loaded from a file (torch.save / pickle) names its attention implementation
-    # "attnbridge_<backend>": have the names registered whenever transformers is in use already.
+    # A patched model loaded from a file names its attn implementation "attnbridge_<backend>".
     from attnbridge.adapters.transformers import register_all as _register_all
 
     _register_all()

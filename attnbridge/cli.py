@@ -27,7 +27,6 @@ def describe(backend: str, platform: str) -> str:
 
 
 def backends_command(args: argparse.Namespace) -> int:
-    """For every backend: what this machine runs, what each other platform would run, and why not."""
     from attnbridge.attention.registry import kernel_for
     from attnbridge.errors import BackendUnavailableError
     from attnbridge.platforms import PLATFORM_ORDER, detect_platform
@@ -53,8 +52,8 @@ def backends_command(args: argparse.Namespace) -> int:
 
 
 def npu_kernel_ops_found() -> list[str]:
-    """Per NPU kernel backend, the op it calls on this machine and the package that registered it
-    (newer sgl-kernel-npu builds: ``torch.ops.npu``; older: ``torch.ops.attentions``), or why none."""
+    """Per NPU kernel backend, the op it calls here and its package (``torch.ops.npu`` or, in older
+    sgl-kernel-npu builds, ``torch.ops.attentions``), or why none."""
     from attnbridge.attention.backends.laser import LASER_OPS
     from attnbridge.attention.sparse.ascend import BLOCK_SPARSE_OPS, RAIN_FUSION_OPS
     from attnbridge.errors import BackendUnavailableError
@@ -104,8 +103,7 @@ def parse_option(text: str) -> tuple[str, object]:
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse's own errors (a bad choice, an unknown argument) as one ``error:`` line with exit 2,
-    like every other error of the command line, instead of a usage block."""
+    """argparse's own errors as one ``error:`` line with exit 2, like every other error, not a usage block."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -115,9 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="attnbridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("backends", help="what this machine can run, and why not for the rest").set_defaults(
-        func=backends_command
-    )
+    backends_parser = sub.add_parser("backends", help="what this machine can run, and why not for the rest")
+    backends_parser.set_defaults(func=backends_command)
 
     option_help = "; ".join(f"{k}: {v}" for k, v in OPTION_KEYS.items())
     gen = sub.add_parser(
@@ -144,7 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a subcommand; a bad model, backend, option or device is one ``error:`` line and exit 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

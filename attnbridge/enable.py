@@ -1,11 +1,10 @@
-"""``enable_npu_attention`` / ``disable_npu_attention``: the one-line user API. Accepts a diffusers
-pipeline (every supported transformer component is patched: ``transformer``, ``transformer_2``), a
-diffusers transformer, or a transformers model. Everything is checked and built first (backend name
-and options, object type, processors, kernels); only then is anything changed, so an error leaves
-the object as it was. Parallel options: see :mod:`attnbridge.adapters.context_parallel`."""
+"""``enable_npu_attention`` / ``disable_npu_attention`` for a diffusers pipeline (every supported
+transformer component), a diffusers transformer or a transformers model. Everything is checked and
+built before anything changes, so an error leaves the object as it was."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,29 +26,21 @@ from attnbridge.attention.registry import get_backend
 from attnbridge.models import find_family, supported_models
 from attnbridge.platforms import get_platform
 
-#: Attribute on each patched object (pipeline or model) holding the handle that patched it; it lives
-#: and dies with the object (a global registry would keep patched models alive).
+#: Attribute on each patched pipeline / model holding its handle (a global registry would keep them alive).
 HANDLE_ATTR = "_attnbridge_handle"
 
 
+@dataclass(eq=False, repr=False)
 class AttentionHandle:
     """What ``enable_npu_attention`` changed; ``disable()`` (or leaving a ``with`` block) undoes it."""
 
-    def __init__(
-        self,
-        obj: Any,
-        backend: str,
-        patch: Any,
-        models: list[torch.nn.Module],
-        parallel: ParallelConfig | None = None,
-    ):
-        self.obj = obj
-        self.backend = backend
-        self._patch = patch
-        self._models = models
-        #: The ring / Ulysses degrees or the CP size this object was enabled with.
-        self.parallel = parallel or ParallelConfig()
-        self.enabled = False
+    obj: Any
+    backend: str
+    _patch: Any
+    _models: list[torch.nn.Module]
+    #: The ring / Ulysses degrees or the CP size this object was enabled with.
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    enabled: bool = False
 
     @property
     def layers(self) -> dict[str, AttentionLayer]:
@@ -122,23 +113,17 @@ def _library(obj: Any) -> str:
 
 def _plan(obj: Any, backend, options, platform, strict, groups):
     """(patch, patched models) for ``obj``; raises before changing anything."""
+    kwargs = {"platform": platform, "strict": strict}
     if is_pipeline(obj):
-        patch = plan_pipeline(obj, backend, options, platform=platform, strict=strict, groups=groups)
+        patch = plan_pipeline(obj, backend, options, groups=groups, **kwargs)
         return patch, [p.model for p in patch.models]
     family = find_family(obj)
     if family.library == "diffusers":
         patch = plan_diffusers_model(
-            obj,
-            family,
-            backend,
-            options,
-            platform=platform,
-            strict=strict,
-            steps=step_source(),
-            groups=groups,
+            obj, family, backend, options, steps=step_source(), groups=groups, **kwargs
         )
     else:
-        patch = plan_transformers_model(obj, family, backend, options, platform=platform, strict=strict)
+        patch = plan_transformers_model(obj, family, backend, options, **kwargs)
     return patch, [obj]
 
 
@@ -160,18 +145,14 @@ def enable_npu_attention(
     cp_size: int = 1,
     **backend_config: Any,
 ) -> AttentionHandle:
-    """Route every attention call of ``obj`` through attnbridge ``backend`` and return the handle.
+    """Route every attention call of ``obj`` through ``backend``; returns the handle.
 
-    ``backend_config`` holds the backend's options (``sparsity=0.75``...), checked here once;
-    ``platform`` forces a platform's kernels; ``strict=True`` makes a missing kernel package an error
-    instead of a logged fallback. An enabled object is disabled first; if enabling fails, ``obj`` is
-    left as it was (enabled with the previous backend, if it was).
-
-    Every rank calls this the same way: ``ring_degree`` x ``ulysses_degree`` ranks share each DiT
-    token sequence (a ring needs a dense backend with the LSE, such as ``"fa"``); ``cp_size`` ranks
-    share an LLM prefill (:func:`attnbridge.parallel_prefill.cp_prefill`). The product of the degrees
-    must equal the world size.
-    """
+    ``backend_config``: the backend's options (``sparsity=0.75``...); ``platform`` forces a platform's
+    kernels; ``strict=True`` makes a missing kernel package an error instead of a logged fallback. An
+    enabled object is disabled first; on failure ``obj`` is left as it was. Every rank calls this alike:
+    ``ring_degree`` x ``ulysses_degree`` ranks share each DiT token sequence (a ring needs a dense
+    backend with the LSE, e.g. ``"fa"``); ``cp_size`` ranks share an LLM prefill
+    (:func:`attnbridge.parallel_prefill.cp_prefill`). The product must equal the world size."""
     spec = get_backend(backend)
     if platform is not None:
         get_platform(platform)
@@ -197,9 +178,8 @@ def enable_npu_attention(
 
 
 def disable_npu_attention(obj: Any) -> bool:
-    """Restore ``obj``'s original processors / attention implementation (the same objects). ``obj`` is what
-    was passed to :func:`enable_npu_attention` (or a model inside that pipeline, or the handle). Returns
-    whether anything was enabled."""
+    """Restore ``obj``'s original attention (``obj``: what was enabled, a model of that pipeline, or the
+    handle); returns whether anything was enabled."""
     handle = obj if isinstance(obj, AttentionHandle) else _active_handle(obj)
     if handle is None or not handle.enabled:
         return False

@@ -11,8 +11,7 @@ _given: set[str] = set()
 
 
 def warn_once(message: str) -> None:
-    """Log ``message`` as a warning the first time it is given in this process. Skipped while
-    ``torch.compile`` traces (the eager call before it, or the next one after, gives it)."""
+    """Log ``message`` as a warning once per process; skipped while ``torch.compile`` traces."""
     if torch.compiler.is_compiling() or message in _given:
         return
     _given.add(message)

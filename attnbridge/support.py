@@ -1,14 +1,12 @@
-"""The support table: which backend serves which model family, attention kind, platform, dtype and
-head size, and the reason for every "no", all read from the code: the backend declarations, the impl
-classes' attributes, ``attnbridge.models.FAMILIES``, the adapters' routing
-(``attnbridge.adapters.layers.backend_for_kind``) and the refusals ``enable_npu_attention`` applies.
-``attnbridge backends``, the generated docs and ``tests/test_matrix.py`` (which runs every cell on a
-tiny real model) read this table."""
+"""The support table (backend x model family x attention kind x platform, and why every "no"), derived
+from the backend declarations, impl attributes, ``FAMILIES``, the adapters' routing and
+``enable_npu_attention``'s refusals; ``attnbridge backends``, the docs and ``test_matrix`` read it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 
@@ -33,14 +31,17 @@ CROSS_IS_DENSE_REASON = (
 
 @dataclass(frozen=True)
 class Refusal:
-    """A "no": the error raised, a fragment of its message (the reason), when it is raised
-    (``enable``: by ``enable_npu_attention``; ``call``: on the first attention call) and where the
-    rule lives."""
+    """A "no": error type, reason (a message fragment), stage (``enable`` or ``call``), rule's source."""
 
     error: type[Exception]
     reason: str
     stage: str
     source: str
+
+
+def _from_impl(attr: str, default: Any) -> property:
+    """A property reading the impl class's ``attr`` (``default`` where there is no impl)."""
+    return property(lambda self: default if self.impl is None else getattr(self.impl, attr))
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,7 @@ class KernelSupport:
 
     @cached_property
     def never_runs(self) -> str | None:
-        """Why this backend can never run here whatever is installed (no kernel, or one whose
-        ``check_available`` refuses without naming a package to install)."""
+        """Why this can never run here whatever is installed (no kernel, or a refusal naming no package)."""
         if isinstance(self.entry, Unavailable):
             return self.entry.reason
         try:
@@ -91,39 +91,19 @@ class KernelSupport:
         """The kernel that actually serves calls here (the fallback's when this one never runs)."""
         return KernelSupport(self.fallback, self.platform) if self.status == "fallback" else self
 
-    @property
-    def impl_name(self) -> str:
-        return self.impl.__name__ if self.impl is not None else "-"
-
-    @property
-    def dtypes(self) -> tuple[torch.dtype, ...]:
-        return self.impl.supported_dtypes if self.impl is not None else ()
-
-    @property
-    def head_sizes(self) -> tuple[int, ...] | None:
-        return self.impl.supported_head_sizes if self.impl is not None else ()
-
-    @property
-    def lse(self) -> bool:
-        return bool(self.impl is not None and self.impl.supports_lse)
+    impl_name = _from_impl("__name__", "-")
+    dtypes = _from_impl("supported_dtypes", ())
+    head_sizes = _from_impl("supported_head_sizes", ())
+    lse = _from_impl("supports_lse", False)
+    causal = _from_impl("supports_causal", False)
+    install = _from_impl("install", ())
+    notes = _from_impl("notes", "")
 
     @property
     def lse_is_dense(self) -> bool:
         """LSE requests are served by the dense ``fa`` kernel instead of this one."""
         kernel = getattr(self.impl, "kernel", None)
         return self.lse and kernel is not None and not kernel.returns_lse
-
-    @property
-    def causal(self) -> bool:
-        return bool(self.impl is not None and self.impl.supports_causal)
-
-    @property
-    def install(self) -> tuple[str, ...]:
-        return self.impl.install if self.impl is not None else ()
-
-    @property
-    def notes(self) -> str:
-        return self.impl.notes if self.impl is not None else ""
 
     def refused_dtypes(self) -> tuple[torch.dtype, ...]:
         return tuple(d for d in ALL_DTYPES if self.impl is not None and d not in self.dtypes)
@@ -147,8 +127,7 @@ class KindSupport:
 
 @dataclass(frozen=True)
 class ModelSupport:
-    """``backend`` on ``family`` on ``platform``: the backend each attention kind gets, or the refusal
-    ``enable_npu_attention`` (stage ``enable``) raises."""
+    """``backend`` on ``family`` on ``platform``: the backend of each attention kind, or the refusal."""
 
     backend: str
     family: ModelFamily
@@ -172,18 +151,13 @@ def _kind_refusal(served: KernelSupport, kind: str) -> Refusal | None:
         return Refusal(BackendUnavailableError, served.unavailable, "enable", source)
     impl = served.effective.impl
     if kind not in impl.attention_kinds:
-        return Refusal(
-            ValueError,
-            f"does not serve {kind} attention",
-            "enable",
-            f"derived: {impl.__name__}.attention_kinds",
-        )
+        source = f"derived: {impl.__name__}.attention_kinds"
+        return Refusal(ValueError, f"does not serve {kind} attention", "enable", source)
     return None
 
 
 def kind_support(backend: str, kind: str, platform: str) -> tuple[str, Refusal | None]:
-    """(``yes`` / ``dense`` / ``no``, the refusal) for ``backend`` on attention ``kind`` on
-    ``platform``, independent of a model family; ``dense`` means another backend serves that kind."""
+    """(``yes`` / ``dense`` (another backend serves it) / ``no``, the refusal), for any model family."""
     spec = get_backend(backend)
     served, _ = backend_for_kind(spec, None, kind)
     refusal = _kind_refusal(KernelSupport(served.name, platform), kind)
@@ -204,23 +178,16 @@ def model_support(backend: str, family: ModelFamily, platform: str) -> ModelSupp
         return ModelSupport(backend, family, platform, kinds, refusal)
 
     if spec.sparse and family.library == "transformers":
-        return refused(
-            Refusal(ValueError, SPARSE_LM_REFUSAL, "enable", "stated: block selection needs a latent grid")
-        )
+        source = "stated: block selection needs a latent grid"
+        return refused(Refusal(ValueError, SPARSE_LM_REFUSAL, "enable", source))
     for kind in kinds:
         refusal = _kind_refusal(KernelSupport(kind.served_by, platform), kind.kind)
         if refusal is not None:
             return refused(refusal)
     requested = KernelSupport(backend, platform).effective
     if any(site.causal for site in family.attention_sites) and not requested.causal:
-        return refused(
-            Refusal(
-                ValueError,
-                "has no causal attention",
-                "enable",
-                f"derived: {requested.impl_name}.supports_causal is False",
-            )
-        )
+        source = f"derived: {requested.impl_name}.supports_causal is False"
+        return refused(Refusal(ValueError, "has no causal attention", "enable", source))
     return ModelSupport(backend, family, platform, kinds)
 
 

@@ -1,8 +1,6 @@
-"""Tiny random-weight instances of the real diffusers / transformers classes, built on the CPU
-without downloads, and inputs for them (the tests, ``attnbridge generate --model wan-tiny``...). By
-default the pipelines carry only a scheduler and tiny transformers (the calls pass ``prompt_embeds``
-and ``output_type="latent"``); ``complete=True`` adds a byte-level tokenizer, a text encoder and a
-VAE, so ``pipe(prompt)`` runs prompt -> pixels. The pixels and text are noise."""
+"""Tiny random-weight instances of the real diffusers / transformers classes, built on the CPU, and
+inputs for them. Pipelines carry a scheduler and transformers only (calls pass ``prompt_embeds``);
+``complete=True`` adds a byte-level tokenizer, text encoder and VAE so ``pipe(prompt)`` makes pixels."""
 
 from __future__ import annotations
 
@@ -17,8 +15,7 @@ PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 
 
 def tiny_tokenizer():
-    """A byte-level tokenizer made in code (4 special tokens + 256 bytes, no merges): every prompt
-    tokenizes, nothing is downloaded, and it saves/loads with ``save_pretrained`` like a real one."""
+    """Byte-level tokenizer made in code (4 special tokens + 256 bytes, no merges); saves like a real one."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -74,17 +71,9 @@ def _tiny_vae(cls, seed: int, **extra):
     return vae.eval()
 
 
-def tiny_wan_vae(*, seed: int = 0):
-    """``AutoencoderKLWan``; 2x temporal compression."""
-    from diffusers import AutoencoderKLWan
-
-    return _tiny_vae(AutoencoderKLWan, seed, scale_factor_temporal=2, scale_factor_spatial=4)
-
-
 def tiny_qwen_vl_encoder(*, seed: int = 0):
-    """``Qwen2_5_VLForConditionalGeneration`` (Qwen-Image's text encoder class): a 1-layer text model
-    of width ``QWEN_TEXT_DIM`` with multimodal rotary sections (1, 1, 2) and a 1-block vision tower
-    the text-only prompt encoding never runs."""
+    """``Qwen2_5_VLForConditionalGeneration``: 1 text layer of width ``QWEN_TEXT_DIM``, rotary sections
+    (1, 1, 2), and a 1-block vision tower that text-only prompts never run."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     ids = {"pad_token_id": PAD_ID, "eos_token_id": EOS_ID, "bos_token_id": BOS_ID}
@@ -115,12 +104,6 @@ def tiny_qwen_vl_encoder(*, seed: int = 0):
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def tiny_qwen_image_vae(*, seed: int = 0):
-    from diffusers import AutoencoderKLQwenImage
-
-    return _tiny_vae(AutoencoderKLQwenImage, seed)
-
-
 def tiny_wan_transformer(
     *,
     image_dim: int | None = None,
@@ -129,9 +112,8 @@ def tiny_wan_transformer(
     head_dim: int = 12,
     rope_max_seq_len: int = 32,
 ):
-    """``WanTransformer3DModel`` with 2 heads of ``head_dim`` (rotary needs it divisible by 6 for
-    its three axes; 64 works too: 22 + 21 + 21); ``image_dim`` makes it an I2V model (image
-    cross-attention through ``add_k_proj``)."""
+    """``WanTransformer3DModel`` with 2 heads of ``head_dim`` (divisible by 6 for rotary's three axes, or
+    64: 22 + 21 + 21); ``image_dim`` makes it I2V (image cross-attention through ``add_k_proj``)."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
@@ -161,9 +143,8 @@ def wan_inputs(
     image_tokens: int = 0,
     seed: int = 1,
 ):
-    """Keyword inputs of a Wan transformer call; the patched grid is (frames, height/2, width/2). I2V models
-    read the last 512 text tokens as text and the rest as image tokens, so with ``image_tokens`` the text is
-    padded to 512 the way the pipeline does."""
+    """Keyword inputs of a Wan transformer call; patched grid (frames, height/2, width/2). With
+    ``image_tokens`` the text is 512 tokens, as I2V models read the last 512 as text."""
     gen = torch.Generator().manual_seed(seed)
     inputs = {
         "hidden_states": torch.randn(1, 4, frames, height, width, generator=gen),
@@ -179,13 +160,14 @@ def wan_inputs(
 
 def tiny_wan_pipeline(*, two_stage: bool = False, seed: int = 0, complete: bool = False, head_dim: int = 12):
     """``WanPipeline``; ``two_stage`` adds ``transformer_2`` with boundary_ratio 0.5 (Wan 2.2 A14B);
-    ``complete`` adds tokenizer, UMT5 text encoder and VAE (frames: 1 + 2k, sides: multiples of 8)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+    ``complete``: frames 1 + 2k, sides multiples of 8; the VAE compresses time 2x."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
 
+    vae_scales = {"scale_factor_temporal": 2, "scale_factor_spatial": 4}
     return WanPipeline(
         tokenizer=tiny_tokenizer() if complete else None,
         text_encoder=tiny_umt5_encoder(seed=seed) if complete else None,
-        vae=tiny_wan_vae(seed=seed) if complete else None,
+        vae=_tiny_vae(AutoencoderKLWan, seed, **vae_scales) if complete else None,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         transformer=tiny_wan_transformer(seed=seed, head_dim=head_dim),
         transformer_2=tiny_wan_transformer(seed=seed + 1, head_dim=head_dim) if two_stage else None,
@@ -193,27 +175,32 @@ def tiny_wan_pipeline(*, two_stage: bool = False, seed: int = 0, complete: bool 
     )
 
 
-def wan_pipeline_kwargs(*, steps: int = 3, cfg: bool = True, seed: int = 2):
-    """Call arguments: 5 frames of 32x32 -> latents 2 x 4 x 4 -> patched grid (2, 2, 2)."""
+def _pipeline_kwargs(
+    seed: int, steps: int, cfg: bool, text_dim: int, tokens: int, negative_tokens: int, **call
+):
+    """Latent-output call arguments with random prompt embeddings (and negative ones with ``cfg``)."""
     gen = torch.Generator().manual_seed(seed)
     kwargs = {
-        "prompt_embeds": torch.randn(1, 7, WAN_TEXT_DIM, generator=gen),
-        "height": 32,
-        "width": 32,
-        "num_frames": 5,
+        "prompt_embeds": torch.randn(1, tokens, text_dim, generator=gen),
         "num_inference_steps": steps,
-        "guidance_scale": 5.0 if cfg else 1.0,
         "output_type": "latent",
         "generator": torch.Generator().manual_seed(seed + 1),
+        **call,
     }
     if cfg:
-        kwargs["negative_prompt_embeds"] = torch.randn(1, 7, WAN_TEXT_DIM, generator=gen)
+        kwargs["negative_prompt_embeds"] = torch.randn(1, negative_tokens, text_dim, generator=gen)
     return kwargs
 
 
+def wan_pipeline_kwargs(*, steps: int = 3, cfg: bool = True, seed: int = 2):
+    """Call arguments: 5 frames of 32x32 -> latents 2 x 4 x 4 -> patched grid (2, 2, 2)."""
+    sizes = {"height": 32, "width": 32, "num_frames": 5}
+    return _pipeline_kwargs(seed, steps, cfg, WAN_TEXT_DIM, 7, 7, guidance_scale=5.0 if cfg else 1.0, **sizes)
+
+
 def tiny_qwen_image_transformer(*, layers: int = 2, seed: int = 0, head_dim: int = 16):
-    """``QwenImageTransformer2DModel``: 2 heads of ``head_dim``, rotary axes split 1:1.5:1.5 over
-    the head (4, 6, 6 at 16); in_channels 16 is 4 latent channels packed 2x2."""
+    """``QwenImageTransformer2DModel``: 2 heads of ``head_dim``, rotary axes split 1:1.5:1.5 (4, 6, 6 at
+    16); in_channels 16 is 4 latent channels packed 2x2."""
     from diffusers import QwenImageTransformer2DModel
 
     torch.manual_seed(seed)
@@ -246,13 +233,12 @@ def qwen_image_inputs(
 
 
 def tiny_qwen_image_pipeline(*, seed: int = 0, complete: bool = False):
-    """``QwenImagePipeline``; ``complete`` adds tokenizer, Qwen2.5-VL text encoder and VAE (sides:
-    multiples of 8)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+    """``QwenImagePipeline``; ``complete``: sides multiples of 8."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
     return QwenImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=tiny_qwen_image_vae(seed=seed) if complete else None,
+        vae=_tiny_vae(AutoencoderKLQwenImage, seed) if complete else None,
         text_encoder=tiny_qwen_vl_encoder(seed=seed) if complete else None,
         tokenizer=tiny_tokenizer() if complete else None,
         transformer=tiny_qwen_image_transformer(seed=seed),
@@ -261,18 +247,11 @@ def tiny_qwen_image_pipeline(*, seed: int = 0, complete: bool = False):
 
 def qwen_image_pipeline_kwargs(*, steps: int = 3, cfg: bool = True, seed: int = 2):
     """64x64 pixels -> 8x8 latents -> packed grid (1, 4, 4) of 16 image tokens."""
-    gen = torch.Generator().manual_seed(seed)
-    kwargs = {
-        "prompt_embeds": torch.randn(1, 5, QWEN_TEXT_DIM, generator=gen),
-        "prompt_embeds_mask": torch.ones(1, 5, dtype=torch.long),
-        "height": 64,
-        "width": 64,
-        "num_inference_steps": steps,
-        "output_type": "latent",
-        "generator": torch.Generator().manual_seed(seed + 1),
-    }
+    mask = torch.ones(1, 5, dtype=torch.long)
+    kwargs = _pipeline_kwargs(
+        seed, steps, cfg, QWEN_TEXT_DIM, 5, 3, prompt_embeds_mask=mask, height=64, width=64
+    )
     if cfg:
-        kwargs["negative_prompt_embeds"] = torch.randn(1, 3, QWEN_TEXT_DIM, generator=gen)
         kwargs["negative_prompt_embeds_mask"] = torch.ones(1, 3, dtype=torch.long)
         kwargs["true_cfg_scale"] = 4.0
     return kwargs
@@ -286,9 +265,8 @@ def tiny_qwen3_moe(
     layers: int = 2,
     head_dim: int = 16,
 ):
-    """``Qwen3MoeForCausalLM``: ``layers`` layers, hidden 64, 4 query heads of ``head_dim`` sharing 2 KV
-    heads (GQA), 4 experts with top-2 routing. ``vocab_size=tiny_vocab_size()`` pairs it with
-    :func:`tiny_tokenizer`."""
+    """``Qwen3MoeForCausalLM``: hidden 64, 4 query heads of ``head_dim`` sharing 2 KV heads, 4 experts with
+    top-2 routing. ``vocab_size=tiny_vocab_size()`` pairs it with :func:`tiny_tokenizer`."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     config = Qwen3MoeConfig(

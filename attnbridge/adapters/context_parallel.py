@@ -1,14 +1,5 @@
-"""``enable_npu_attention``'s parallel options, checked before anything is patched.
-
-* ``ring_degree`` x ``ulysses_degree`` (diffusers DiTs: Wan, Qwen-Image) ranks split the token
-  sequence; self/joint attention runs through :class:`~attnbridge.attention.parallel.ParallelAttention`,
-  cross-attention stays local.
-* ``cp_size`` (transformers LLMs: Qwen3-MoE) ranks share a packed prefill (zigzag), run with
-  :func:`attnbridge.parallel_prefill.cp_prefill`.
-
-The product of the degrees must be the world size; when a launcher set ``WORLD_SIZE`` (torchrun,
-``accelerate launch``) and no process group exists yet, one is started here.
-"""
+"""Checks of ``enable_npu_attention``'s parallel options: ``ring_degree`` x ``ulysses_degree`` ranks
+split a DiT's token sequence; ``cp_size`` ranks share an LLM's zigzag prefill (``cp_prefill``)."""
 
 from __future__ import annotations
 
@@ -20,7 +11,7 @@ from attnbridge.attention.parallel import ParallelConfig, init_distributed
 
 
 def check_library(config: ParallelConfig, library: str) -> None:
-    """Errors that need no process group: the model kind versus the requested parallelism."""
+    """The model's library versus the requested parallelism (needs no process group)."""
     if config.sequence_parallel and library != "diffusers":
         raise ValueError(
             "ring_degree/ulysses_degree split a DiT's token sequence (Wan, Qwen-Image); for causal LLMs "
@@ -34,8 +25,7 @@ def check_library(config: ParallelConfig, library: str) -> None:
 
 
 def check_world(config: ParallelConfig, platform: str | None) -> None:
-    """Initialise torch.distributed from the launcher's environment if needed; the degrees' product
-    must equal its world size."""
+    """Start torch.distributed from a launcher's ``WORLD_SIZE`` if needed; check the world size."""
     if config.world_size == 1:
         return
     initialized = dist.is_available() and dist.is_initialized()

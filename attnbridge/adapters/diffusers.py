@@ -1,9 +1,6 @@
-"""Patch diffusers transformers (Wan, Qwen-Image): our processors in, the originals kept to restore.
-Each attention module's upstream processor is swapped for ours (the same math, the kernel call going
-through an :class:`AttentionLayer`). A forward pre-hook reads the token grid, the denoising step
-(only where ``skip_first_steps`` needs it) and the text padding into this call's
-:class:`ForwardState`. With sequence parallelism the model also gets the split/gather hooks of its
-``_cp_plan`` (:mod:`attnbridge.adapters.sequence_shards`)."""
+"""Patch diffusers transformers (Wan, Qwen-Image): each attention processor is swapped for ours (same
+math, kernel call through an :class:`AttentionLayer`); a forward pre-hook fills the call's
+:class:`ForwardState`; with sequence parallelism the model also gets its ``_cp_plan``'s hooks."""
 
 from __future__ import annotations
 
@@ -16,7 +13,7 @@ import torch
 
 from attnbridge.adapters.context_parallel import check_heads
 from attnbridge.adapters.forward_state import ForwardState
-from attnbridge.adapters.layers import make_layers, model_device
+from attnbridge.adapters.layers import make_layers
 from attnbridge.adapters.qwen_image_processor import QwenImageAttnBridgeProcessor
 from attnbridge.adapters.sequence_shards import SequenceShardPatch, plan_sequence_shards
 from attnbridge.adapters.steps import step_source
@@ -27,14 +24,6 @@ from attnbridge.attention.registry import Backend
 from attnbridge.models import FAMILIES, ModelFamily, find_family
 
 PROCESSORS = {"wan": WanAttnBridgeProcessor, "qwen_image": QwenImageAttnBridgeProcessor}
-
-
-def _forward_signature(model: torch.nn.Module) -> inspect.Signature | None:
-    """The class's forward signature (an instance-level wrapper, e.g. an offload hook, may hide it)."""
-    try:
-        return inspect.signature(type(model).forward)
-    except (TypeError, ValueError):
-        return None
 
 
 def _bound_inputs(model, signature: inspect.Signature | None, args: tuple, kwargs: dict) -> Mapping[str, Any]:
@@ -65,7 +54,7 @@ class DiffusersModelPatch:
     #: path -> (module, our processor)
     processors: dict[str, tuple[torch.nn.Module, Any]]
     component: str = ""
-    #: path -> the processor that was there when the patch was applied (restored by ``remove``)
+    #: path -> the processor found by ``apply`` (restored by ``remove``)
     originals: dict[str, Any] = field(default_factory=dict)
     #: Sequence-parallel split/gather hooks, when enabled with ring/Ulysses degrees.
     sharding: SequenceShardPatch | None = None
@@ -74,7 +63,8 @@ class DiffusersModelPatch:
 
     def _before_forward(self, module, args, kwargs) -> None:
         inputs = _bound_inputs(module, self._signature, args, kwargs)
-        grid = self.family.grid_from_inputs(module, inputs) if self.family.grid_from_inputs else None
+        family = self.family
+        grid = family.grid_from_inputs(module, inputs) if family.grid_from_inputs else None
         dense_step = False
         if self.skip_first_steps:
             if torch.compiler.is_compiling():
@@ -82,11 +72,9 @@ class DiffusersModelPatch:
                     "skip_first_steps counts denoising steps on the host, which a compiled transformer "
                     "forward cannot; compile its blocks instead (transformer.compile_repeated_blocks())"
                 )
-            step = self.steps.observe(inputs.get(self.family.timestep_arg))
+            step = self.steps.observe(inputs.get(family.timestep_arg))
             dense_step = step is not None and step < self.skip_first_steps
-        key_lengths = (
-            self.family.key_lengths_from_inputs(inputs) if self.family.key_lengths_from_inputs else None
-        )
+        key_lengths = family.key_lengths_from_inputs(inputs) if family.key_lengths_from_inputs else None
         self.state.set(grid=grid, dense_step=dense_step, key_lengths=key_lengths)
 
     def _after_forward(self, module, args, output) -> None:
@@ -94,7 +82,10 @@ class DiffusersModelPatch:
 
     def apply(self) -> None:
         """Swap the processors in and hook the model; on any failure undo what was done and raise."""
-        self._signature = _forward_signature(self.model)
+        try:  # the class's: an instance-level wrapper (an offload hook) may hide it
+            self._signature = inspect.signature(type(self.model).forward)
+        except (TypeError, ValueError):
+            self._signature = None
         self.originals = {path: module.get_processor() for path, (module, _) in self.processors.items()}
         try:
             for module, ours in self.processors.values():
@@ -132,8 +123,7 @@ def plan_diffusers_model(
     component: str = "",
     groups: ParallelGroups | None = None,
 ) -> DiffusersModelPatch:
-    """Check the model and build its processors, layers and (with ``groups``) split/gather hooks,
-    changing nothing yet."""
+    """Check the model and build its processors, layers and split/gather hooks, changing nothing yet."""
     sites = family.attention_modules(model)
     for path, module, _ in sites:
         processor = module.get_processor() if hasattr(module, "get_processor") else None
@@ -149,15 +139,9 @@ def plan_diffusers_model(
                 f"{type(model).__name__}.{path}: diffusers context parallelism is enabled; attnbridge "
                 "processors do not support it (disable it first)"
             )
-    layers = make_layers(
-        [(path, site.kind, _head_size(module)) for path, module, site in sites],
-        backend,
-        options,
-        platform=platform,
-        strict=strict,
-        device=model_device(model),
-        padded=family.key_lengths_from_inputs is not None,
-    )
+    specs = [(path, site.kind, _head_size(module)) for path, module, site in sites]
+    padded = family.key_lengths_from_inputs is not None
+    layers = make_layers(model, specs, backend, options, platform=platform, strict=strict, padded=padded)
     state = ForwardState()
     sharding = None
     if groups is not None:
@@ -166,13 +150,10 @@ def plan_diffusers_model(
         sharding = plan_sequence_shards(model, groups, family.sequence_replicated)
     shards = None if sharding is None else sharding.state
     processor_cls = PROCESSORS[family.name]
-    processors = {
-        path: (
-            module,
-            processor_cls(layers[path], layer_name=path, kind=site.kind, state=state, shards=shards),
-        )
-        for path, module, site in sites
-    }
+    processors = {}
+    for path, module, site in sites:
+        ours = processor_cls(layers[path], layer_name=path, kind=site.kind, state=state, shards=shards)
+        processors[path] = (module, ours)
     skip = getattr(options, "skip_first_steps", 0)
     return DiffusersModelPatch(
         model, family, state, steps, skip, layers, processors, component, sharding=sharding
@@ -197,10 +178,9 @@ def pipeline_transformers(pipe: Any) -> list[tuple[str, torch.nn.Module, ModelFa
 
 
 def supported_pipeline_components() -> str:
+    diffusers = [f for f in FAMILIES if f.library == "diffusers"]
     return ", ".join(
-        f"{'/'.join(f.pipeline_components)} of type {'/'.join(f.class_names)}"
-        for f in FAMILIES
-        if f.library == "diffusers"
+        f"{'/'.join(f.pipeline_components)} of type {'/'.join(f.class_names)}" for f in diffusers
     )
 
 
@@ -213,14 +193,11 @@ class DiffusersPipelinePatch:
     steps: Any
 
     def apply(self) -> None:
-        applied = []
         try:
             for patch in self.models:
                 patch.apply()
-                applied.append(patch)
-        except BaseException:
-            for patch in reversed(applied):
-                patch.remove()
+        except BaseException:  # the failed patch undid itself; removing one never applied is a no-op
+            self.remove()
             raise
 
     def remove(self) -> None:
@@ -245,18 +222,9 @@ def plan_pipeline(
             f"supported: {supported_pipeline_components()}"
         )
     steps = step_source(pipe)
+    kwargs = {"platform": platform, "strict": strict, "steps": steps, "groups": groups}
     models = [
-        plan_diffusers_model(
-            model,
-            family,
-            backend,
-            options,
-            platform=platform,
-            strict=strict,
-            steps=steps,
-            component=name,
-            groups=groups,
-        )
+        plan_diffusers_model(model, family, backend, options, component=name, **kwargs)
         for name, model, family in components
     ]
     return DiffusersPipelinePatch(pipe, models, steps)

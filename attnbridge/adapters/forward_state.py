@@ -1,10 +1,6 @@
-"""What the current transformer forward call looks like, for that call's attention processors. A
-forward pre-hook on the transformer reads the token grid, whether the denoising step runs dense, and
-the text padding once per call; the processors build their :class:`AttentionContext` from it. The
-facts are kept per thread, so two threads running one patched model each see their own call. They
-live in a plain ``threading.local`` read through ``getattr`` with a default: that is the form
-``torch.compile`` traces correctly (a subclass of ``threading.local`` with class defaults, or a
-``ContextVar``, it does not)."""
+"""The facts of the current forward call (token grid, dense step, key padding), set by a pre-hook, per
+thread, in a plain ``threading.local`` read through ``getattr`` with a default: the form
+``torch.compile`` traces correctly (not a ``threading.local`` subclass with defaults or a ``ContextVar``)."""
 
 from __future__ import annotations
 
@@ -14,8 +10,7 @@ from attnbridge.attention.contract import AttentionContext
 
 
 class PerThread:
-    """Facts kept per thread in a plain ``threading.local``; a pickled copy starts with none (the
-    facts of a running call are not state)."""
+    """Facts kept per thread; a pickled copy starts with none (a running call's facts are not state)."""
 
     def __init__(self) -> None:
         self._local = threading.local()
@@ -28,10 +23,11 @@ class PerThread:
 
 
 class ForwardState(PerThread):
-    """The facts of the forward call running on this thread (defaults outside any call)."""
+    """The facts of this thread's forward call (defaults outside any call)."""
 
-    def set(self, *, grid=None, dense_step: bool = False, key_lengths=None) -> None:
+    def set(self, *, grid=None, dense_step: bool = False, key_lengths=None, seq_len: int = 0) -> None:
         self._local.grid, self._local.dense_step, self._local.key_lengths = grid, dense_step, key_lengths
+        self._local.seq_len = seq_len
 
     @property
     def grid(self):
@@ -43,15 +39,19 @@ class ForwardState(PerThread):
 
     @property
     def key_lengths(self):
-        """Valid keys per sample of a joint sequence with padded text, int ``[B]`` (None: no padding)."""
+        """Valid keys per sample, int ``[B]`` (None: no padding)."""
         return getattr(self._local, "key_lengths", None)
 
-    def context(self, kind: str, *, num_text_tokens: int = 0, gate=None) -> AttentionContext:
+    @property
+    def seq_len(self) -> int:
+        """Length of the 2-D mask ``key_lengths`` was read from (transformers)."""
+        return getattr(self._local, "seq_len", 0)
+
+    def context(self, kind: str, *, num_text_tokens: int = 0) -> AttentionContext:
         return AttentionContext(
             kind=kind,
             grid=self.grid,
             dense_step=self.dense_step,
             num_text_tokens=num_text_tokens,
             key_lengths=self.key_lengths if kind == "joint" else None,
-            gate=gate,
         )

@@ -1,19 +1,9 @@
-"""Joint (text + image) attention when only the image tokens are sharded across ranks.
-
-Qwen-Image's text is short (tens to hundreds of tokens against thousands of image tokens) and of any
-length, so every rank holds the whole text q/k/v and only the image tokens are split (right-padded,
-``real_len`` of them real). Each rank attends its queries ``[its image chunk, all text]`` to all keys:
-
-* Ulysses: the image q/k/v go through the all-to-all (sequence shard -> head shard) and the text is
-  sliced to the same heads; without a ring, one kernel call then sees ``[image, text]`` as on one
-  device (any backend works, sparse ones included). The image output goes back to a sequence shard
-  and the text output's heads are all-gathered.
-* Ring: the image keys go around the ring (:func:`ring_attention` with the LSE), the text keys are
-  attended locally, and the two partials merge exactly through their LSE.
-
-Text query rows are computed on every rank (small); their outputs agree across ranks up to float
-rounding (the ring merges partials in a rank-dependent order).
-"""
+"""Joint (text + image) attention with only the image tokens sharded: every rank holds the whole
+(short) text and attends queries ``[its image chunk, all text]`` to all keys. Ulysses: the image goes
+through the all-to-all, the text is sliced to the same heads, so without a ring one kernel call sees
+``[image, text]`` as on one device (any backend). Ring: the image keys go around the ring, the text
+keys are attended locally, and the partials merge through their LSE. Text rows agree across ranks up
+to float rounding."""
 
 from __future__ import annotations
 
@@ -56,8 +46,8 @@ def joint_attention_replicated_text(
     real_len: int,
     context: AttentionContext | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(text_out [B, T, H, D], image_out [B, C, H, D])`` for full text q/k/v ``[B, T, H, D]`` and
-    this rank's image chunk q/k/v ``[B, C, H, D]`` of an image sequence of ``real_len`` real tokens."""
+    """``(text_out [B, T, H, D], image_out [B, C, H, D])`` for full text q/k/v ``[B, T, H, D]`` and this
+    rank's chunk ``[B, C, H, D]`` of image q/k/v with ``real_len`` real tokens in all."""
     check_heads_divisible(text[0].shape[2], groups.config.ulysses_degree)
     txt_q, txt_k, txt_v = (_head_slice(t, groups) for t in text)
     if groups.ulysses_group is not None:
@@ -66,8 +56,7 @@ def joint_attention_replicated_text(
         img_q, img_k, img_v = image
     num_image = img_q.shape[1]
     if groups.config.ring_degree == 1:
-        # This rank holds the whole (padded) image sequence for its heads: one call over the real
-        # tokens, in the contract's joint order [image, text].
+        # The whole (padded) image sequence for this rank's heads: one call over [real image, text].
         out = layer(
             torch.cat([img_q[:, :real_len], txt_q], dim=1),
             torch.cat([img_k[:, :real_len], txt_k], dim=1),

@@ -1,5 +1,4 @@
-"""The per-module :class:`AttentionLayer` objects, made at enable time and checked against what the
-model's config tells (attention kinds, head sizes) before anything is patched."""
+"""The per-module :class:`AttentionLayer` objects, made and checked before anything is patched."""
 
 from __future__ import annotations
 
@@ -13,8 +12,8 @@ from attnbridge.attention.contract import describe_sizes
 from attnbridge.attention.registry import Backend, Unavailable, get_backend, resolve
 from attnbridge.platforms import detect_platform
 
-#: Dense backend of cross-attention under a sparse backend (no token grid to sparsify): the one the
-#: sparse kernels use for their own dense steps, so one model never mixes two dense kernels.
+#: Dense backend of cross-attention under a sparse backend (no token grid to sparsify); the sparse
+#: kernels' own dense steps use it too, so one model never mixes two dense kernels.
 DENSE_FOR_SPARSE = "fa"
 
 logger = logging.getLogger("attnbridge")
@@ -36,9 +35,8 @@ def model_device(model: torch.nn.Module) -> torch.device | None:
 def check_resolves(
     layer: AttentionLayer, device: torch.device | None, kinds: set[str], head_sizes: set[int]
 ) -> None:
-    """Fail now, before anything is patched, on an attention kind or head size of the model the
-    kernel for ``device`` cannot serve, or on its missing package (``strict=True``). Devices no
-    platform serves (``meta``) are left to the first call."""
+    """Fail on an attention kind or head size the kernel for ``device`` cannot serve, or on its missing
+    package (``strict=True``); devices no platform serves (``meta``) are left to the first call."""
     if device is None:
         return
     try:
@@ -68,8 +66,7 @@ def _check_limits(backend: str, impl, kinds: set[str], head_sizes: set[int]) -> 
 
 
 def _padding_fallback(layer: AttentionLayer, device: torch.device | None) -> str | None:
-    """Why the kernel ``layer`` runs on the model's platform, or on this machine's accelerator (where
-    the model may move), sends padded calls to a dense fallback, if one does."""
+    """Why padded calls go to a dense fallback on the model's platform or this machine's accelerator."""
     try:
         platforms = [layer.platform_for(device if device is not None else torch.device("cpu"))]
     except ValueError:  # a device no platform serves (meta)
@@ -87,9 +84,8 @@ def _padding_fallback(layer: AttentionLayer, device: torch.device | None) -> str
 
 
 def resolve_ahead(layer: AttentionLayer, device: torch.device | None) -> None:
-    """Resolve the layer's kernels for the model's device and this machine's accelerator (where the
-    model may move after enabling) now: a call under ``torch.compile`` cannot import or read the
-    registry."""
+    """Resolve the kernels for the model's device and this machine's accelerator (where the model may
+    move) now: a call under ``torch.compile`` cannot import or read the registry."""
     for device_type in dict.fromkeys((device.type if device else "cpu", detect_platform().device_type)):
         try:
             layer.impl_for(torch.device(device_type))
@@ -98,26 +94,24 @@ def resolve_ahead(layer: AttentionLayer, device: torch.device | None) -> None:
 
 
 def make_layers(
+    model: torch.nn.Module,
     sites: list[tuple[str, str, int | None]],
     backend: Backend,
     options: Any,
     *,
     platform: str | None,
     strict: bool,
-    device: torch.device | None,
     padded: bool = False,
 ) -> dict[str, AttentionLayer]:
-    """One layer per attention module ``(path, kind, head size)``; the first layer of each backend
-    is resolved and checked eagerly. ``padded``: the model's inputs can carry key padding (a batch
-    of prompts of different lengths); a backend whose kernel cannot take it says so now."""
+    """One layer per attention module ``(path, kind, head size)`` of ``model``, the first of each
+    backend checked now. ``padded``: inputs can carry key padding (a kernel that cannot take it says so)."""
+    device = model_device(model)
     layers: dict[str, AttentionLayer] = {}
     # served backend -> (its first layer, the kinds it serves, the head sizes it sees)
     served_by: dict[str, tuple[AttentionLayer, set[str], set[int]]] = {}
     for name, kind, head_size in sites:
-        served, served_options = backend_for_kind(backend, options, kind)
-        layer = AttentionLayer.with_options(
-            served.name, served_options, platform=platform, strict=strict, name=name
-        )
+        served, opts = backend_for_kind(backend, options, kind)
+        layer = AttentionLayer.with_options(served.name, opts, platform=platform, strict=strict, name=name)
         _, kinds, heads = served_by.setdefault(served.name, (layer, set(), set()))
         kinds.add(kind)
         if head_size is not None:

@@ -1,4 +1,4 @@
-"""What every attnbridge diffusers attention processor holds, whatever the model family."""
+"""The base of attnbridge's diffusers attention processors."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from attnbridge.attention.api import AttentionLayer
 
 
 class BridgeProcessor:
-    """One attention module's processor. ``layer_name`` is only read in error messages: a per-layer
-    string in the traced path would make ``torch.compile`` compile once per layer."""
+    """One attention module's processor. ``layer_name`` is only for error messages: a per-layer string
+    in the traced path would make ``torch.compile`` compile once per layer."""
 
     # diffusers' set_attention_backend / enable_parallelism write these; we honour neither.
     _attention_backend = None
@@ -31,7 +31,6 @@ class BridgeProcessor:
         self.shards = shards
 
     def refuse_diffusers_parallelism(self) -> None:
-        """diffusers' own context parallelism would shard around us: say so instead of computing wrong."""
         if self._parallel_config is not None:
             raise NotImplementedError(
                 f"{self.layer_name}: diffusers context parallelism is not supported with attnbridge "

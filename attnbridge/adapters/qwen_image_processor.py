@@ -1,10 +1,6 @@
-"""attnbridge's attention processor for Qwen-Image's joint (text + image) attention.
-
-Same math as diffusers' ``QwenDoubleStreamAttnProcessor2_0``, with the kernel call going through the
-module's :class:`AttentionLayer` and the joint sequence ordered ``[image, text]`` (see
-:mod:`attnbridge.models.qwen_image`). With sequence parallelism the image stream arrives as this
-rank's chunk and the text stream whole (:mod:`attnbridge.adapters.joint_parallel`).
-"""
+"""attnbridge's processor for Qwen-Image's joint attention: diffusers'
+``QwenDoubleStreamAttnProcessor2_0`` math, the kernel call through the module's
+:class:`AttentionLayer`, the joint sequence ordered ``[image, text]``."""
 
 from __future__ import annotations
 
@@ -51,7 +47,6 @@ class QwenImageAttnBridgeProcessor(BridgeProcessor):
         self.refuse_diffusers_parallelism()
         seq_txt = encoder_hidden_states.shape[1]
         head_dim = attn.inner_dim // attn.heads
-
         img_q, img_k, img_v = (
             _heads(proj(hidden_states), head_dim) for proj in (attn.to_q, attn.to_k, attn.to_v)
         )
@@ -65,14 +60,11 @@ class QwenImageAttnBridgeProcessor(BridgeProcessor):
             img_freqs, txt_freqs = image_rotary_emb
             img_q, img_k = _qwen_rotary(img_q, img_freqs), _qwen_rotary(img_k, img_freqs)
             txt_q, txt_k = _qwen_rotary(txt_q, txt_freqs), _qwen_rotary(txt_k, txt_freqs)
-
+        text, image = (txt_q, txt_k, txt_v), (img_q, img_k, img_v)
         if self.shards is not None:
-            return self._sharded(attn, (txt_q, txt_k, txt_v), (img_q, img_k, img_v))
-
+            return self._sharded(attn, text, image)
         # Image first, then text: the contract's joint order, and the text padding ends each sample.
-        query = torch.cat([img_q, txt_q], dim=1)
-        key = torch.cat([img_k, txt_k], dim=1)
-        value = torch.cat([img_v, txt_v], dim=1)
+        query, key, value = (torch.cat(pair, dim=1) for pair in zip(image, text))
         context = self.state.context(self.kind, num_text_tokens=seq_txt)
         joint = self.layer(query, key, value, context=context).flatten(2, 3).to(query.dtype)
         seq_img = hidden_states.shape[1]

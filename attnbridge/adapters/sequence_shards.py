@@ -1,12 +1,7 @@
-"""Cutting a diffusers transformer's token sequence across sequence-parallel ranks, and gathering it.
-
-*Where* comes from the model's own ``_cp_plan`` (what diffusers' ``enable_parallelism`` uses), minus
-the entries a family keeps replicated (Qwen-Image's text). *How* differs from diffusers' hooks, which
-need the length to divide the rank count (or give ranks unequal shards, which a ring with fixed-size
-transfers cannot pass): the sequence is right-padded (:func:`shard_sequence`), its real length kept
-in a :class:`ShardState` for the attention to mask padded keys, and the gather cuts the padding off.
-Qwen-Image at 1328x1328 has 83 x 83 = 6,889 image tokens, so padding is needed.
-"""
+"""Splitting a diffusers transformer's token sequence across sequence-parallel ranks where its
+``_cp_plan`` says, minus the entries a family keeps replicated. Unlike diffusers' hooks, which need
+the length to divide the rank count (Qwen-Image at 1328x1328 has 6,889 image tokens), the sequence is
+right-padded, its real length kept in a :class:`ShardState`, and the gather cuts the padding off."""
 
 from __future__ import annotations
 
@@ -22,14 +17,14 @@ from attnbridge.attention.parallel import ParallelGroups, gather_sequence, shard
 
 @dataclass
 class ShardState:
-    """The sequence being split in the current forward call: its real (unpadded) length."""
+    """The real (unpadded) length of the sequence split in the current forward call."""
 
     groups: ParallelGroups
     real_len: int | None = None
 
     def split(self, x: Any, spec: Any) -> torch.Tensor:
-        """``x`` cut along ``spec.split_dim`` when it is a tensor of the layout ``spec`` expects; else
-        as is (absent, or another layout such as Wan's per-sample timestep: not a sequence)."""
+        """``x`` cut along ``spec.split_dim`` if it is a tensor of the layout ``spec`` expects, else as is
+        (absent, or not a sequence, such as Wan's per-sample timestep)."""
         if not isinstance(x, torch.Tensor) or spec.expected_dims not in (None, x.dim()):
             return x
         length = x.shape[spec.split_dim]
@@ -47,16 +42,6 @@ class ShardState:
         if self.real_len is None:
             raise RuntimeError("gathering a sequence that was never split in this forward call")
         return gather_sequence(x, self.groups, self.real_len, dim=spec.gather_dim % x.dim())
-
-
-def _plan_of(model: torch.nn.Module) -> dict[str, Any]:
-    plan = getattr(type(model), "_cp_plan", None)
-    if not plan:
-        raise ValueError(
-            f"{type(model).__name__} has no _cp_plan in this diffusers version; attnbridge reads where to "
-            "split the sequence from it (diffusers >= 0.36 defines it for Wan and Qwen-Image)"
-        )
-    return plan
 
 
 def _modules_matching(model: torch.nn.Module, key: str) -> list[torch.nn.Module]:
@@ -102,7 +87,7 @@ def _map_outputs(specs: dict[int, Any], fn):
 
 @dataclass
 class SequenceShardPatch:
-    """Forward hooks that realise a model's ``_cp_plan`` with padding; ``remove()`` takes them all out."""
+    """Forward hooks that realise a model's ``_cp_plan`` with padding."""
 
     model: torch.nn.Module
     state: ShardState
@@ -134,13 +119,19 @@ class SequenceShardPatch:
 def plan_sequence_shards(
     model: torch.nn.Module, groups: ParallelGroups, replicated: tuple[str, ...] = ()
 ) -> SequenceShardPatch:
-    """The hooks for ``model``'s ``_cp_plan`` minus the ``replicated`` entries (``"<module key>/<input
-    name or output index>"``, e.g. ``"pos_embed/1"``); checks the plan, registers nothing yet."""
+    """The hooks for ``model``'s ``_cp_plan`` minus ``replicated`` entries (``"<module>/<input or output
+    index>"``, e.g. ``"pos_embed/1"``); registers nothing yet."""
     from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 
+    plan = getattr(type(model), "_cp_plan", None)
+    if not plan:
+        raise ValueError(
+            f"{type(model).__name__} has no _cp_plan in this diffusers version; attnbridge reads where to "
+            "split the sequence from it (diffusers >= 0.36 defines it for Wan and Qwen-Image)"
+        )
     state = ShardState(groups)
     hooks = []
-    for key, entry in _plan_of(model).items():
+    for key, entry in plan.items():
         modules = _modules_matching(model, key)
         if isinstance(entry, dict):
             kept = {k: spec for k, spec in entry.items() if f"{key}/{k}" not in replicated}

@@ -1,9 +1,6 @@
-"""Which denoising step a transformer call belongs to (read only when ``skip_first_steps`` needs
-it). Pipelines call the transformer once per step, or twice with classifier-free guidance, and Wan
-2.2 A14B switches between two transformers mid-run: in a pipeline the scheduler's ``step_index``
-says the step (``None`` until its first ``step()``: step 0). A bare transformer in the user's own
-loop has no scheduler in reach; the step then advances when the timestep changes and restarts when
-it rises, since denoising only ever lowers it."""
+"""Which denoising step a transformer call belongs to (for ``skip_first_steps``): in a pipeline (two
+calls per step with CFG, two transformers in Wan 2.2 A14B) its scheduler's ``step_index``; for a bare
+transformer, a count that advances when the timestep changes and restarts when it rises."""
 
 from __future__ import annotations
 
@@ -15,19 +12,14 @@ from attnbridge.adapters.forward_state import PerThread
 
 
 def timestep_key(timestep: object) -> float | None:
-    """One number per step: the largest timestep value (TI2V passes ``[B, seq]`` with 0 on the
-    conditioning frame and ``t`` elsewhere; cond and uncond calls pass the same values)."""
-    if timestep is None:
+    """One number per step: the largest timestep value (TI2V passes ``[B, seq]``, 0 on the first frame)."""
+    if timestep is None or (isinstance(timestep, torch.Tensor) and timestep.numel() == 0):
         return None
-    if isinstance(timestep, torch.Tensor):
-        if timestep.numel() == 0:
-            return None
-        return float(timestep.detach().max())
-    return float(timestep)
+    return float(timestep.detach().max()) if isinstance(timestep, torch.Tensor) else float(timestep)
 
 
 class SchedulerSteps:
-    """Steps of a pipeline: its scheduler's ``step_index``."""
+    """Steps of a pipeline: its scheduler's ``step_index`` (``None`` before the first ``step()``: 0)."""
 
     def __init__(self, scheduler: Any) -> None:
         self.scheduler = scheduler
@@ -41,8 +33,7 @@ class SchedulerSteps:
 
 
 class TimestepSteps(PerThread):
-    """Steps of a bare transformer, from its timesteps: -1 before the first call, then 0, 1, ...;
-    per thread, so two threads' loops do not advance each other's count."""
+    """Steps of a bare transformer, per thread: -1 before the first call, then 0, 1, ..."""
 
     @property
     def step(self) -> int:
@@ -52,7 +43,7 @@ class TimestepSteps(PerThread):
         self._local.step, self._local.last = -1, None
 
     def observe(self, timestep: object) -> int | None:
-        """Record one transformer call; returns its step index (``None`` if no step is known)."""
+        """Record one transformer call; returns its step (``None`` if unknown)."""
         key = timestep_key(timestep)
         last = getattr(self._local, "last", None)
         if key is None:
@@ -64,7 +55,7 @@ class TimestepSteps(PerThread):
 
 
 def step_source(pipe: Any = None) -> SchedulerSteps | TimestepSteps:
-    """How the steps of the transformers of ``pipe`` (or of a bare transformer) are counted."""
+    """How the steps of ``pipe``'s transformers (or of a bare transformer) are counted."""
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is not None and hasattr(scheduler, "step_index"):
         return SchedulerSteps(scheduler)

@@ -1,16 +1,8 @@
-"""Patch transformers LLMs (Qwen3-MoE) through ``AttentionInterface``.
-
-One attention function, registered as ``attnbridge_<backend>``, serves every patched model through
-the :class:`AttentionLayer` stored on the attention module. The name is also registered in
-``AttentionMaskInterface`` with the SDPA mask builder (transformers makes no mask for names it does
-not know, which would silently ignore padding), and as soon as both attnbridge and transformers are
-imported, so a patched model saved with ``torch.save`` loads in a new process.
-
-Calls without a mask (prefill, decode) run the backend with ``causal=True``; a right-padded batch
-(read from the model's 2-D ``attention_mask`` by a forward pre-hook) with the valid key lengths.
-Other masks (left padding, sliding windows) and dropout run transformers' own SDPA attention, as the
-unpatched model does, with a warning once per process.
-"""
+"""Patch transformers LLMs (Qwen3-MoE) through ``AttentionInterface``: one attention function,
+registered as ``attnbridge_<backend>`` (also in ``AttentionMaskInterface`` with the SDPA mask builder:
+transformers builds no mask for unknown names), runs the :class:`AttentionLayer` stored on each module.
+Unmasked calls run causally, right-padded batches with their key lengths; other masks (left padding,
+sliding windows) and dropout run transformers' SDPA, with a warning."""
 
 from __future__ import annotations
 
@@ -21,7 +13,7 @@ from typing import Any
 
 import torch
 
-from attnbridge.adapters.forward_state import PerThread
+from attnbridge.adapters.forward_state import ForwardState
 from attnbridge.adapters.layers import make_layers, model_device
 from attnbridge.attention.api import AttentionLayer
 from attnbridge.attention.contract import AttentionContext
@@ -30,9 +22,8 @@ from attnbridge.attention.registry import Backend, backend_names
 from attnbridge.models import ModelFamily
 from attnbridge.notices import warn_once
 
-#: Attribute on each patched attention module holding its AttentionLayer.
+#: Attributes on each patched attention module: its AttentionLayer and its model's ForwardState.
 LAYER_ATTR = "_attnbridge_layer"
-#: Attribute on each patched attention module holding its model's :class:`PaddingState`.
 PADDING_ATTR = "_attnbridge_padding"
 
 
@@ -62,67 +53,29 @@ def attnbridge_attention_forward(
         if padding is not None and padding.key_lengths is not None and q_len == kv_len == padding.seq_len:
             key_lengths = padding.key_lengths
     if dropout or kwargs.get("sliding_window") or (attention_mask is not None and key_lengths is None):
-        return _masked_fallback(
-            module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs
-        )
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+        warn_once(
+            "attention with a mask attnbridge backends do not take (left padding, sliding window) or "
+            "with dropout runs through transformers' SDPA; unmasked and right-padded calls use the backend"
+        )
+        inputs = (module, query, key, value, attention_mask)
+        return sdpa_attention_forward(
+            *inputs, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     causal = bool(is_causal) and q_len > 1
     if causal and kv_len > q_len and attention_mask is None:
-        # Same as transformers' SDPA path: with no mask this is a prefill into an empty static cache,
-        # whose real keys are the first q_len (SDPA's is_causal is top-left aligned).
+        # As transformers' SDPA path: a prefill into an empty static cache, whose real keys are the
+        # first q_len (SDPA's is_causal is top-left aligned).
         key, value = key[:, :, :q_len], value[:, :, :q_len]
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     context = AttentionContext(kind="self", key_lengths=key_lengths)
-    out = layer(
-        query.transpose(1, 2),
-        key.transpose(1, 2),
-        value.transpose(1, 2),
-        causal=causal,
-        scale=scaling,
-        context=context,
-    )
-    return out, None
-
-
-def _masked_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    warn_once(
-        "attention with a mask attnbridge backends do not take (left padding, sliding window) or "
-        "with dropout runs through transformers' SDPA; unmasked and right-padded calls use the backend"
-    )
-    return sdpa_attention_forward(
-        module,
-        query,
-        key,
-        value,
-        attention_mask,
-        dropout=dropout,
-        scaling=scaling,
-        is_causal=is_causal,
-        **kwargs,
-    )
-
-
-class PaddingState(PerThread):
-    """Valid key lengths of the model call running on this thread (None: no right padding), and the
-    length of the 2-D mask they come from."""
-
-    def set(self, key_lengths: torch.Tensor | None = None, seq_len: int = 0) -> None:
-        self._local.key_lengths, self._local.seq_len = key_lengths, seq_len
-
-    @property
-    def key_lengths(self) -> torch.Tensor | None:
-        return getattr(self._local, "key_lengths", None)
-
-    @property
-    def seq_len(self) -> int:
-        return getattr(self._local, "seq_len", 0)
+    return layer(q, k, v, causal=causal, scale=scaling, context=context), None
 
 
 def right_padding_lengths(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Each sample's real tokens when the 2-D ``mask`` [B, S] marks them first and padding last;
-    None otherwise."""
+    """Each sample's real tokens if the 2-D ``mask`` [B, S] is right-padded, else None."""
     lengths = leading_lengths(mask) if mask is not None and mask.dim() == 2 else None
     return None if lengths is None else lengths.to(torch.int32)
 
@@ -138,8 +91,8 @@ def register_implementation(backend: str) -> str:
     return name
 
 
-def _configs(model: torch.nn.Module) -> list[Any]:
-    """Every config object whose ``_attn_implementation`` ``set_attn_implementation`` may touch."""
+def _implementations(model: torch.nn.Module) -> list[tuple[Any, Any]]:
+    """``(config, its _attn_implementation_internal)`` for each config set_attn_implementation touches."""
     seen: dict[int, Any] = {}
     pending = [m.config for m in model.modules() if getattr(m, "config", None) is not None]
     while pending:
@@ -151,57 +104,49 @@ def _configs(model: torch.nn.Module) -> list[Any]:
             sub = getattr(config, key, None)
             if sub is not None:
                 pending.append(sub)
-    return list(seen.values())
-
-
-def _read_implementation(config: Any) -> Any:
-    return getattr(config, "_attn_implementation_internal", None)
-
-
-def _write_implementation(config: Any, value: Any) -> None:
-    config._attn_implementation_internal = value
+    return [(config, getattr(config, "_attn_implementation_internal", None)) for config in seen.values()]
 
 
 @contextlib.contextmanager
 def attn_implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
-    """Run ``model`` with attention implementation ``name`` (already registered) for one block of
-    code; every config's previous value is restored afterwards, also on error."""
-    saved = [(config, _read_implementation(config)) for config in _configs(model)]
+    """Run ``model`` with attention implementation ``name`` (already registered) within the block."""
+    saved = _implementations(model)
     try:
         for config, _ in saved:
-            _write_implementation(config, name)
+            config._attn_implementation_internal = name
         yield
     finally:
         for config, value in saved:
-            _write_implementation(config, value)
+            config._attn_implementation_internal = value
 
 
-#: Why sparse backends are refused for causal LLMs (the support table and docs show it too).
+#: Why sparse backends are refused for causal LLMs (also shown by the support table and docs).
 SPARSE_LM_REFUSAL = "is a sparse video/image backend (it needs a latent token grid)"
 
 
 @dataclass
 class TransformersModelPatch:
-    """Our layers on a transformers model's attention modules and its attn implementation switched."""
+    """Our layers on a transformers model's attention modules, its attn implementation switched."""
 
     model: torch.nn.Module
     backend: str
     layers: dict[str, AttentionLayer]
     modules: dict[str, torch.nn.Module]
-    padding: PaddingState = field(default_factory=PaddingState)
-    originals: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    padding: ForwardState = field(default_factory=ForwardState)
+    originals: list[tuple[Any, Any]] = field(default_factory=list)
     _hooks: list = field(default_factory=list)
 
     def _before_forward(self, module, args, kwargs) -> None:
         mask = kwargs.get("attention_mask")
-        self.padding.set(right_padding_lengths(mask), mask.shape[-1] if isinstance(mask, torch.Tensor) else 0)
+        seq_len = mask.shape[-1] if isinstance(mask, torch.Tensor) else 0
+        self.padding.set(key_lengths=right_padding_lengths(mask), seq_len=seq_len)
 
     def _after_forward(self, module, args, output) -> None:
         self.padding.set()
 
     def apply(self) -> None:
         """Switch the attention implementation; on any failure undo what was done and raise."""
-        self.originals = {id(c): (c, _read_implementation(c)) for c in _configs(self.model)}
+        self.originals = _implementations(self.model)
         try:
             name = register_implementation(self.backend)
             for path, module in self.modules.items():
@@ -225,9 +170,9 @@ class TransformersModelPatch:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        for config, value in self.originals.values():
-            _write_implementation(config, value)
-        self.originals = {}
+        for config, value in self.originals:
+            config._attn_implementation_internal = value
+        self.originals = []
         for module in self.modules.values():
             module.__dict__.pop(LAYER_ATTR, None)
             module.__dict__.pop(PADDING_ATTR, None)
@@ -262,17 +207,11 @@ def plan_transformers_model(
             f"{type(model).__name__} has no set_attn_implementation; attnbridge needs transformers >= 5"
         )
     sites = family.attention_modules(model)
-    device = model_device(model)
     head_size = _head_size(model)
-    layers = make_layers(
-        [(path, site.kind, head_size) for path, _, site in sites],
-        backend,
-        options,
-        platform=platform,
-        strict=strict,
-        device=device,
-        padded=True,  # a batch of prompts is padded to its longest
-    )
+    specs = [(path, site.kind, head_size) for path, _, site in sites]
+    # padded: a batch of prompts is padded to its longest
+    layers = make_layers(model, specs, backend, options, platform=platform, strict=strict, padded=True)
+    device = model_device(model)
     if device is not None and any(site.causal for _, _, site in sites):
         first = next(iter(layers.values()))
         try:

@@ -1,11 +1,6 @@
-"""attnbridge's attention processor for Wan (``WanAttention``).
-
-Same math as diffusers' ``WanAttnProcessor`` (I2V image branch included), with each kernel call going
-through the module's :class:`AttentionLayer`, on BSHD tensors throughout. With sequence parallelism
-the hidden states and rotary tables arrive as this rank's chunk: ``attn1`` runs
-:class:`ParallelAttention` over all ranks' chunks, ``attn2`` (cross-attention, whose keys every rank
-holds in full) stays local.
-"""
+"""attnbridge's processor for Wan: diffusers' ``WanAttnProcessor`` math (I2V included) on BSHD tensors.
+With sequence parallelism the hidden states arrive as this rank's chunk: ``attn1`` runs
+:class:`ParallelAttention`, ``attn2`` (cross-attention, keys held in full) stays local."""
 
 from __future__ import annotations
 
@@ -81,7 +76,6 @@ class WanAttnBridgeProcessor(BridgeProcessor):
             encoder_hidden_states = encoder_hidden_states[:, image_tokens:]
         is_self = encoder_hidden_states is None
         context_states = hidden_states if is_self else encoder_hidden_states
-
         query, key, value = _qkv(attn, hidden_states, context_states)
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
@@ -89,18 +83,15 @@ class WanAttnBridgeProcessor(BridgeProcessor):
         if rotary_emb is not None:
             query = _wan_rotary(query, *rotary_emb)
             key = _wan_rotary(key, *rotary_emb)
-
         image_out = None
         if image_states is not None:
             key_img, value_img = _image_kv(attn, image_states)
             key_img = attn.norm_added_k(key_img).unflatten(2, (attn.heads, -1))
             value_img = value_img.unflatten(2, (attn.heads, -1))
-            image_out = self._attend(query, key_img, value_img, None)
-            image_out = image_out.flatten(2, 3).type_as(query)
-
-        out = self._attend(query, key, value, attention_mask, sharded_keys=is_self)
-        out = out.flatten(2, 3).type_as(query)
+            image_out = self._attend(query, key_img, value_img, None).flatten(2, 3).type_as(query)
+        out = (
+            self._attend(query, key, value, attention_mask, sharded_keys=is_self).flatten(2, 3).type_as(query)
+        )
         if image_out is not None:
             out = out + image_out
-        out = attn.to_out[0](out)
-        return attn.to_out[1](out)
+        return attn.to_out[1](attn.to_out[0](out))

@@ -1,7 +1,6 @@
-"""The one call every model goes through: ``attend(q, k, v, backend=...)``. Options are checked
-once, when an :class:`AttentionLayer` is made, and its kernel is resolved once per platform. Nothing
-in the call path imports, syncs with the host or reads per-layer strings, so ``torch.compile``
-traces it once per shape however many layers."""
+"""``attend(q, k, v, backend=...)`` and :class:`AttentionLayer`. Options are checked when a layer is
+made, its kernel resolved once per platform; the call path never imports, syncs with the host or reads
+per-layer strings, so ``torch.compile`` traces it once per shape however many layers."""
 
 from __future__ import annotations
 
@@ -17,21 +16,18 @@ from attnbridge.attention.contract import AttentionContext, AttentionImpl, check
 from attnbridge.attention.registry import Backend, get_backend, make_impl
 from attnbridge.platforms import PLATFORM_ENV, get_platform, platform_name_for_device
 
-#: Callbacks of :func:`observe`.
 _OBSERVERS: list[Callable] = []
 
 
 def platform_for(device: torch.device, override: str | None = None) -> str:
-    """The platform whose kernels run on ``device``: ``override``, ``$ATTNBRIDGE_PLATFORM``, or the
-    device's own."""
+    """``override``, else ``$ATTNBRIDGE_PLATFORM``, else ``device``'s platform."""
     return override or os.environ.get(PLATFORM_ENV) or platform_name_for_device(device)
 
 
 @contextlib.contextmanager
 def observe(observer: Callable) -> Iterator[None]:
-    """Call ``observer(layer, q, k, context)`` before every :class:`AttentionLayer` call of the
-    process (outside ``torch.compile``) for the block; what it returns, if anything, is called with
-    the output (timing, tests)."""
+    """Within the block, call ``observer(layer, q, k, context)`` before every eager layer call; what it
+    returns, if anything, is called with the output (timing, tests)."""
     _OBSERVERS.append(observer)
     try:
         yield
@@ -40,9 +36,8 @@ def observe(observer: Callable) -> Iterator[None]:
 
 
 class AttentionLayer:
-    """A backend bound to one attention layer. ``options`` are the backend's (``sparsity=0.75``...);
-    ``platform`` forces a platform's kernels (default: the tensors' device, or ``$ATTNBRIDGE_PLATFORM``);
-    ``strict=True`` makes a kernel that cannot run an error instead of the declared fallback."""
+    """A backend bound to one attention layer, with its ``options`` (``sparsity=0.75``...); ``platform``
+    forces a platform's kernels; ``strict=True`` makes a kernel that cannot run an error, not a fallback."""
 
     def __init__(
         self,
@@ -78,8 +73,7 @@ class AttentionLayer:
         return platform_for(device, self.platform)
 
     def impl_for(self, device: torch.device) -> AttentionImpl:
-        """The kernel for ``device``'s platform, resolved on first use (keyed by device type, a
-        constant under ``torch.compile``)."""
+        """The kernel for ``device``, resolved on first use (keyed by device type: constant when compiled)."""
         impl = self._impls.get(device.type)
         if impl is None:
             impl = make_impl(self.spec.name, self.platform_for(device), self.options, strict=self.strict)
@@ -139,8 +133,7 @@ def attend(
     strict: bool = False,
     **options: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Attention on BSHD tensors through ``backend`` (or ``layer``): ``out`` ``[B, S_q, H_q, D]``, or
-    with ``return_lse=True`` ``(out, lse)`` with ``lse`` ``[B, H_q, S_q]`` float32."""
+    """Attention on BSHD tensors through ``backend`` (or ``layer``): ``out`` or ``(out, lse)`` (contract)."""
     if layer is None:
         if platform is not None:
             get_platform(platform)

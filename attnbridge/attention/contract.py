@@ -1,10 +1,8 @@
-"""The contract every attention kernel implements; a *backend* is the name users ask for (``"fa"``),
-an *impl* the class that runs it on one platform.
+"""The contract every impl (the class running a backend on one platform) implements.
 
 * ``q``: ``[B, S_q, H_q, D]`` (BSHD), ``k`` and ``v``: ``[B, S_kv, H_kv, D]`` with ``H_q % H_kv == 0``.
 * output: ``[B, S_q, H_q, D]`` in the dtype of ``q``.
-* softmax LSE (when asked for): ``[B, H_q, S_q]`` float32, natural log, so that partial results of
-  ring attention merge with :func:`attnbridge.attention.lse.merge_partials`.
+* softmax LSE (when asked for): ``[B, H_q, S_q]`` float32, natural log (ring partials merge through it).
 """
 
 from __future__ import annotations
@@ -22,11 +20,10 @@ HALF_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class AttentionContext:
-    """What the adapter knows about one attention call, beyond q/k/v. ``kind`` is ``"self"``, ``"cross"`` or
-    ``"joint"`` (image tokens, then ``num_text_tokens`` text tokens, in one sequence); ``grid`` the latent
-    token grid ``(T, H, W)`` of the image tokens; ``step`` the denoising step (``dense_step=True``: the step
-    runs dense); ``key_lengths`` the valid keys per sample (int ``[B]``, keys past it are padding); ``gate``
-    VSA's compress-branch gate (BSHD)."""
+    """What the adapter knows about one call. ``kind``: ``"self"``, ``"cross"`` or ``"joint"`` (image
+    tokens, then ``num_text_tokens`` text tokens); ``grid``: the image tokens' latent grid ``(T, H, W)``;
+    ``dense_step``: this denoising step runs dense; ``key_lengths``: valid keys per sample (int ``[B]``,
+    the rest is padding); ``gate``: VSA's compress-branch gate (BSHD)."""
 
     kind: str = "self"
     grid: tuple[int, int, int] | None = None
@@ -46,22 +43,20 @@ def describe_sizes(sizes: tuple[int, ...]) -> str:
 
 
 class AttentionImpl(ABC):
-    """One kernel on one platform, made once per layer. The class attributes are its limits:
-    :meth:`check_inputs` enforces them on every call, the support table and the docs read them."""
+    """One kernel on one platform, made per layer; its class attributes (limits) feed checks and docs."""
 
     #: What actually runs, shown in ``attnbridge backends`` and the docs.
     description: ClassVar[str] = ""
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = DENSE_DTYPES
     #: ``None`` means any head size.
     supported_head_sizes: ClassVar[tuple[int, ...] | None] = None
-    #: Why calls with key padding run a dense fallback instead of this kernel (None: it takes them);
-    #: said once when a model that can be padded is patched.
+    #: Why calls with key padding run a dense fallback instead (None: it takes them).
     padding_fallback: ClassVar[str | None] = None
     supports_lse: ClassVar[bool] = True
     supports_causal: ClassVar[bool] = True
     #: Attention kinds this kernel serves; a model with another kind is refused at enable time.
     attention_kinds: ClassVar[tuple[str, ...]] = ("self", "cross", "joint")
-    #: Install commands of the packages :meth:`check_available` needs, in the order it imports them.
+    #: Install commands of the packages :meth:`check_available` needs.
     install: ClassVar[tuple[str, ...]] = ()
     #: What the attributes above cannot say (shown in the docs).
     notes: ClassVar[str] = ""
@@ -79,7 +74,7 @@ class AttentionImpl(ABC):
     def check_inputs(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, return_lse: bool
     ) -> None:
-        """Raise ``ValueError`` naming this backend and the allowed values for input it cannot run."""
+        """Raise ``ValueError`` naming this backend and what is allowed, for input it cannot run."""
         check_qkv(self.backend, q, k, v)
         if q.dtype not in self.supported_dtypes:
             allowed = ", ".join(dtype_name(d) for d in self.supported_dtypes)
@@ -111,7 +106,7 @@ class AttentionImpl(ABC):
         return_lse: bool = False,
         context: AttentionContext | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Attention on BSHD tensors; returns ``out`` or ``(out, lse)`` (see module docstring)."""
+        """``out`` or ``(out, lse)`` (see module docstring)."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -120,48 +115,41 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def check_qkv(backend: str, q: Any, k: Any, v: Any) -> None:
     """Shape checks shared by every backend, with errors that say what disagrees."""
+    where = f"backend {backend!r}"
     if not all(isinstance(x, torch.Tensor) for x in (q, k, v)):
         kinds = ", ".join(type(x).__name__ for x in (q, k, v))
-        raise ValueError(f"backend {backend!r} expects q, k, v as torch tensors; got {kinds}")
+        raise ValueError(f"{where} expects q, k, v as torch tensors; got {kinds}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
-            f"backend {backend!r} expects q, k, v as 4-D [batch, seq, heads, head_dim] tensors; "
+            f"{where} expects q, k, v as 4-D [batch, seq, heads, head_dim] tensors; "
             f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     if k.shape != v.shape:
-        raise ValueError(f"backend {backend!r}: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+        raise ValueError(f"{where}: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
     if q.shape[0] != k.shape[0]:
-        raise ValueError(f"backend {backend!r}: batch of q ({q.shape[0]}) and k ({k.shape[0]}) differ")
+        raise ValueError(f"{where}: batch of q ({q.shape[0]}) and k ({k.shape[0]}) differ")
     if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"backend {backend!r}: head_dim of q ({q.shape[-1]}) and k ({k.shape[-1]}) differ")
+        raise ValueError(f"{where}: head_dim of q ({q.shape[-1]}) and k ({k.shape[-1]}) differ")
     if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
-        raise ValueError(
-            f"backend {backend!r}: q heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})"
-        )
+        raise ValueError(f"{where}: q heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
     if k.shape[1] == 0:
-        raise ValueError(
-            f"backend {backend!r}: k and v hold no tokens (S_kv = 0): there is nothing to attend"
-        )
+        raise ValueError(f"{where}: k and v hold no tokens (S_kv = 0): there is nothing to attend")
     if q.dtype != k.dtype or k.dtype != v.dtype:
-        raise ValueError(f"backend {backend!r}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+        raise ValueError(f"{where}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     if q.device != k.device or k.device != v.device:
-        raise ValueError(f"backend {backend!r}: q, k, v are on different devices ({q.device}, {k.device})")
+        raise ValueError(f"{where}: q, k, v are on different devices ({q.device}, {k.device})")
 
 
 def check_key_lengths(backend: str, key_lengths: Any, q: torch.Tensor, k: torch.Tensor) -> None:
-    """``key_lengths``: an integer tensor ``[B]`` on q's device. On the CPU each value is checked
-    to lie in ``[0, S_kv]`` too (0: an empty prompt, whose rows get 0); on an accelerator that would wait for the device at every call, so
-    there the values are the caller's word (the adapters make them from the model's mask)."""
+    """``key_lengths``: an integer tensor ``[B]`` on q's device, with values in ``[0, S_kv]`` (0: an empty
+    prompt, whose rows get 0). Values are only checked on the CPU: on an accelerator that would sync."""
     where = f"backend {backend!r}: key_lengths"
     if not isinstance(key_lengths, torch.Tensor):
         raise ValueError(
             f"{where} must be a torch tensor of valid keys per sample; got {type(key_lengths).__name__}"
         )
-    if (
-        key_lengths.shape != (q.shape[0],)
-        or key_lengths.dtype.is_floating_point
-        or key_lengths.dtype == torch.bool
-    ):
+    dtype = key_lengths.dtype
+    if key_lengths.shape != (q.shape[0],) or dtype.is_floating_point or dtype == torch.bool:
         raise ValueError(
             f"{where} must be an integer tensor of shape [{q.shape[0]}] (one length per sample); "
             f"got {key_lengths.dtype} {tuple(key_lengths.shape)}"

@@ -1,5 +1,4 @@
-"""Merging attention computed over disjoint key sets through each part's softmax log-sum-exp (ring
-attention's hops), in float32 so that bf16/fp16 partials keep their precision across many hops."""
+"""Merging attention over disjoint key sets through their log-sum-exp, in float32 (precise over many hops)."""
 
 from __future__ import annotations
 
@@ -9,10 +8,8 @@ import torch
 def merge_partials(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine two partial attentions (``out`` BSHD, ``lse`` ``[B, H, S]``) of the same queries over disjoint
-    keys: ``(out, lse)`` in float32 with ``lse = logaddexp(lse_a, lse_b)``. A row whose keys were all masked
-    (``lse = -inf``) contributes nothing; ``-inf`` on both sides stays ``out = 0, lse = -inf`` instead of
-    becoming NaN."""
+    """Two partials (``out`` BSHD, ``lse`` ``[B, H, S]``) of the same queries as float32 ``(out, lse)``. A
+    row with ``lse = -inf`` contributes nothing; ``-inf`` on both sides gives ``out = 0``, not NaN."""
     lse_a, lse_b = lse_a.float(), lse_b.float()
     lse = torch.logaddexp(lse_a, lse_b)
     # exp(-inf - -inf) is NaN: measure both sides from 0 where no key was seen at all.

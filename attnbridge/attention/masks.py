@@ -11,9 +11,8 @@ NPU_COMPRESSED_MASK_SIZE = 2048
 
 
 def bottom_right_causal_mask(s_q: int, s_kv: int, device: torch.device) -> torch.Tensor:
-    """Bool ``[s_q, s_kv]``, True where query ``i`` may see key ``j`` (``j <= i + s_kv - s_q``). Bottom-right
-    alignment is what flash attention and Ascend's ``sparse_mode=3`` do, and what a prefill with a cached
-    prefix needs; torch SDPA's ``is_causal`` aligns top-left instead."""
+    """Bool ``[s_q, s_kv]``, True where key ``j <= i + s_kv - s_q``: flash attention's and ``sparse_mode=3``'s
+    alignment (a prefill with a cached prefix); SDPA's ``is_causal`` aligns top-left."""
     rows = torch.arange(s_q, device=device)[:, None] + (s_kv - s_q)
     cols = torch.arange(s_kv, device=device)[None, :]
     return cols <= rows
@@ -21,8 +20,7 @@ def bottom_right_causal_mask(s_q: int, s_kv: int, device: torch.device) -> torch
 
 @functools.lru_cache(maxsize=8)
 def npu_compressed_causal_mask(device: torch.device) -> torch.Tensor:
-    """The 2048 x 2048 upper-triangular bool mask (True = masked) that ``sparse_mode=3`` requires;
-    made once per device (4 MiB) and only read afterwards."""
+    """The upper-triangular bool mask (True = masked) ``sparse_mode=3`` requires; once per device (4 MiB)."""
     size = NPU_COMPRESSED_MASK_SIZE
     return torch.triu(torch.ones(size, size, dtype=torch.bool, device=device), diagonal=1)
 
@@ -33,8 +31,8 @@ def key_padding_mask(key_lengths: torch.Tensor, s_kv: int) -> torch.Tensor:
 
 
 def leading_lengths(mask: torch.Tensor) -> torch.Tensor | None:
-    """How many leading entries of each row of the 2-D ``mask`` ``[B, S]`` are set, or None when a row
-    has a set entry after an unset one (checked outside ``torch.compile``: one host sync)."""
+    """Leading set entries per row of ``mask`` ``[B, S]``; None when a set entry follows an unset one
+    (checked outside ``torch.compile``: one host sync)."""
     mask = mask.bool()
     lengths = mask.sum(dim=-1)
     if not torch.compiler.is_compiling():

@@ -1,8 +1,6 @@
-"""Backend options: a frozen dataclass per backend whose fields (:func:`option`) carry their help text
-and check, turned once into an instance by :func:`parse_options`. An unknown key, a wrong type or a
-value out of range is a ``ValueError`` naming the backend, the option and what is allowed; everything
-downstream reads the instance, never the raw keywords.
-"""
+"""Backend options: a frozen dataclass per backend whose fields (:func:`option`) carry help text and
+a check; :func:`parse_options` turns the user's keywords into an instance, or a ``ValueError`` naming
+the backend, the option and what is allowed."""
 
 from __future__ import annotations
 
@@ -65,7 +63,7 @@ def parse_options(backend: str, options: type, given: Mapping[str, Any]) -> Any:
 
 
 def kept_count(sparsity: float, total: int) -> int:
-    """``ceil((1 - sparsity) * total)`` clamped to ``[1, total]``, in integer parts per million so
-    that float error (``1 - 0.85 = 0.15000000000000002``) cannot keep one block too many."""
+    """``ceil((1 - sparsity) * total)`` clamped to ``[1, total]``, in integer parts per million so that
+    float error (``1 - 0.85 = 0.15000000000000002``) cannot keep one block too many."""
     keep_ppm = _PARTS_PER_MILLION - round(sparsity * _PARTS_PER_MILLION)
     return max(1, min(total, -(-keep_ppm * total // _PARTS_PER_MILLION)))

@@ -1,8 +1,6 @@
-"""The named backends users ask for: each declared once, as ``BACKEND = Backend(...)`` in its own
-module of :mod:`attnbridge.attention.backends`, with its options (a frozen dataclass, :mod:`.options`)
-and, per platform, the impl class that runs it or :class:`Unavailable` with the reason. The registry,
-``attnbridge backends``, the support table and the docs all read these declarations.
-"""
+"""The named backends: each declared once, as ``BACKEND = Backend(...)`` in its own module of
+:mod:`attnbridge.attention.backends`, with its options and, per platform, the impl class or
+:class:`Unavailable`. The CLI, the support table and the docs read these declarations."""
 
 from __future__ import annotations
 
@@ -21,7 +19,7 @@ from attnbridge.errors import BackendUnavailableError
 from attnbridge.platforms import get_platform
 
 logger = logging.getLogger("attnbridge")
-#: (platform, backend) pairs whose fallback was already logged: once per process, not once per layer.
+#: (platform, backend) pairs whose fallback was logged (once per process, not per layer).
 _fallbacks_logged: set[tuple[str, str]] = set()
 
 
@@ -35,10 +33,8 @@ class Unavailable:
 
 @dataclass(frozen=True)
 class Backend:
-    """One backend: what the user asks for by ``name``, and what runs it on each platform. ``fallback`` names
-    the backend that serves the calls, with a logged warning, where this one cannot run (no kernel here, or
-    its package is missing) and the user did not pass ``strict=True``. ``order`` places it in listings (dense
-    first)."""
+    """A backend and what runs it on each platform. ``fallback``: the backend that serves (with a logged
+    warning) where this one cannot run, unless ``strict=True``. ``order``: its place in listings."""
 
     name: str
     summary: str
@@ -49,7 +45,7 @@ class Backend:
     order: int = 100
 
     def parse(self, given: Mapping[str, Any]) -> Any:
-        """The user's options checked into this backend's frozen options instance."""
+        """The user's options checked into an instance of :attr:`options`."""
         return parse_options(self.name, self.options, given)
 
     def entry(self, platform: str) -> type[AttentionImpl] | Unavailable:
@@ -114,8 +110,7 @@ def kernel_for(name: str, platform: str) -> type[AttentionImpl]:
 
 
 def resolve(name: str, platform: str, *, strict: bool = False) -> tuple[Backend, type[AttentionImpl]]:
-    """``(backend that serves, its impl class)`` for ``name`` on ``platform``: the backend itself, or
-    its declared fallback (logged once per process) unless ``strict``."""
+    """``(serving backend, impl class)``: ``name`` itself, or its fallback unless ``strict``."""
     backend = get_backend(name)
     try:
         return backend, kernel_for(name, platform)
@@ -135,8 +130,7 @@ def resolve(name: str, platform: str, *, strict: bool = False) -> tuple[Backend,
 
 
 def make_impl(name: str, platform: str, options: Any = None, *, strict: bool = False) -> AttentionImpl:
-    """An impl instance of backend ``name`` on ``platform`` (its fallback's, with its default
-    options, where the fallback serves)."""
+    """An impl of ``name`` on ``platform`` (its fallback's, with default options, where that serves)."""
     served, impl_cls = resolve(name, platform, strict=strict)
     if served.name != name or options is None:
         options = served.options()

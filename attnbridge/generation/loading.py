@@ -1,7 +1,5 @@
-"""What ``--model`` names: an embedded tiny random model, or a local checkpoint folder. A folder
-with ``model_index.json`` is a diffusers pipeline (``DiffusionPipeline.from_pretrained``); one with
-``config.json`` is a transformers causal LM (``AutoModelForCausalLM`` + ``AutoTokenizer``). Nothing
-is downloaded: a name that is neither a tiny model nor an existing folder is an error."""
+"""What ``--model`` names: an embedded tiny random model, or a local checkpoint folder (a diffusers
+pipeline with ``model_index.json``, a transformers causal LM with ``config.json``). Nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -19,8 +17,8 @@ from attnbridge import tiny_models
 
 @dataclass
 class LoadedModel:
-    """A model ready to run: ``kind`` is ``"diffusion"`` (a pipeline) or ``"text"`` (an LLM + tokenizer).
-    ``call_defaults`` are the tiny models' small sizes (a real checkpoint uses its pipeline's own)."""
+    """``kind``: ``"diffusion"`` (a pipeline) or ``"text"`` (an LLM + tokenizer); ``call_defaults``: the tiny
+    models' small sizes."""
 
     name: str
     kind: str
@@ -47,9 +45,8 @@ TINY_MODELS: dict[str, TinyModel] = {
     "wan-tiny": TinyModel(
         "diffusion",
         lambda seed: tiny_models.tiny_wan_pipeline(seed=seed, complete=True, head_dim=64),
-        # 17 frames of 64x128 -> latents 9 x 16 x 32 -> a (9, 8, 16) grid of 1,152 tokens after the
-        # transformer's 2x2 patches: nine 128-token blocks (the first frame is one) and 4x4x4 tiles,
-        # so sparse backends skip most of the work; heads of 64, which every sparse kernel takes.
+        # 17 frames of 64x128 -> a (9, 8, 16) grid of 1,152 tokens: nine 128-token blocks and 4x4x4
+        # tiles, so sparse backends skip most of the work; heads of 64, which every sparse kernel takes.
         {
             "height": 64,
             "width": 128,
@@ -73,7 +70,6 @@ TINY_MODELS: dict[str, TinyModel] = {
 
 
 def load_model(spec: str, *, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LoadedModel:
-    """The tiny model named ``spec`` or the checkpoint in folder ``spec``, on ``device`` in ``dtype``."""
     tiny = TINY_MODELS.get(spec)
     if tiny is not None:
         return _load_tiny(spec, tiny, device, dtype, seed)
@@ -109,7 +105,7 @@ def _load_pipeline(path: Path, device, dtype) -> LoadedModel:
     from diffusers import DiffusionPipeline
 
     with warnings.catch_warnings():
-        # Newer diffusers renamed torch_dtype to dtype (and warn); older ones only know torch_dtype.
+        # Newer diffusers renamed torch_dtype to dtype (with a warning); older ones only know torch_dtype.
         warnings.simplefilter("ignore", FutureWarning)
         pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype)
     return LoadedModel(_name_of(path), "diffusion", pipe.to(device))

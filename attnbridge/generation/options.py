@@ -1,6 +1,5 @@
-"""Splitting ``--option key=value`` pairs: the generate command's own settings (sizes, guidance,
-output) never reach the backend; everything else (``strict``, ``sparsity``, ``ring_degree``...) goes
-to ``enable_npu_attention``, which checks it."""
+"""Splitting ``--option key=value`` pairs: the command's own settings never reach the backend; the rest
+goes to ``enable_npu_attention``, which checks it."""
 
 from __future__ import annotations
 
@@ -27,7 +26,6 @@ OPTION_KEYS = {
 }
 #: Arguments of the pipeline call (checked against its signature) or of ``generate`` for LLMs.
 CALL_OPTIONS = tuple(list(OPTION_KEYS)[:8])
-#: Settings of the run itself.
 RUN_OPTIONS = ("dtype", "fps")
 ENABLE_OPTIONS = ("strict", "platform")
 #: Parallel degrees: keywords of ``enable_npu_attention``, passed through with the backend options.
@@ -45,8 +43,7 @@ class GenerateOptions:
         return {k: v for k, v in self.backend.items() if k not in PARALLEL_OPTIONS}
 
     def backend_for(self, kind: str, world_size: int) -> dict[str, Any]:
-        """Backend options for the run; several diffusion processes default to Ulysses over all of
-        them (each rank would otherwise repeat the whole computation)."""
+        """Several diffusion processes default to Ulysses over all of them (else each repeats the work)."""
         config = dict(self.backend)
         if world_size > 1 and kind == "diffusion" and not any(k in config for k in PARALLEL_OPTIONS):
             config["ulysses_degree"] = world_size
@@ -55,13 +52,7 @@ class GenerateOptions:
 
 def split_options(config: dict[str, Any]) -> GenerateOptions:
     options = GenerateOptions()
+    groups = ((CALL_OPTIONS, options.call), (RUN_OPTIONS, options.run), (ENABLE_OPTIONS, options.enable))
     for key, value in config.items():
-        if key in CALL_OPTIONS:
-            options.call[key] = value
-        elif key in RUN_OPTIONS:
-            options.run[key] = value
-        elif key in ENABLE_OPTIONS:
-            options.enable[key] = value
-        else:
-            options.backend[key] = value
+        next((group for keys, group in groups if key in keys), options.backend)[key] = value
     return options

@@ -1,6 +1,5 @@
-"""Writing what a pipeline made: a video, an image, a text, and the timing summary next to it.
-Videos are MP4 through diffusers' ``export_to_video`` when imageio and imageio-ffmpeg are installed,
-else an animated GIF through Pillow (no extra dependency for the demo)."""
+"""Writing a run's video, image or text and its timing summary. Videos are MP4 when imageio and
+imageio-ffmpeg are installed, else an animated GIF through Pillow."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""``attnbridge generate``: one whole pipeline run with a backend, its output file and its attention timings.
-
-prompt -> tokenizer -> text encoder -> transformer (denoising loop, or token-by-token decoding)
--> VAE decode -> file. Under ``torchrun`` / ``accelerate launch`` every rank runs the pipeline on its
-share of the sequence and rank 0 writes the files.
-"""
+"""``attnbridge generate``: one whole pipeline run with a backend, its output file and attention timings.
+Under ``torchrun`` / ``accelerate launch`` every rank runs its share of the sequence; rank 0 writes."""
 
 from __future__ import annotations
 
@@ -46,9 +42,8 @@ def run_generate(
     device: str | None = None,
     config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run ``model`` with attention through ``backend``; write its output and ``<name>.timing.json`` under
-    ``output`` (rank 0) and return the timing summary (with ``files``). ``steps`` is the number of denoising
-    steps, or of new tokens for a text model."""
+    """Run ``model`` through ``backend``; rank 0 writes its output and ``<name>.timing.json`` to ``output``.
+    Returns the timing summary. ``steps``: denoising steps, or new tokens for a text model."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     options = split_options(config or {})
@@ -88,7 +83,7 @@ def run_generate(
 
 
 def _patched_models(loaded: LoadedModel) -> dict[str, torch.nn.Module]:
-    """The models whose forward calls run the patched attention, keyed like the handle's layer names."""
+    """The models running the patched attention, keyed like the handle's layer names."""
     if loaded.kind == "text":
         return {"": loaded.obj}
     return {name: model for name, model, _ in pipeline_transformers(loaded.obj)}
@@ -158,7 +153,6 @@ def _generate_text(loaded: LoadedModel, options: GenerateOptions, steps: int, pr
 
 
 def _report(summary: dict[str, Any], result: dict[str, Any], output: Path) -> None:
-    """Write the output file and the timing JSON (which names both in ``files``), print the table."""
     output.mkdir(parents=True, exist_ok=True)
     # Every option in the name, so a rerun with other options does not overwrite the last files.
     given = {**summary["backend_options"], **summary.get("run_options", {})}

@@ -16,15 +16,13 @@ def launched_world_size() -> int:
 
 
 def start_distributed() -> tuple[torch.device | None, bool]:
-    """Join the launcher's process group; ``(this rank's device, whether we started the group)``. Without a
-    launcher: ``(None, False)``."""
+    """``(this rank's device, whether we started the group)``; ``(None, False)`` without a launcher."""
     if launched_world_size() <= 1:
         return None, False
     from attnbridge.attention.parallel import init_distributed
 
     started = not (dist.is_available() and dist.is_initialized())
-    info = init_distributed()
-    return info.device, started
+    return init_distributed().device, started
 
 
 def rank() -> int:

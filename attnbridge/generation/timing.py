@@ -1,11 +1,10 @@
-"""How long a pipeline spends in attention, per backend, attention kind and layer. An observer
-(:func:`attnbridge.attention.observe`) times the calls of the layers ``enable_npu_attention`` made:
-with the wall clock on CPU, with device events elsewhere (read once at the end). A layer's first
-call, which holds compilation and warm-up, is reported apart. For sparse backends the fraction of
-key blocks kept is measured once per layer, on its second call, untimed."""
+"""Time in attention per backend, kind and layer, through an observer: wall clock on CPU, device events
+elsewhere (read at the end). First calls (compilation, warm-up) are reported apart; sparse backends' kept
+fraction is measured once per layer, on its second call, untimed."""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from attnbridge.attention.api import AttentionLayer, observe
 
 
 def device_module(device: torch.device) -> Any | None:
-    """``torch.cuda`` / ``torch.npu`` / ``torch.musa`` for an accelerator device, ``None`` on CPU."""
+    """``torch.cuda`` / ``torch.npu`` / ``torch.musa``, ``None`` on CPU."""
     return None if device.type == "cpu" else getattr(torch, device.type, None)
 
 
@@ -29,7 +28,7 @@ def synchronize(device: torch.device) -> None:
 
 @dataclass
 class LayerRecord:
-    """Calls of one layer: seconds of its first call and of the rest (wall on CPU, events else)."""
+    """Calls of one layer: seconds of its first call and of the rest."""
 
     backend: str
     kinds: Counter = field(default_factory=Counter)
@@ -46,7 +45,6 @@ class LayerRecord:
             self.seconds += seconds
 
     def resolve_events(self) -> None:
-        """Reads the events of every call; the first pair belongs to the layer's first call."""
         if self.events:
             self.events[-1][1].synchronize()  # the last call's end event: every earlier one is done too
             for index, (start, end) in enumerate(self.events):
@@ -59,9 +57,8 @@ class LayerRecord:
 
 
 class AttentionTimer:
-    """Times ``layers`` (name -> AttentionLayer) and counts forward calls of ``models`` while active. Layer
-    names of a pipeline start with ``"<component>."``; each model in ``models`` is keyed by that component (""
-    for a bare model), which is how layers are attributed to models."""
+    """Times ``layers`` and counts forward calls of ``models`` while active. ``models`` are keyed by the
+    component their layer names start with (``"<component>."``; ``""`` for a bare model)."""
 
     def __init__(self, layers: dict[str, AttentionLayer], models: dict[str, torch.nn.Module]):
         self.layers = layers
@@ -100,14 +97,11 @@ class AttentionTimer:
         self._observing = observe(self._observer)
         self._observing.__enter__()
         for key, model in self.models.items():
-            self._hooks.append(model.register_forward_pre_hook(self._counter(key)))
+            self._hooks.append(model.register_forward_pre_hook(functools.partial(self._count, key)))
         return self
 
-    def _counter(self, key: str):
-        def count(module, args) -> None:
-            self.forward_calls[key] += 1
-
-        return count
+    def _count(self, key: str, module, args) -> None:
+        self.forward_calls[key] += 1
 
     def __exit__(self, *exc: object) -> None:
         for hook in self._hooks:
@@ -126,7 +120,6 @@ class AttentionTimer:
         return counts
 
     def summary(self, pipeline_seconds: float) -> dict[str, Any]:
-        """Attention time and calls against the pipeline's wall time, as a JSON-ready dict."""
         share = (lambda s: s / pipeline_seconds) if pipeline_seconds > 0 else (lambda s: 0.0)
         records = list(self.records.values())
         groups: dict[tuple[str, str], list[LayerRecord]] = defaultdict(list)

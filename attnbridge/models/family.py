@@ -1,5 +1,5 @@
-"""What attnbridge knows about a model family, independent of how it gets patched: how to recognise
-it, which of its modules are attention and of which kind, and how to read its forward inputs."""
+"""What attnbridge knows about a model family: how to recognise it, where its attention is, how to read
+its forward inputs."""
 
 from __future__ import annotations
 
@@ -28,9 +28,8 @@ class AttentionSite:
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """One supported model family, of ``library`` ``"diffusers"`` or ``"transformers"``. A model belongs to it
-    when a class in its MRO is named in ``class_names`` (no library import needed to recognise it) or its
-    ``config.model_type`` is in ``model_types``."""
+    """A model belongs to the family when a class in its MRO is named in ``class_names`` (no library import
+    needed) or its ``config.model_type`` is in ``model_types``."""
 
     name: str
     library: str
@@ -47,8 +46,7 @@ class ModelFamily:
     key_lengths_from_inputs: Callable[[Mapping[str, Any]], torch.Tensor | None] | None = None
     #: Pipeline attributes that hold models of this family (Wan 2.2 A14B has two).
     pipeline_components: tuple[str, ...] = ()
-    #: Entries of the diffusers model's ``_cp_plan`` that sequence parallelism keeps replicated on
-    #: every rank instead of splitting, as ``"<module key>/<input name or output index>"``.
+    #: ``_cp_plan`` entries kept replicated, not split, as ``"<module key>/<input name or output index>"``.
     sequence_replicated: tuple[str, ...] = ()
     notes: str = field(default="", compare=False)
 
@@ -59,8 +57,7 @@ class ModelFamily:
         return isinstance(obj, torch.nn.Module) and model_type is not None and model_type in self.model_types
 
     def attention_modules(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, AttentionSite]]:
-        """``(dotted path, module, site)`` for every attention module of ``model``, in module order;
-        a ``ValueError`` when there is none."""
+        """``(dotted path, module, site)`` of every attention module; ``ValueError`` when there is none."""
         found = []
         for path, module in model.named_modules():
             site = next((s for s in self.attention_sites if s.matches(path)), None)

@@ -1,6 +1,4 @@
-"""Qwen3-MoE causal LM (transformers ``Qwen3MoeForCausalLM`` / ``Qwen3MoeModel``): causal
-self-attention with grouped-query heads in ``model.layers.N.self_attn``, called through transformers'
-``AttentionInterface`` with q/k/v in ``[B, H, S, D]``."""
+"""Qwen3-MoE causal LM: GQA self-attention in ``model.layers.N.self_attn`` via ``AttentionInterface``."""
 
 from __future__ import annotations
 

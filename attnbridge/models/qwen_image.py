@@ -1,15 +1,10 @@
 """Qwen-Image MMDiT (diffusers ``QwenImageTransformer2DModel``).
 
-* ``transformer_blocks.N.attn``: joint attention over text and image tokens. Upstream concatenates
-  ``[text, image]``; attnbridge puts the text last (``[image, text]``, the contract's order; attention
-  does not depend on the order of its keys), so a text padding mask (``encoder_hidden_states_mask``,
-  padding at the end of each prompt) becomes valid key lengths per sample, which every backend takes.
-  Pipelines drop the mask when every token is valid.
-* Image tokens are 2x2-packed latents: the pipeline passes ``img_shapes``, per sample a list of
-  ``(frames, latent_h // 2, latent_w // 2)``; edit pipelines append the condition images, which the
-  rotary embedding places as further frames.
-* Sequence parallelism splits the image tokens only; the text stream (a prompt of any length) stays
-  replicated on every rank, so the text entries of diffusers' ``_cp_plan`` are dropped.
+* ``transformer_blocks.N.attn``: joint attention. attnbridge orders it ``[image, text]`` (upstream:
+  ``[text, image]``; keys' order does not matter), so the text padding mask becomes valid key lengths.
+* ``img_shapes``: per sample a list of ``(frames, latent_h // 2, latent_w // 2)`` (2x2-packed latents);
+  edit pipelines append the condition images as further frames.
+* Sequence parallelism splits the image tokens only; the text stays replicated on every rank.
 """
 
 from __future__ import annotations
@@ -23,23 +18,17 @@ from attnbridge.attention.masks import leading_lengths
 from attnbridge.models.family import AttentionSite, Grid, ModelFamily
 
 
-def _image_shapes_of_first_sample(img_shapes: Any) -> list[tuple[int, int, int]]:
-    """The per-sample shape list, read the way the model's rotary embedding reads it."""
-    shapes = img_shapes[0] if isinstance(img_shapes, list) else img_shapes
-    if not isinstance(shapes, list):
-        shapes = [shapes]
-    return [tuple(int(n) for n in shape) for shape in shapes]
-
-
 def qwen_image_grid(model: torch.nn.Module, inputs: Mapping[str, Any]) -> Grid:
-    """Grid of the image tokens from ``img_shapes``. Images of one size stack along T (as their rotary frame
-    index does), so ``T*H*W`` equals the image token count. Mixed sizes (edit pipelines with reference images
-    of other sizes) have no common spatial grid: the tokens are then one raster row ``(1, 1, N)``, which block
-    masks can still cut into consecutive blocks."""
+    """Image token grid from ``img_shapes``: images of one size stack along T (as their rotary frame index
+    does); mixed sizes have no common grid and give one raster row ``(1, 1, N)``."""
     img_shapes = inputs.get("img_shapes")
     if not img_shapes:
         return None
-    shapes = _image_shapes_of_first_sample(img_shapes)
+    # The first sample's shape list, read the way the rotary embedding reads it.
+    shapes = img_shapes[0] if isinstance(img_shapes, list) else img_shapes
+    if not isinstance(shapes, list):
+        shapes = [shapes]
+    shapes = [tuple(int(n) for n in shape) for shape in shapes]
     _, height, width = shapes[0]
     if all((h, w) == (height, width) for _, h, w in shapes):
         return (sum(f for f, _, _ in shapes), height, width)
@@ -47,10 +36,8 @@ def qwen_image_grid(model: torch.nn.Module, inputs: Mapping[str, Any]) -> Grid:
 
 
 def qwen_image_key_lengths(inputs: Mapping[str, Any]) -> torch.Tensor | None:
-    """Valid keys per sample of the ``[image, text]`` sequence, from ``encoder_hidden_states_mask``
-    (``[B, S_txt]``, 1 for real text tokens). The padding must be at the end of each prompt, as the
-    pipelines' tokenizers make it; that is checked outside ``torch.compile`` (one host sync per
-    forward). A mask without padding gives None."""
+    """Valid keys per sample of ``[image, text]`` from ``encoder_hidden_states_mask`` ``[B, S_txt]`` (padding
+    last in each prompt); None without padding."""
     mask = inputs.get("encoder_hidden_states_mask")
     hidden = inputs.get("hidden_states")
     if mask is None or not isinstance(hidden, torch.Tensor):

@@ -1,12 +1,6 @@
-"""Wan 2.1 / 2.2 video DiT (diffusers ``WanTransformer3DModel``).
-
-* ``blocks.N.attn1``: self-attention over the patched latent grid ``T x H/ph x W/pw``, tokens in
-  ``(t, h, w)`` raster order (the patch embedding is a strided Conv3d, flattened).
-* ``blocks.N.attn2``: cross-attention to the text tokens (the last 512 of ``encoder_hidden_states``)
-  and, for I2V models (``added_kv_proj_dim`` set), to the image tokens in front of them.
-* Wan 2.2 A14B pipelines hold two of these, ``transformer`` (high noise) and ``transformer_2``
-  (low noise); TI2V-5B passes a per-token timestep ``[B, seq]``.
-"""
+"""Wan 2.1 / 2.2 video DiT (diffusers ``WanTransformer3DModel``): ``blocks.N.attn1`` self-attention over
+the patched grid in ``(t, h, w)`` raster order; ``blocks.N.attn2`` cross-attention to the text (the last
+512 tokens) and, for I2V, the image tokens before it. A14B pipelines hold two (``transformer_2``)."""
 
 from __future__ import annotations
 

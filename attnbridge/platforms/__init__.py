@@ -1,5 +1,4 @@
-"""Which accelerator a tensor lives on: platform detection and lookup. Kernels are chosen per tensor
-device, so one process can mix platforms."""
+"""Platform detection and lookup. Kernels are chosen per tensor device, so one process can mix them."""
 
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ def _npu_present() -> bool:
 
 @dataclass(frozen=True)
 class Platform:
-    """One accelerator family: its name in attnbridge, its torch device type, and how to detect it."""
+    """One accelerator family: attnbridge name, torch device type, and how to detect it."""
 
     name: str
     device_type: str
@@ -48,7 +47,7 @@ PLATFORMS: dict[str, Platform] = {
 }
 #: Environment variable that forces every layer's platform (as ``platform=`` does for one layer).
 PLATFORM_ENV = "ATTNBRIDGE_PLATFORM"
-#: Column order of every table: the platform that always runs first, then the accelerators.
+#: Column order of every table.
 PLATFORM_ORDER: tuple[str, ...] = ("cpu", "npu", "cuda", "musa")
 
 
@@ -69,18 +68,11 @@ def platform_name_for_device(device: torch.device | str) -> str:
     for platform in PLATFORMS.values():
         if platform.device_type == device_type:
             return platform.name
-    # ROCm builds report "cuda". Other devices (xpu, mps) have no kernels yet: say so rather than run
-    # something the user did not ask for.
+    # ROCm reports "cuda"; other devices (xpu, mps) have no kernels: refuse rather than run something else.
     raise ValueError(
         f"no attnbridge platform serves device type {device_type!r}; "
         f"supported: {', '.join(p.device_type for p in PLATFORMS.values())}"
     )
 
 
-__all__ = [
-    "PLATFORM_ENV",
-    "PLATFORM_ORDER",
-    "detect_platform",
-    "get_platform",
-    "platform_name_for_device",
-]
+__all__ = ["PLATFORM_ENV", "PLATFORM_ORDER", "detect_platform", "get_platform", "platform_name_for_device"]

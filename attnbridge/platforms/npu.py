@@ -1,9 +1,6 @@
-"""Ascend NPU packages: torch_npu and sgl-kernel-npu's attention kernels, imported only here so that
-a missing package is one error naming what to install. sgl-kernel-npu registers its kernels under
-``torch.ops.npu`` when ``sgl_kernel_npu`` is imported (newer builds: ``laser_attn``,
-``ada_block_sparse_attention``), or under ``torch.ops.attentions`` when ``attentions`` is (older:
-``la``, ``ada_block_sparse_attention`` or ``block_sparse_attention``, ``rainfusionattention``);
-:func:`load_kernel_op` looks for the newest first."""
+"""Ascend NPU packages (torch_npu, sgl-kernel-npu), imported only here so that a missing one is an
+error naming what to install. sgl-kernel-npu registers its kernels under ``torch.ops.npu`` (newer
+``sgl_kernel_npu`` builds) or ``torch.ops.attentions`` (older ``attentions`` builds)."""
 
 from __future__ import annotations
 
@@ -22,8 +19,7 @@ SGL_KERNEL_NPU_INSTALL = "pip install sgl-kernel-npu"
 #: (package to import, torch.ops namespace it registers), newest layout first.
 KERNEL_LAYOUTS: tuple[tuple[str, str], ...] = (("sgl_kernel_npu", "npu"), ("attentions", "attentions"))
 
-#: ``torch_npu.npu.get_soc_version()`` of Ascend 950 (A5): no Laser kernel, and the block-sparse
-#: kernel wants ``inner_precise=4`` there.
+#: ``torch_npu.npu.get_soc_version()`` of Ascend 950 (A5): no Laser, block-sparse wants ``inner_precise=4``.
 ASCEND_A5_SOC = 260
 
 
@@ -50,8 +46,7 @@ class KernelOp:
 
 
 def load_kernel_op(backend: str, names: dict[str, tuple[str, ...]]) -> KernelOp:
-    """The first op found of ``names`` (namespace -> op names, in preference order), newest layout
-    first; an error listing every layout and op that was tried."""
+    """The first op found of ``names`` (namespace -> op names, preferred first), newest layout first."""
     load_torch_npu(backend)
     tried = []
     for package, namespace in KERNEL_LAYOUTS:
@@ -75,8 +70,7 @@ def load_kernel_op(backend: str, names: dict[str, tuple[str, ...]]) -> KernelOp:
 
 
 def is_ascend_a5(torch_npu: ModuleType) -> bool:
-    """Whether the NPU in use is an Ascend 950 (A5); False where the chip cannot be queried (an old
-    torch_npu, no device), so the kernel call itself decides."""
+    """Whether the NPU in use is an Ascend 950 (A5); False where that cannot be queried (the call decides)."""
     try:
         return torch_npu.npu.get_soc_version() == ASCEND_A5_SOC
     except Exception:  # noqa: BLE001 - any failure of the query means "unknown", not an error

@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from attnbridge.attention.options import count, fraction, kept_count, option
+from attnbridge.attention.options import fraction, kept_count, option
 from attnbridge.attention.registry import Backend
 from attnbridge.attention.sparse.ascend import ASCEND_BLOCK_SPARSE
 from attnbridge.attention.sparse.impl import Selector, SparseOptions
@@ -93,7 +93,6 @@ class BlockSparseOptions(SparseOptions):
         "fraction of the (query block, key block) pairs each head skips, in [0, 1); not with `mass`",
         fraction,
     )
-    skip_first_steps: int = option(0, "denoising steps run dense before sparsity starts, integer >= 0", count)
     mass: float | None = option(
         None,
         "instead of `sparsity`: each query block needs the fewest key blocks whose estimated softmax "

@@ -33,9 +33,7 @@ def reference_attention(q, k, v, *, causal: bool, scale: float, return_lse: bool
     qf = q.float().transpose(1, 2)
     kf, vf = repeat_kv_heads(q, k.float(), v.float())
     kf, vf = kf.transpose(1, 2), vf.transpose(1, 2)
-    visible = None
-    if causal:
-        visible = bottom_right_causal_mask(s_q, s_kv, q.device)
+    visible = bottom_right_causal_mask(s_q, s_kv, q.device) if causal else None
     if key_lengths is not None:
         padding = key_padding_mask(key_lengths, s_kv)
         visible = padding if visible is None else visible & padding
@@ -75,18 +73,15 @@ class ReferenceFAImpl(AttentionImpl):
 
 
 def _bshd_result(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, return_lse: bool):
-    """A kernel's BHSD ``out`` as BSHD, with the LSE as [B, H, S_q] float32 when asked for (the
-    mem-efficient kernel pads its S to a multiple of 32)."""
+    """BHSD ``out`` as BSHD, with the LSE as float32 [B, H, S_q] (mem-efficient pads S to a multiple of 32)."""
     if not return_lse:
         return out.transpose(1, 2)
     return out.transpose(1, 2), lse.reshape(q.shape[0], q.shape[1], -1)[..., : q.shape[2]].float()
 
 
 def _padding_bias(q, key_lengths, s_kv, causal):
-    """Additive float bias ``[B, 1, S_q, S_kv]`` (0 visible, -inf not) for padding and causality,
-    in a buffer whose rows are 16-element aligned (the raw aten kernels need that). Padding alone
-    is one row per sample, broadcast over the queries (stride 0): no ``S_q x S_kv`` buffer to write
-    and read at every call."""
+    """Additive bias ``[B, 1, S_q, S_kv]`` (0 visible, -inf not), rows 16-element aligned (the raw aten
+    kernels need that); padding alone is one row per sample broadcast over the queries (stride 0)."""
     visible = key_padding_mask(key_lengths, s_kv) if key_lengths is not None else None
     if causal:
         tri = bottom_right_causal_mask(q.shape[2], s_kv, q.device)[None, None]
@@ -119,11 +114,10 @@ def _efficient(q, k, v, causal, scale, lse, bias):
 class AtenFAImpl(AttentionImpl):
     """Fused SDPA kernels through their aten ops, which also return the LSE.
 
-    The first kernel that takes the input wins: cuDNN (half dtypes; causal only with S_q == S_kv,
-    since its causal mask is top-left), flash (the same, no mask), then mem-efficient (any dtype,
-    bottom-right causal and key padding through an additive bias); if none does, the exact float32
-    reference, with a warning logged once per kind of input. Under ``torch.compile`` the kernel is
-    chosen from the input's properties alone (no try-and-fall-back in a traced graph).
+    First taker wins: cuDNN (half dtypes; causal only with S_q == S_kv: its mask is top-left), flash
+    (the same, no mask), mem-efficient (any dtype; bottom-right causal and padding as a bias), else the
+    float32 reference, warned once per kind of input. Under ``torch.compile`` the choice follows the
+    input's properties alone.
     """
 
     description = "cuDNN / flash / mem-efficient SDPA (aten ops, with LSE)"
@@ -156,8 +150,7 @@ class AtenFAImpl(AttentionImpl):
             kernel = _efficient if bias is not None else candidates[0]
             out, lse = kernel(qt, kt, vt, kernel_causal, scale, return_lse, bias)
             return _bshd_result(out, lse, qt, return_lse)
-        # A kernel that refused an input is not retried for inputs of the same kind; out-of-memory is
-        # not a refusal and propagates.
+        # A refusing kernel is not retried for the same kind of input; out-of-memory propagates.
         kind = (q.shape, k.shape, q.dtype, causal, bias is not None, q.device)
         for kernel in candidates:
             key = (kernel.__name__, *kind)
@@ -197,8 +190,7 @@ FIA_HEAD_SIZES = tuple(range(FIA_HEAD_ALIGN, FIA_MAX_HEAD_DIM + 1, FIA_HEAD_ALIG
 
 
 def check_fia_limits(backend: str, q: torch.Tensor, k: torch.Tensor, layout: str = "BSND") -> None:
-    """FIA's head-size, head-count and head-ratio limits (q, k as BSND), as a ValueError naming the
-    limit."""
+    """FIA's head-size, head-count and head-ratio limits (q, k BSND), as a ValueError naming the limit."""
     where = f"backend {backend!r} on Ascend (npu_fused_infer_attention_score)"
     head_dim = q.shape[-1]
     if head_dim % FIA_HEAD_ALIGN or head_dim > FIA_MAX_HEAD_DIM:
@@ -221,11 +213,9 @@ def check_fia_limits(backend: str, q: torch.Tensor, k: torch.Tensor, layout: str
 
 
 def npu_fia(q, k, v, *, causal: bool, scale: float, return_lse: bool, key_lengths=None, backend: str = "fa"):
-    """``npu_fused_infer_attention_score`` on BSHD (BSND) tensors; LSE ``[B, N, S]`` float32.
-
-    Key padding goes in as ``actual_seq_lengths_kv`` (per sample). Causal and padded together take an
-    explicit ``[B, 1, S_q, S_kv]`` mask instead (``sparse_mode`` 0): ``sparse_mode`` 3 would align the
-    causal triangle to each sample's valid length, not to the sequence."""
+    """``npu_fused_infer_attention_score`` on BSHD (BSND) tensors; LSE ``[B, N, S]`` float32. Padding goes
+    in as ``actual_seq_lengths_kv``; causal + padded as an explicit ``[B, 1, S_q, S_kv]`` mask
+    (``sparse_mode`` 3 would align the triangle to each sample's valid length)."""
     check_fia_limits(backend, q, k)
     if causal and q.shape[1] > k.shape[1]:
         raise ValueError(

@@ -53,8 +53,7 @@ LASER_OPS = {"npu": ("laser_attn",), "attentions": ("la",)}
 
 
 def range_shift(dtype: torch.dtype, scale: float) -> float | None:
-    """The power of two bf16 input is divided by (1 for fp16), or None when no shift lets the
-    kernel's scale ``scale * shift**2`` fit fp16."""
+    """The power of two bf16 input is divided by (fp16: 1); None if no ``scale * shift**2`` fits fp16."""
     shift = BF16_RANGE_SHIFT if dtype == torch.bfloat16 else 1.0
     while shift > 1.0 and scale * shift * shift > FP16_MAX:
         shift /= 2.0
@@ -107,8 +106,7 @@ class LaserImplBase(AttentionImpl):
         pre_tokens = seq_pad or 2**31 - 1  # 2**31 - 1: no padded keys
         out = self.run_kernel(prepare(q), prepare(k), prepare(v), pre_tokens, scale * shift * shift)
         out = out[:, :, : q.shape[1], : q.shape[3]]
-        # fp16 and float32 input is rounded through fp16, the precision the kernel works in; shifted
-        # bf16 output is multiplied back in float32 (in fp16 that could overflow).
+        # Other input rounds through fp16 as in the kernel; shifted bf16 scales back in float32 (no overflow).
         out = out.float() * shift if shift != 1.0 else out.to(torch.float16)
         return out.to(q.dtype).transpose(1, 2)
 

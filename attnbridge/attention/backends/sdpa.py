@@ -52,8 +52,7 @@ class NpuFusionAttentionImpl(AttentionImpl):
         torch_npu = load_torch_npu("sdpa")
         extra = {}
         if context is not None and context.key_lengths is not None:
-            # An explicit [B, 1, S_q, S_kv] mask (True = masked) with sparse_mode 0: padded keys of
-            # each sample, and the bottom-right causal triangle where asked.
+            # [B, 1, S_q, S_kv] mask (True = masked), sparse_mode 0: padding and bottom-right causal.
             visible = key_padding_mask(context.key_lengths, k.shape[1]).expand(-1, 1, q.shape[1], -1)
             if causal:
                 visible = visible & bottom_right_causal_mask(q.shape[1], k.shape[1], q.device)

@@ -76,9 +76,8 @@ def tile_qkv(layout: TileLayout, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 def coarse_attention(
     layout: TileLayout, qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, *, scale: float, topk: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense attention between mean-pooled tiles, in float32. Returns the coarse output ``[B, n_tiles, H_q,
-    D]`` float32 and the ``topk`` key tiles of each query tile by coarse score, int32 ``[B, H_q, n_tiles,
-    topk]``."""
+    """Dense float32 attention between mean-pooled tiles: output ``[B, n_tiles, H_q, D]`` float32 and each
+    query tile's ``topk`` key tiles by coarse score, int32 ``[B, H_q, n_tiles, topk]``."""
     q_bar, k_bar, v_bar = (layout.pool(x).transpose(1, 2) for x in (qt, kt, vt))
     k_bar, v_bar = repeat_kv_heads(q_bar, k_bar, v_bar, head_dim=1)
     scores = torch.matmul(q_bar, k_bar.transpose(-1, -2)) * scale
@@ -96,8 +95,7 @@ def fine_attention(
     *,
     scale: float,
 ) -> torch.Tensor:
-    """Exact attention of each query tile over its selected key tiles; pad keys get no weight. Tiled BSHD in
-    and out (rows at pad slots are garbage the untile drops)."""
+    """Exact attention of each query tile over its key tiles, pad keys masked; tiled BSHD in and out."""
     kv_counts = torch.full(kv_indices.shape[:-1], kv_indices.shape[-1], dtype=torch.int32, device=qt.device)
     kernel = triton_kernel.block_sparse_attention if qt.is_cuda else flex.block_sparse_attention
     return kernel(
@@ -108,9 +106,8 @@ def fine_attention(
 def combine(
     layout: TileLayout, fine: torch.Tensor, coarse: torch.Tensor, gate: torch.Tensor | None
 ) -> torch.Tensor:
-    """``fine + coarse`` (``fine + coarse * gate``) in the original token order, in ``fine``'s dtype. Untiling
-    first and adding each token's gathered coarse row measured faster on an H200 than broadcasting the coarse
-    rows over the padded tiles in place."""
+    """``fine + coarse`` (``* gate``) in original token order and ``fine``'s dtype. Untiling first measured
+    faster on an H200 than broadcasting the coarse rows over the padded tiles."""
     out = layout.untile(fine)
     coarse_tok = coarse.to(fine.dtype).index_select(1, layout.token_tile_index)
     return out.add_(coarse_tok) if gate is None else out.addcmul_(coarse_tok, gate)

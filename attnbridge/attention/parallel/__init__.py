@@ -1,18 +1,11 @@
-"""Context-parallel attention: one sequence spread over several devices, on torch.distributed
-(HCCL on Ascend, NCCL on CUDA, gloo on CPU).
+"""Context-parallel attention on torch.distributed (HCCL on Ascend, NCCL on CUDA, gloo on CPU).
 
-* **DiTs (non-causal self-attention): Ulysses x ring.** ``ring_degree * ulysses_degree`` ranks; the
-  Ulysses all-to-all runs between contiguous ranks, the ring between strided ones, and rank ``g``
-  holds chunk ``g`` of the sequence, right-padded when the length does not divide the ranks
-  (``real_len`` keeps padded tokens from ever being keys). Build the groups once
-  (:func:`build_parallel_groups`), wrap a layer in :class:`ParallelAttention`, cut inputs with
-  :func:`shard_sequence` and join outputs with :func:`gather_sequence`. Ulysses serves any backend;
-  a ring needs a dense one that returns the LSE (partials merge through
-  :func:`~attnbridge.attention.lse.merge_partials` in float32).
-* **LLM prefill (causal, packed batch of different lengths): zigzag.** Every sequence is cut into
-  ``2 * cp_size`` blocks and rank ``r`` keeps blocks ``r`` and ``2 * cp_size - 1 - r``
-  (:func:`build_zigzag_metadata`, :func:`zigzag_split`), gathers K/V (:func:`gather_kv`) and runs
-  :func:`zigzag_cp_attention` (FIA in TND layout on Ascend, a per-sequence causal loop elsewhere).
+* DiTs (non-causal self-attention): Ulysses x ring over ``ring_degree * ulysses_degree`` ranks, rank
+  ``g`` holding chunk ``g`` of the right-padded sequence (:mod:`.config`, :class:`ParallelAttention`,
+  :func:`shard_sequence` / :func:`gather_sequence`). Ulysses serves any backend; a ring needs a dense
+  one that returns the LSE.
+* LLM prefill (causal, packed batch): zigzag over ``cp_size`` ranks (:mod:`.zigzag`, :func:`gather_kv`,
+  :func:`zigzag_cp_attention`).
 """
 
 from attnbridge.attention.lse import merge_partials

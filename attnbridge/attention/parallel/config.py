@@ -1,8 +1,6 @@
-"""Sequence-parallel degrees and the process groups that realise them. Ranks are laid out ``rank =
-ring_rank * ulysses_degree + ulysses_rank``: the Ulysses all-to-all, which moves the most data, runs
-between contiguous ranks (one NVLink/HCCS island), and the ring, which overlaps its transfers with
-compute, runs between strided ranks. With that layout rank ``g`` holds chunk ``g`` of the (padded)
-sequence."""
+"""Sequence-parallel degrees and their process groups. ``rank = ring_rank * ulysses_degree +
+ulysses_rank``: the Ulysses all-to-all (the most data) runs between contiguous ranks (one NVLink/HCCS
+island), the ring (overlapped with compute) between strided ones; rank ``g`` holds chunk ``g``."""
 
 from __future__ import annotations
 
@@ -14,8 +12,8 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How many ranks share one computation: ``ring_degree`` x ``ulysses_degree`` ranks split a DiT's
-    token sequence; ``cp_size`` ranks split an LLM prefill (zigzag). The two cannot be combined."""
+    """``ring_degree`` x ``ulysses_degree`` ranks split a DiT's sequence; ``cp_size`` ranks an LLM
+    prefill (zigzag). The two cannot be combined."""
 
     ring_degree: int = 1
     ulysses_degree: int = 1
@@ -73,16 +71,13 @@ class ParallelGroups:
         return self.rank % self.config.ulysses_degree
 
 
-#: Groups already built, per (ring, ulysses) layout and default process group: enabling and
-#: disabling again (a benchmark over layouts, a user toggling backends) must not create new
-#: communicators each time, which nothing would ever destroy.
+#: Groups per (ring, ulysses, default group): re-enabling must not create communicators that nothing destroys.
 _GROUPS: dict[tuple[int, int, int], ParallelGroups] = {}
 
 
 def build_parallel_groups(config: ParallelConfig) -> ParallelGroups:
-    """The Ulysses and ring process groups of ``config``; a collective call on every rank the first time for a
-    layout, a cache lookup after. ``torch.distributed.new_group`` must be entered by all ranks for every
-    group, in the same order, so every rank builds all groups and keeps its own."""
+    """The Ulysses and ring groups of ``config``: collective on first use of a layout, cached after.
+    ``new_group`` must be entered by all ranks for every group in the same order, so each builds all."""
     initialized = dist.is_available() and dist.is_initialized()
     world_size = dist.get_world_size() if initialized else 1
     config.check_world_size(world_size)

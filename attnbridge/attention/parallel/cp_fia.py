@@ -1,15 +1,10 @@
-"""Causal prefill attention of a rank's zigzag queries over the gathered keys of their sequences.
+"""Causal prefill attention of a rank's zigzag queries over the gathered keys of their sequences: the
+prev and next query halves attend bottom-right causally to the first ``kv_len_prev[s]`` resp.
+``kv_len_next[s]`` keys of sequence ``s``.
 
-The prev and next query halves each attend bottom-right causally to the first ``kv_len_prev[s]``
-resp. ``kv_len_next[s]`` keys of their sequence ``s``: the last query of a block sees exactly the
-keys up to its own position.
-
-* Ascend: two ``torch_npu.npu_fused_infer_attention_score`` calls in ``TND`` layout with
-  ``sparse_mode=3`` (right-down causal, 2048x2048 compressed mask). For TND torch_npu documents both
-  ``actual_seq_lengths`` and ``actual_seq_lengths_kv`` as cumulative (per-sequence kv lengths only
-  with paged K/V, ``block_table``), so each half gets a compacted K/V holding just the keys it sees.
-  TND is documented for bfloat16, head size 128 or 192 and at most 65,536 tokens; other calls run
-  one BSND causal FIA call per sequence, which has no such limits.
+* Ascend: one FIA call per half in ``TND`` layout, ``sparse_mode=3``. TND takes both length lists as
+  cumulative (per-sequence kv lengths need paged K/V), so each half gets a compacted K/V of just the
+  keys it sees. Calls outside TND's documented limits run one BSND causal FIA call per sequence.
 * CUDA / MUSA / CPU: a loop over sequences with ``attend(..., causal=True)``.
 """
 
@@ -39,10 +34,9 @@ def zigzag_cp_attention(
     platform: str | None = None,
     backend: str = "fa",
 ) -> torch.Tensor:
-    """Attention output ``[local_tokens, H_q, D]`` of this rank's zigzag-ordered TND queries (from
-    :func:`zigzag_split`) over ``k``, ``v``: TND ``[sum(prefix_lens + seq_lens), H_kv, D]`` in natural
-    order, each sequence's cached prefix first (:func:`gather_kv`). ``backend`` serves non-Ascend
-    platforms."""
+    """``[local_tokens, H_q, D]`` for this rank's zigzag-ordered TND queries over ``k``, ``v``: TND
+    ``[sum(prefix_lens + seq_lens), H_kv, D]`` in natural order, prefixes first (:func:`gather_kv`).
+    ``backend`` serves non-Ascend platforms."""
     _check(q_local, k, v, meta)
     platform = platform_for(q_local.device, platform)
     split = meta.total_q_prev_tokens
@@ -73,15 +67,13 @@ def zigzag_cp_attention(
     return torch.cat(outs)
 
 
-#: FIA's documented TND limits (torch_npu ``_op_plugin_docs.py``, npu_fused_infer_attention_score):
-#: bfloat16 only, head size 128 or 192, at most 65,536 tokens.
+#: FIA's documented TND limits (torch_npu ``_op_plugin_docs.py``); TND also takes bfloat16 only.
 FIA_TND_HEAD_SIZES = (128, 192)
 FIA_TND_MAX_TOKENS = 65536
 
 
 def fia_tnd_refusal(q: torch.Tensor, k: torch.Tensor) -> str | None:
-    """What of this call FIA's TND layout does not document, or None; a refused call runs BSND
-    causal FIA per sequence."""
+    """What of this call FIA's TND layout does not document, or None."""
     if q.dtype != torch.bfloat16:
         return f"dtype {str(q.dtype).removeprefix('torch.')} (TND takes bfloat16 only)"
     if q.shape[-1] not in FIA_TND_HEAD_SIZES:

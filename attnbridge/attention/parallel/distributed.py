@@ -1,5 +1,4 @@
-"""Starting torch.distributed with the right collective library for the accelerator, and small
-collective helpers that work on every backend (HCCL, NCCL, gloo)."""
+"""Starting torch.distributed with the accelerator's collective library, and small collective helpers."""
 
 from __future__ import annotations
 
@@ -16,8 +15,6 @@ COLLECTIVE_BACKENDS = {"npu": "hccl", "cuda": "nccl", "musa": "mccl", "cpu": "gl
 
 @dataclass(frozen=True)
 class DistributedInfo:
-    """Where this process sits: its rank, the world size, and the device it should compute on."""
-
     rank: int
     world_size: int
     local_rank: int
@@ -30,8 +27,7 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value not in (None, "") else default
 
 
-#: Seconds the process group waits for every rank to join (and for any collective) unless told
-#: otherwise: a rank that was never started then fails the others instead of hanging them.
+#: Seconds to wait for every rank to join (and any collective): a missing rank fails the others, not hangs.
 TIMEOUT_ENV = "ATTNBRIDGE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300
 
@@ -52,12 +48,9 @@ def init_distributed(
     init_method: str | None = None,
     timeout: timedelta | None = None,
 ) -> DistributedInfo:
-    """Initialise the default process group, once, from ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``
-    (torchrun, ``accelerate launch``) with the platform's collective library, and select the local
-    device so that collectives and kernels land on the same card. Without a launcher (``WORLD_SIZE``
-    unset or 1, no ``init_method``) nothing is initialised. ``timeout`` defaults to
-    ``$ATTNBRIDGE_DIST_TIMEOUT`` seconds, else 300.
-    """
+    """Initialise the default process group once from the launcher's ``RANK``, ``WORLD_SIZE`` and
+    ``LOCAL_RANK`` and select the local device. Without a launcher (``WORLD_SIZE`` unset or 1, no
+    ``init_method``) nothing is initialised. ``timeout``: ``$ATTNBRIDGE_DIST_TIMEOUT`` s, else 300."""
     from attnbridge.platforms import PLATFORM_ENV, detect_platform, get_platform
 
     platform = platform or os.environ.get(PLATFORM_ENV)
@@ -104,7 +97,7 @@ def _select_device(platform: str, device_type: str, local_rank: int) -> torch.de
 
 
 def group_size(group: dist.ProcessGroup | None) -> int:
-    """Size of ``group``; ``None`` stands for "no parallelism here" (size 1), not the world."""
+    """``None`` stands for "no parallelism here" (size 1), not the world."""
     return 1 if group is None else dist.get_world_size(group)
 
 

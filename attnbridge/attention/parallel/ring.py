@@ -1,7 +1,5 @@
-"""Ring attention: each rank keeps its queries and passes its key/value chunk around the ring. At
-hop ``s`` rank ``r`` holds the chunk of rank ``(r - s) mod R``; the transfer for hop ``s + 1`` is
-posted before hop ``s`` is computed, so communication hides behind compute. Partial outputs merge
-exactly through their softmax LSE, in float32."""
+"""Ring attention: at hop ``s`` rank ``r`` holds the K/V chunk of rank ``(r - s) mod R``; the transfer
+for hop ``s + 1`` is posted before hop ``s`` computes. Partials merge through their LSE in float32."""
 
 from __future__ import annotations
 
@@ -44,11 +42,9 @@ def ring_attention(
     scale: float | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Attention of this rank's query chunk over the keys of every rank in ``group``. ``q``, ``k``, ``v``:
-    BSHD chunks of length ``C``, rank ``i`` holding tokens ``[i*C, (i+1)*C)`` of a sequence right-padded to
-    ``R*C`` with ``real_len`` real tokens. ``causal``: global positions, top-left aligned. ``return_lse``:
-    also the float32 LSE ``[B, H, S_q]``, to merge with attention over keys outside the ring (replicated
-    text); non-causal queries may then differ in length."""
+    """This rank's query chunk over the keys of every rank in ``group``. BSHD chunks of length ``C``, rank
+    ``i`` holding tokens ``[i*C, (i+1)*C)`` of ``real_len`` real ones. ``causal``: global positions, top-left
+    aligned. ``return_lse``: also the float32 LSE ``[B, H, S_q]``, to merge with keys outside the ring."""
     size, rank = group_size(group), group_rank(group)
     chunk = k.shape[1]
     buffers = [torch.stack([k, v]).contiguous(), None]

@@ -1,7 +1,5 @@
-"""Cutting a full sequence into the per-rank chunks sequence-parallel attention expects, and back.
-Token counts of DiTs rarely divide the rank count, so the sequence is right-padded to a multiple of
-it; the real length travels with the chunks and the attention never lets a padded token act as a
-key. Outputs at padded positions are meaningless and :func:`gather_sequence` drops them."""
+"""Cutting a sequence into per-rank chunks and back. It is right-padded to a multiple of the ranks; the
+real length travels with the chunks, so padding is never a key, and :func:`gather_sequence` drops it."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Ulysses sequence parallelism: one all-to-all trades a sequence shard of all heads for the whole
-sequence of a head shard, so any single-device kernel (dense or sparse) can run in between."""
+"""Ulysses: one all-to-all trades a sequence shard of all heads for the whole sequence of a head shard."""
 
 from __future__ import annotations
 

@@ -8,19 +8,14 @@ from attnbridge.attention.api import AttentionLayer
 from attnbridge.attention.contract import AttentionContext, repeat_kv_heads
 from attnbridge.attention.parallel.config import ParallelConfig, ParallelGroups, build_parallel_groups
 from attnbridge.attention.parallel.ring import ring_attention
-from attnbridge.attention.parallel.ulysses import (
-    check_heads_divisible,
-    heads_to_sequence,
-    sequence_to_heads,
-)
+from attnbridge.attention.parallel.ulysses import check_heads_divisible, heads_to_sequence, sequence_to_heads
 from attnbridge.attention.registry import resolve
 from attnbridge.platforms import detect_platform
 
 
 def check_ring_backend(layer: AttentionLayer) -> None:
-    """The one rule for a ring: each hop attends one key chunk and the hops merge through their
-    softmax LSE, so the backend must be dense and return the LSE where it runs. Checked when the
-    parallel attention is made, before anything is patched."""
+    """A ring's hops each attend one key chunk and merge through the LSE: the backend must be dense and
+    return the LSE where it runs."""
     if layer.spec.sparse:
         raise ValueError(
             f"ring attention (ring_degree > 1) splits the keys across ranks, so sparse backend "
@@ -41,15 +36,11 @@ def check_ring_backend(layer: AttentionLayer) -> None:
 
 
 class ParallelAttention:
-    """Self-attention over a sequence sharded across ``ring_degree x ulysses_degree`` ranks. Made once per
-    model (it builds process groups when given a config) and called with this rank's BSHD chunks; returns this
-    rank's output chunk. ``layer`` is the backend that runs on each rank: any backend for Ulysses only, one
-    that returns the LSE (``"fa"``) when ``ring_degree > 1``."""
+    """Self-attention over a sequence sharded across ``ring_degree x ulysses_degree`` ranks: made once per
+    model (it builds process groups from a config), called with this rank's BSHD chunks."""
 
     def __init__(
-        self,
-        layer: AttentionLayer | str = "fa",
-        parallel: ParallelConfig | ParallelGroups | None = None,
+        self, layer: AttentionLayer | str = "fa", parallel: ParallelConfig | ParallelGroups | None = None
     ) -> None:
         self.layer = AttentionLayer(layer) if isinstance(layer, str) else layer
         config = parallel.config if isinstance(parallel, ParallelGroups) else (parallel or ParallelConfig())
@@ -72,10 +63,8 @@ class ParallelAttention:
         scale: float | None = None,
         context: AttentionContext | None = None,
     ) -> torch.Tensor:
-        """Attention for this rank's chunk ``[B, S_local, H, D]`` of a sequence of ``real_len``
-        real tokens (the rest is right padding; ``None``: no padding). Every rank must pass the same
-        ``S_local`` and ``real_len``. ``context`` reaches the backend only without a ring (no
-        metadata exists for a key chunk), and then with the Ulysses head shard's q/k/v."""
+        """This rank's chunk ``[B, S_local, H, D]`` of a sequence of ``real_len`` real tokens (``None``: no
+        padding), the same on every rank. ``context`` reaches the backend only without a ring."""
         self._check(q_local, k_local, v_local, real_len)
         ulysses = self.groups.ulysses_group
         degree = self.config.ulysses_degree
@@ -121,8 +110,7 @@ class ParallelAttention:
         return sequence_to_heads(q, group), k, v
 
     def _full_sequence(self, q, k, v, real_len, causal, scale, context):
-        """Ulysses only: this rank now has the whole (padded) sequence; drop the padding around
-        the kernel so that sparse backends see exactly the real tokens."""
+        """Ulysses only: the kernel sees the whole sequence without its padding (for sparse backends)."""
         if real_len is None or real_len == q.shape[1]:
             return self.layer(q, k, v, causal=causal, scale=scale, context=context)
         out = self.layer(

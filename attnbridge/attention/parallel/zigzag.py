@@ -1,12 +1,9 @@
-"""Zigzag context-parallel layout for causal prefill of a packed (varlen) batch.
+"""Zigzag context-parallel layout for causal prefill of a packed batch (tensors packed over dim 0).
 
-Each sequence is cut into ``2 * cp_size`` blocks and rank ``r`` owns blocks ``r`` ("prev") and
-``2 * cp_size - 1 - r`` ("next") of every sequence, so causal work is balanced across ranks. A
-rank's local tokens are ``[s0.b_r, s1.b_r, ..., s0.b_{2cp-1-r}, s1.b_{2cp-1-r}, ...]``: all prev
-blocks first, which is why its queries split at ``total_q_prev_tokens``, not at the midpoint.
-
-Tensors here are packed over tokens (dim 0), e.g. TND ``[tokens, heads, head_dim]`` or hidden
-states ``[tokens, hidden]``.
+Each sequence is cut into ``2 * cp_size`` blocks; rank ``r`` owns blocks ``r`` ("prev") and
+``2 * cp_size - 1 - r`` ("next") of every sequence, which balances causal work. Local tokens are
+``[s0.b_r, s1.b_r, ..., s0.b_{2cp-1-r}, ...]``: all prev blocks first, so queries split at
+``total_q_prev_tokens``.
 """
 
 from __future__ import annotations
@@ -32,11 +29,10 @@ def _ranges(starts: Sequence[int], lengths: Sequence[int]) -> list[int]:
 
 @dataclass
 class ZigzagMetadata:
-    """Where every block of every sequence lives, seen from rank ``cp_rank``. Per block: ``split_list`` (block
-    sizes, sequence-major), ``zigzag_index`` (this rank's blocks in local order), ``reverse_split_len`` and
-    ``cp_reverse_index`` (piece sizes of the rank-ordered all-gather stream, and its pieces in natural order).
-    Per sequence, on this rank: ``actual_seq_q_prev/next`` (query tokens), ``kv_len_prev/next`` (keys each
-    half sees: its prefix cache plus blocks ``0..r`` resp. ``0..2cp-1-r``)."""
+    """Where every block lives, seen from rank ``cp_rank``. Per block: ``split_list`` (sizes, sequence-major),
+    ``zigzag_index`` (this rank's blocks, local order), ``reverse_split_len`` / ``cp_reverse_index`` (pieces
+    of the rank-ordered gather stream, and their natural order). Per sequence: ``actual_seq_q_prev/next``
+    (query tokens), ``kv_len_prev/next`` (keys each half sees: prefix + blocks ``0..r`` / ``0..2cp-1-r``)."""
 
     cp_size: int
     cp_rank: int
@@ -73,8 +69,7 @@ class ZigzagMetadata:
         return _cumulative([p + n for p, n in zip(self.prefix_lens, self.seq_lens)])[:-1]
 
     def natural_index(self) -> list[int]:
-        """For each token in natural order, its row in the all-gathered buffer in which rank ``q``
-        occupies rows ``[q * max_rank_len, q * max_rank_len + per_rank_actual_token[q])``."""
+        """Each natural-order token's row in the gathered buffer (rank ``q`` from ``q * max_rank_len``)."""
         pieces_per_rank = 2 * self.bs
         starts = []
         for q in range(self.cp_size):
@@ -83,17 +78,13 @@ class ZigzagMetadata:
         order = self.cp_reverse_index
         return _ranges([starts[j] for j in order], [self.reverse_split_len[j] for j in order])
 
-    def kv_index(self, half: str) -> list[int]:
-        """Rows of the natural K/V that the ``"prev"`` or ``"next"`` queries see, sequence by sequence."""
-        lens = self.kv_len_prev if half == "prev" else self.kv_len_next
-        return _ranges(self.kv_starts, lens)
-
     def index_tensor(self, key: str, device: torch.device) -> torch.Tensor:
-        """The ``"natural"``, ``"kv_prev"`` or ``"kv_next"`` rows as a tensor on ``device``, built once
-        (every layer reuses them)."""
+        """The ``"natural"`` rows, or the natural K/V rows the ``"kv_prev"`` / ``"kv_next"`` queries see, on
+        ``device``; built once for all layers."""
         tensor = self._device_cache.get((key, device))
         if tensor is None:
-            rows = self.natural_index() if key == "natural" else self.kv_index(key.removeprefix("kv_"))
+            kv_lens = self.kv_len_prev if key == "kv_prev" else self.kv_len_next
+            rows = self.natural_index() if key == "natural" else _ranges(self.kv_starts, kv_lens)
             tensor = self._device_cache[(key, device)] = torch.tensor(rows, dtype=torch.long, device=device)
         return tensor
 
@@ -104,22 +95,17 @@ def _block_sizes(length: int, blocks: int) -> list[int]:
 
 
 def build_zigzag_metadata(
-    seq_lens: Sequence[int],
-    cp_rank: int,
-    cp_size: int,
-    prefix_lens: Sequence[int] | None = None,
+    seq_lens: Sequence[int], cp_rank: int, cp_size: int, prefix_lens: Sequence[int] | None = None
 ) -> ZigzagMetadata:
-    """The zigzag layout of a packed batch with ``seq_lens`` new tokens per sequence. ``prefix_lens``: tokens
-    already cached before each sequence's new tokens (radix-cache hits); they only lengthen the keys. Every
-    sequence needs at least ``2 * cp_size`` new tokens."""
+    """Layout of ``seq_lens`` new tokens per sequence (each at least ``2 * cp_size``). ``prefix_lens``:
+    tokens cached before them (radix-cache hits), which only lengthen the keys."""
     if cp_size < 1 or not 0 <= cp_rank < cp_size:
         raise ValueError(f"cp_rank must be in [0, cp_size); got cp_rank={cp_rank}, cp_size={cp_size}")
     seq_lens = [int(n) for n in seq_lens]
     if not seq_lens:
         raise ValueError("zigzag context parallelism needs at least one sequence")
     blocks = 2 * cp_size
-    short = [n for n in seq_lens if n < blocks]
-    if short:
+    if min(seq_lens) < blocks:
         raise ValueError(
             f"zigzag context parallelism with cp_size={cp_size} cuts every sequence into {blocks} "
             f"blocks, so each needs at least {blocks} tokens; got lengths {seq_lens}"
@@ -175,17 +161,14 @@ def zigzag_split(x: torch.Tensor, meta: ZigzagMetadata) -> torch.Tensor:
 
 
 def restore_natural_order(gathered: torch.Tensor, meta: ZigzagMetadata) -> torch.Tensor:
-    """Natural order ``[s0 b0..b_{2cp-1}, s1 b0.., ...]`` from the rank-ordered gathered buffer
-    (rank ``q``'s zigzag-local tokens at rows ``q * max_rank_len``, padded to ``max_rank_len``)."""
+    """Natural order from the gathered buffer (rank ``q``'s tokens at rows ``q * max_rank_len``, padded)."""
     return gathered.index_select(0, meta.index_tensor("natural", gathered.device))
 
 
 def zigzag_all_gather(
     x_local: torch.Tensor, meta: ZigzagMetadata, group: dist.ProcessGroup | None = None
 ) -> torch.Tensor:
-    """Every rank's zigzag-local tokens, gathered and put back in natural order. One collective: each rank
-    pads its tokens to ``max_rank_len`` so the gather is equal-sized. Used for K/V before attention, and to
-    reassemble outputs."""
+    """Every rank's zigzag-local tokens in natural order: one gather, padded to ``max_rank_len``."""
     if x_local.shape[0] != meta.local_tokens:
         raise ValueError(f"rank {meta.cp_rank} holds {meta.local_tokens} tokens; got {x_local.shape[0]}")
     if group is None and meta.cp_size > 1:
@@ -195,10 +178,7 @@ def zigzag_all_gather(
 
 
 def gather_kv(
-    k_local: torch.Tensor,
-    v_local: torch.Tensor,
-    meta: ZigzagMetadata,
-    group: dist.ProcessGroup | None = None,
+    k_local: torch.Tensor, v_local: torch.Tensor, meta: ZigzagMetadata, group: dist.ProcessGroup | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full K and V of every sequence in natural order, from each rank's local K/V (one gather)."""
     kv = zigzag_all_gather(torch.stack([k_local, v_local], dim=1), meta, group)

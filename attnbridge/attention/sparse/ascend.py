@@ -1,15 +1,13 @@
-"""The Ascend block-sparse kernels, fed attnbridge's own selection so every platform attends the
-same blocks. Neither returns an LSE nor takes key padding here: those calls run dense FIA.
+"""The Ascend block-sparse kernels, fed attnbridge's own selection (same blocks on every platform).
+Neither returns an LSE nor takes key padding here: those calls run dense FIA.
 
-* :data:`ASCEND_BLOCK_SPARSE`: sgl-kernel-npu's ``ada_block_sparse_attention`` (``torch.ops.npu`` in
-  newer builds; ``torch.ops.attentions``, named ``block_sparse_attention`` in older ones, same
-  schema). sglang pairs it with ``sparse_block_estimate``; here the mask comes from our selector.
-  The plugin builds no band mask, so ``pre_tokens``/``next_tokens`` are ignored (passed as sglang
-  does); fp16 needs ``inner_precise`` 1 (the only fp16 tiling keys of the kernel).
-* :data:`ASCEND_RAIN_FUSION`: ``torch_npu.npu_block_sparse_attention`` (BNSD, int8 mask) where
-  torch_npu has it, else sgl-kernel-npu's ``rainfusionattention`` (TND, index lists), which takes
-  one index list for the whole batch and is called per batch element. K/V heads are repeated to the
-  query heads for both: their GQA head mapping is undocumented.
+* :data:`ASCEND_BLOCK_SPARSE`: sgl-kernel-npu's ``ada_block_sparse_attention`` (``torch.ops.npu``;
+  older builds: ``torch.ops.attentions``, also as ``block_sparse_attention``). It builds no band
+  mask, so ``pre_tokens``/``next_tokens`` are ignored (passed as sglang does); fp16 needs
+  ``inner_precise`` 1 (the kernel's only fp16 tiling keys).
+* :data:`ASCEND_RAIN_FUSION`: ``torch_npu.npu_block_sparse_attention`` (BNSD, int8 mask), else
+  sgl-kernel-npu's ``rainfusionattention`` (TND, one index list for the whole batch: called per batch
+  element). Both get K/V heads repeated to the query heads: their GQA head mapping is undocumented.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
-"""Block-sparse attention through FlexAttention, exact on every device: the CPU kernel and the
-reference the Triton kernel (:mod:`.triton_kernel`) is held to. FlexAttention run without
-compilation evaluates only the ``mask_mod`` and ignores a BlockMask's block lists, so the
-``mask_mod`` here looks every (query block, key block) pair up in a table of the kept blocks, and
-checks pad keys (``key_valid``) and each sample's padded keys (``key_lengths``): whatever path runs
-it, the result is the listed blocks' attention. It runs in float32, in query chunks that bound the
-memory of the scores it materializes."""
+"""Block-sparse attention through FlexAttention in float32, exact on every device: the CPU kernel and
+the reference the Triton kernel is held to. Unfused FlexAttention evaluates only the ``mask_mod``,
+so the ``mask_mod`` looks every block pair up in a table of the kept blocks (and checks pad and
+padded keys). Query chunks bound the memory of the scores it materializes."""
 
 from __future__ import annotations
 
@@ -40,11 +37,11 @@ def block_sparse_attention(
     key_lengths: torch.Tensor | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Attention of each ``block_size`` query block over its listed key blocks only, on BSHD tensors.
-    ``kv_indices`` int ``[B, H_q, n_q_blocks, max_k]`` (entries past the row's count ignored) and
-    ``kv_counts`` int ``[B, H_q, n_q_blocks]`` (B and H may be 1 to broadcast). ``key_valid`` bool ``[S_kv]``:
-    False for a pad key; ``key_lengths`` int ``[B]``: each sample's valid keys. Returns ``out`` in q's dtype
-    and, with ``return_lse``, the float32 LSE ``[B, H_q, S_q]``."""
+    """Attention of each ``block_size`` query block over its listed key blocks, on BSHD tensors.
+    ``kv_indices`` int ``[B, H_q, n_q_blocks, max_k]`` (entries past the row's count ignored),
+    ``kv_counts`` int ``[B, H_q, n_q_blocks]`` (B, H may be 1), ``key_valid`` bool ``[S_kv]`` (False: pad
+    key), ``key_lengths`` int ``[B]``. Returns ``out`` (q's dtype), with ``return_lse`` float32 LSE
+    ``[B, H_q, S_q]``."""
     _check_args(q, k, kv_indices, kv_counts, block_size, key_valid)
     scale = default_scale(q.shape[-1], scale)
     n_kv_blocks = math.ceil(k.shape[1] / block_size)
@@ -86,11 +83,10 @@ def _exact_mask_mod(table: torch.Tensor, valid: torch.Tensor | None, block_size:
     """``mask_mod`` that keeps exactly the listed blocks of ``table`` ``[B, H, nq, nk]`` (and valid keys)."""
 
     def kept(b, h, q_idx, kv_idx):
-        return table[b, h, q_idx // block_size, kv_idx // block_size]
+        keep = table[b, h, q_idx // block_size, kv_idx // block_size]
+        return keep if valid is None else keep & valid[b, kv_idx]
 
-    if valid is None:
-        return kept
-    return lambda b, h, q_idx, kv_idx: kept(b, h, q_idx, kv_idx) & valid[b, kv_idx]
+    return kept
 
 
 def _flex(q, k, v, block_mask, scale, return_lse):

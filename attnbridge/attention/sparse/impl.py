@@ -28,8 +28,8 @@ class SparseOptions:
 
 @dataclasses.dataclass(frozen=True)
 class Selector:
-    """Which key blocks each query block keeps: ``select(q, k, scale, options, layout)`` on q, k
-    in mask order; ``image_order(grid)`` the gather order of the image tokens (None: raster)."""
+    """``select(q, k, scale, options, layout)`` on q, k in mask order -> the kept blocks;
+    ``image_order(grid)``: the gather order of the image tokens (None: raster)."""
 
     name: str
     select: Callable[..., BlockSelection]
@@ -120,8 +120,7 @@ class SparseImpl(AttentionImpl):
         return layout.from_mask_order(result)
 
     def kept_fraction(self, q, k, context) -> float | None:
-        """The fraction of (query block, key block) pairs this call would attend (None where it runs
-        dense): what ``attnbridge generate`` reports."""
+        """Fraction of block pairs this call attends (None: dense), for ``attnbridge generate``."""
         if self.runs_dense(q, k, False, context):
             return None
         selection = self._select(q, k, default_scale(q.shape[-1], None), context)[3]

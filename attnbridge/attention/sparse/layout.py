@@ -36,9 +36,8 @@ BLOCK_SIZE = 128
 
 
 def cached_in_eager(fn: Callable) -> Callable:
-    """``fn`` memoized on its (hashable) arguments in eager mode; traced afresh under
-    ``torch.compile``, where building small index tensors is part of the graph and a cache lookup
-    would break it. What it returns must never be written to (callers share it)."""
+    """``fn`` memoized on its (hashable) arguments in eager mode, traced afresh under
+    ``torch.compile``. What it returns is shared: never write to it."""
     cached = functools.lru_cache(maxsize=64)(fn)
 
     @functools.wraps(fn)
@@ -53,10 +52,8 @@ _compiled: dict[Callable, Callable] = {}
 
 
 def compiled_on_gpu(fn: Callable, device: torch.device) -> Callable:
-    """``fn`` compiled once (``dynamic=False``) for GPU tensors in eager mode; as is on the CPU and inside a
-    caller's ``torch.compile`` (which traces it into its own graph). Block selection is a dozen small ops on
-    ``[B, H, nb, nb]``; launched one by one they cost more than their work, compiled they are a few fused
-    kernels."""
+    """``fn`` compiled once (``dynamic=False``) for GPU tensors in eager mode, as is on the CPU and under a
+    caller's ``torch.compile``: block selection's dozen small ops fuse into a few kernels."""
     if device.type == "cpu" or torch.compiler.is_compiling():
         return fn
     compiled = _compiled.get(fn)
@@ -74,8 +71,8 @@ def is_dense_step(context: AttentionContext | None, skip_first_steps: int) -> bo
 
 @dataclass(frozen=True)
 class SparseLayout:
-    """How one self/joint call maps onto the block mask. ``perm`` (or None for "no reordering") gathers the
-    caller's image tokens into the backend's order; text tokens stay last; ``inverse`` puts them back."""
+    """How one self/joint call maps onto the block mask. ``perm`` (None: no reordering) gathers the image
+    tokens into the backend's order, text staying last; ``inverse`` puts them back."""
 
     seq_len: int
     num_text: int
@@ -136,9 +133,8 @@ def resolve_layout(
     image_order: Callable[[tuple[int, int, int]], torch.Tensor | None] | None = None,
     block_size: int = BLOCK_SIZE,
 ) -> SparseLayout:
-    """Check the grid against the sequence and build the mask-order layout for this call. ``image_order`` (a
-    module-level function, so it can key a cache) maps the grid to the gather order of the image tokens, or
-    None for raster order."""
+    """The checked mask-order layout of this call. ``image_order`` (module-level, as it keys a cache) maps
+    the grid to the gather order of the image tokens, or None for raster order."""
     seq_len = q.shape[1]
     num_text = context.num_text_tokens if context is not None and context.kind == "joint" else 0
     num_image = seq_len - num_text
@@ -155,13 +151,12 @@ def resolve_layout(
             f"call has {num_image} image tokens ({seq_len} in all, {num_text} text); the adapter must "
             "pass the grid after patchify"
         )
-    frames, height, width = grid
     perm, inverse = _layout_permutation(num_text, grid, image_order, q.device)
     return SparseLayout(
         seq_len=seq_len,
         num_text=num_text,
         grid=grid,
-        first_frame_blocks=math.ceil(height * width / block_size) if frames > 1 else 0,
+        first_frame_blocks=math.ceil(grid[1] * grid[2] / block_size) if grid[0] > 1 else 0,
         block_size=block_size,
         perm=perm,
         inverse=inverse,

@@ -1,10 +1,5 @@
 """Which key blocks each query block attends: pooled scores, estimated block mass, top-k,
-thresholds, mask <-> index lists.
-
-Everything is tensor code without Python loops over blocks and without host syncs, so selection
-stays a few small kernels next to the attention itself (pooling reads q and k once; the rest works
-on ``[B, H, nb, nb]``, or ``[B, H, 4 nb, 4 nb]`` for the sub-block logits of the mass estimate).
-"""
+thresholds, mask <-> index lists. Tensor code only: no Python loop over blocks, no host sync."""
 
 from __future__ import annotations
 
@@ -18,11 +13,8 @@ from attnbridge.attention.options import kept_count
 
 @dataclass(frozen=True)
 class BlockSelection:
-    """Kept key blocks per query block, as index lists (what FlexAttention takes).
-
-    ``indices`` int32 ``[B, H, nq, nk]``: the first ``counts`` entries of a row are its kept key
-    blocks in ascending order; later entries are ignored. ``counts`` int32 ``[B, H, nq]``.
-    """
+    """Kept key blocks per query block: ``indices`` int32 ``[B, H, nq, nk]``, the first ``counts``
+    (int32 ``[B, H, nq]``) entries of a row its kept blocks ascending, later entries ignored."""
 
     indices: torch.Tensor
     counts: torch.Tensor
@@ -38,10 +30,8 @@ class BlockSelection:
 
 
 def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Mean of BSHD ``x`` over each block of ``block_size`` tokens -> float32 ``[B, nb, H, D]``.
-
-    A partial tail block is the mean of the tokens it has, so it is not diluted by padding.
-    """
+    """Mean of BSHD ``x`` over each block of ``block_size`` tokens -> float32 ``[B, nb, H, D]``;
+    a partial tail block is the mean of the tokens it has."""
     batch, seq, heads, dim = x.shape
     full = seq // block_size
     parts = []
@@ -61,8 +51,7 @@ def valid_keys_per_block(key_lengths: torch.Tensor, seq: int, block_size: int) -
 
 
 def pool_keys(k: torch.Tensor, block_size: int, key_lengths: torch.Tensor | None) -> torch.Tensor:
-    """:func:`pool_blocks` over the valid keys only: what padded keys hold (junk, NaN) never reaches
-    a selection. A block with no valid key pools to zero (its score is masked anyway)."""
+    """:func:`pool_blocks` over the valid keys only (padded keys may hold NaN); no valid key: zero."""
     if key_lengths is None:
         return pool_blocks(k, block_size)
     seq = k.shape[1]
@@ -77,11 +66,8 @@ def pool_keys(k: torch.Tensor, block_size: int, key_lengths: torch.Tensor | None
 def pooled_scores(
     q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float, key_lengths: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Block-level attention logits ``q̄ · k̄ᵀ · scale`` per head: float32 ``[B, H_q, nq, nk]``.
-
-    With ``key_lengths`` (valid keys per sample) a key block holding no valid key scores -inf, so
-    no selection spends its budget on padding.
-    """
+    """Block logits ``q̄ · k̄ᵀ · scale``: float32 ``[B, H_q, nq, nk]``; -inf for a key block with no
+    valid key (``key_lengths``: valid keys per sample)."""
     q_bar = pool_blocks(q, block_size).transpose(1, 2)  # [B, Hq, nq, D]
     k_bar = pool_keys(k, block_size, key_lengths).transpose(1, 2)  # [B, Hkv, nk, D]
     groups = q.shape[2] // k.shape[2]
@@ -95,11 +81,11 @@ def pooled_scores(
     return scores
 
 
-#: Sub-blocks per block in :func:`estimated_block_mass`: a 128-token block is read as 4 means of 32.
+#: Sub-blocks per block in :func:`estimated_block_mass` (a 128-token block: 4 means of 32).
 SUB_BLOCKS = 4
-#: The estimate that ranks and places blocks: (logit factor, spread term) of :func:`estimated_block_mass`.
+#: (logit factor, spread term) of the estimate that ranks and places blocks,
 RANK_ESTIMATE = (1.0, True)
-#: The estimate that counts the blocks a ``mass`` threshold needs (calibrated: see block_sparse).
+#: and of the one that counts the blocks a ``mass`` threshold needs (calibrated: see block_sparse).
 MASS_ESTIMATE = (2.0, False)
 #: Share of a head's budget that :func:`select_by_mass` spreads evenly over the query blocks.
 EVEN_SHARE = 0.75
@@ -112,27 +98,21 @@ def estimated_block_mass(
     scale: float,
     key_lengths: torch.Tensor | None = None,
     estimates: tuple[tuple[float, bool], ...] = (RANK_ESTIMATE,),
-    sub_blocks: int = SUB_BLOCKS,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Estimated softmax mass of every (query block, key block) pair, from sub-block statistics.
 
-    Each block is split into ``sub_blocks`` sub-blocks (a partial tail has fewer). For a query
-    sub-block ``a`` and a key sub-block ``b`` with means ``q̄ₐ``, ``k̄ᵦ`` and per-dimension variances
-    ``σₐ²``, ``σᵦ²`` (of their tokens around the mean), the logit is ``t · scale · q̄ₐ · k̄ᵦ``, plus,
-    with the spread term, ``scale² V / 2`` where ``V = σₐ² |k̄ᵦ|² + σᵦ² |q̄ₐ|² + D σₐ² σᵦ²`` is the
-    variance of the token logits of the pair when the tokens spread evenly around their means (the
-    mean of ``exp`` of a normal variable is ``exp`` of its mean plus half its variance). Plus the
-    log of the key sub-block's token count, each query sub-block takes a softmax over the key
-    sub-blocks; a pair's mass is the sum over its sub-block pairs, weighted by the query sub-blocks'
-    token counts. ``estimates`` lists the ``(t, spread term)`` of each estimate to return (the
-    logits are computed once).
+    For query and key sub-blocks with means ``q̄ₐ``, ``k̄ᵦ`` and per-dimension variances ``σₐ²``,
+    ``σᵦ²``, the logit is ``t · scale · q̄ₐ · k̄ᵦ``, plus with the spread term ``scale² V / 2``, where
+    ``V = σₐ² |k̄ᵦ|² + σᵦ² |q̄ₐ|² + D σₐ² σᵦ²`` is the variance of the pair's token logits (E exp of
+    a normal = exp of mean + half variance), plus the log of the key sub-block's token count. Each
+    query sub-block takes a softmax over the key sub-blocks; a pair's mass sums its sub-block pairs,
+    weighted by query sub-block size. ``estimates``: the ``(t, spread term)`` of each estimate.
 
-    Returns ``(log_mass, nan_pairs)``: per estimate a float32 ``[B, H_q, nq, nk]`` of log estimated
-    mass, each row summing to 1 (key sub-blocks past ``key_lengths`` get none); and bool
-    ``[B, H_q, nq, nk]``, True where a sub-block logit of the pair is NaN (a NaN query or key
-    token), which selection must keep so that the NaN reaches the output.
+    Returns per estimate float32 ``[B, H_q, nq, nk]`` log mass (rows sum to 1), and bool
+    ``nan_pairs`` ``[B, H_q, nq, nk]``: pairs with a NaN logit, to keep so the NaN reaches the output.
     """
     batch, seq, _, dim = q.shape
+    sub_blocks = SUB_BLOCKS
     if block_size % sub_blocks:
         raise ValueError(f"block size {block_size} is not a multiple of {sub_blocks} sub-blocks")
     sub = block_size // sub_blocks
@@ -140,8 +120,7 @@ def estimated_block_mass(
     groups = q.shape[2] // k.shape[2]
 
     def stats(x, lengths=None):
-        """Sub-block means [B, H, ns, D], their squared norms and per-dimension variances [B, H, ns]
-        (of the valid tokens only, with ``lengths``)."""
+        """Sub-block means [B, H, ns, D], squared norms and per-dimension variances [B, H, ns]."""
         mean = pool_keys(x, sub, lengths).transpose(1, 2)
         square = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square()[..., None]
         mean_square = pool_keys(square, sub, lengths).transpose(1, 2)[..., 0]
@@ -183,8 +162,7 @@ def estimated_block_mass(
 
 
 def _rank_rows(log_mass: torch.Tensor, forced: torch.Tensor):
-    """Each row's key blocks ordered forced first, then by estimated mass (descending):
-    ``(order, mass in that order, forced in that order)``."""
+    """``(order, mass, forced)`` of each row's key blocks, forced first, then by mass descending."""
     forced = forced.expand_as(log_mass)
     key = log_mass.masked_fill(forced, float("inf"))
     order = key.argsort(dim=-1, descending=True, stable=True)
@@ -192,11 +170,8 @@ def _rank_rows(log_mass: torch.Tensor, forced: torch.Tensor):
 
 
 def mass_counts(log_mass: torch.Tensor, threshold: float, forced: torch.Tensor) -> torch.Tensor:
-    """Per row, the fewest key blocks whose estimated mass reaches ``threshold``: int ``[..., nq]``.
-
-    Blocks count in the order of :func:`select_by_mass` (``forced`` first, then by mass), so the
-    forced blocks' mass counts towards the threshold and a row keeps at least its forced blocks.
-    """
+    """Per row, the fewest key blocks whose mass reaches ``threshold``: int ``[..., nq]``. Blocks
+    count in :func:`select_by_mass`'s order, so a row keeps at least its ``forced`` blocks."""
     _, mass, forced_sorted = _rank_rows(log_mass, forced)
     before = mass.cumsum(dim=-1) - mass
     return ((before < threshold) | forced_sorted).sum(dim=-1)
@@ -206,20 +181,15 @@ def select_by_mass(
     log_mass: torch.Tensor,
     budget: torch.Tensor,
     forced: torch.Tensor,
-    min_per_row: int = 1,
     even_share: float = EVEN_SHARE,
 ) -> BlockSelection:
-    """Place ``budget`` (int ``[B, H]``) block pairs per head: an even share, then where they cut the
-    dropped mass most.
+    """Place ``budget`` (int ``[B, H]``) block pairs per head over ``log_mass`` ``[B, H, nq, nk]``.
 
-    ``log_mass`` float ``[B, H, nq, nk]``: each row's estimated mass (log, rows summing to 1).
-    Every row takes its key blocks in order, ``forced`` (bool, broadcast to ``[B, H, nq, nk]``)
-    first, then by estimated mass. Each row keeps at least ``even_share`` of the budget left after
-    the forced pairs, divided by ``nq`` (and at least ``min_per_row``): a floor against an
-    estimate that is wrong about one row. The rest goes to the pairs that lower the squared
-    dropped mass of their row most: keeping the ``r``-th block of a row reduces its dropped mass
-    from ``d + p`` to ``d``, a gain of ``p (2 d + p)``. Forced pairs and the floors are kept even
-    past ``budget``. The gains fall along each ordered row, so every row keeps a prefix of its order.
+    Rows take key blocks in :func:`_rank_rows` order (``forced``, bool broadcast to ``log_mass``,
+    first). Each row keeps at least ``even_share`` of the budget left after forced pairs, over
+    ``nq`` (and at least 1): a floor against a wrong estimate. The rest goes where it lowers the
+    squared dropped mass of its row most: a gain of ``p (2 d + p)`` for dropped mass ``d + p -> d``.
+    Forced pairs and floors are kept even past ``budget``; every row keeps a prefix of its order.
     """
     batch, heads, nq, nk = log_mass.shape
     order, mass, forced_sorted = _rank_rows(log_mass, forced)
@@ -227,7 +197,7 @@ def select_by_mass(
     gain = mass * (2.0 * after + mass)
     rank = torch.arange(nk, device=log_mass.device)
     free = budget - forced_sorted.flatten(2).sum(dim=-1)  # [B, H]
-    floor = torch.div(free * even_share, nq, rounding_mode="floor").clamp(min=min_per_row)
+    floor = torch.div(free * even_share, nq, rounding_mode="floor").clamp(min=1)
     must = forced_sorted | (rank < floor[..., None, None])
     gain = gain.masked_fill(must, float("inf")).flatten(2)
     head_order = gain.argsort(dim=-1, descending=True)
@@ -246,16 +216,9 @@ def select_by_mass(
 def select_top_blocks(
     scores: torch.Tensor, sparsity: float, dense_blocks: torch.Tensor, num_dense: int
 ) -> BlockSelection:
-    """Top-scoring key blocks per query block and head, always with the forced ones: the pooled
-    top-k baseline that ``scripts/selection_quality.py`` and the oracle scripts compare against.
-
-    ``dense_blocks`` bool ``[nb]`` marks the ``num_dense`` blocks that are dense rows and dense
-    columns (first frame, text); the diagonal is forced too. ``sparsity`` is the fraction of the
-    ``nq x nk`` block pairs skipped per head: the dense rows and the forced columns are paid from
-    that budget, and the rest is spread evenly over the other rows, each keeping its best
-    ``keep`` blocks (never fewer than its forced ones). So the work is ``1 - sparsity`` of dense
-    attention, whatever the first frame costs.
-    """
+    """Pooled top-k baseline of the selection scripts: per row the best :func:`row_budget` key blocks
+    plus the forced ones (the diagonal, and the ``num_dense`` ``dense_blocks`` bool ``[nb]``, which
+    are dense rows and columns), so the work is ``1 - sparsity`` of dense."""
     batch, heads, nq, nk = scores.shape
     device = scores.device
     keep = row_budget(sparsity, nq, nk, num_dense)
@@ -275,8 +238,8 @@ def select_top_blocks(
 
 
 def row_budget(sparsity: float, nq: int, nk: int, num_dense: int) -> int:
-    """Blocks each non-dense query row keeps so that all rows together keep ``1 - sparsity`` of
-    the ``nq x nk`` pairs (at least the row's forced blocks: dense columns and the diagonal)."""
+    """Blocks each non-dense row keeps so that all keep ``1 - sparsity`` of the pairs (at least its
+    forced ones)."""
     total = kept_count(sparsity, nq * nk)
     other_rows = nq - num_dense
     keep = (total - num_dense * nk) // other_rows if other_rows > 0 else nk
@@ -284,8 +247,8 @@ def row_budget(sparsity: float, nq: int, nk: int, num_dense: int) -> int:
 
 
 def threshold_mask(scores: torch.Tensor, sparsity: float, dense_blocks: torch.Tensor) -> torch.Tensor:
-    """RainFusion's mask: ``softmax(scores) >= k-th largest`` per row (ties may keep more), with
-    ``k = ceil(nk * (1 - sparsity))``; ``dense_blocks`` rows and columns are forced True."""
+    """RainFusion's mask: ``softmax(scores) >= k-th largest`` per row (ties may keep more),
+    ``k = ceil(nk * (1 - sparsity))``; ``dense_blocks`` rows and columns forced."""
     nk = scores.shape[-1]
     probs = torch.softmax(scores, dim=-1)
     threshold = probs.topk(kept_count(sparsity, nk), dim=-1).values[..., -1:]

@@ -1,9 +1,6 @@
 """Tiling for video sparse attention: the latent token grid cut into 4x4x4 tiles of 64 tokens. A
-:class:`TileLayout` holds the index tensors of one grid on one device; they are read-only, so every
-caller may share them (built once per grid and device in eager mode, traced into the graph under
-``torch.compile``: every shape here follows from the grid alone). The tile buffer that q, k and v
-are tiled into belongs to one call (:meth:`TileLayout.new_buffer`): two models or threads on one
-grid never write into each other's."""
+:class:`TileLayout`'s read-only index tensors are shared per grid and device (every shape follows from
+the grid alone); the tile buffer belongs to one call (:meth:`TileLayout.new_buffer`)."""
 
 from __future__ import annotations
 
@@ -33,9 +30,8 @@ def tile_counts(grid: tuple[int, int, int]) -> tuple[int, int, int]:
 
 @dataclass(frozen=True, eq=False)
 class TileLayout:
-    """The index tensors of one latent grid on one device. Padded layout: tile ``i`` occupies slots ``[64 i,
-    64 i + 64)``, tokens in raster (t, h, w) order inside the tile, tiles in raster order over the tile grid;
-    a partial tile's missing tokens are pad slots, which hold zeros."""
+    """Padded layout: tile ``i`` occupies slots ``[64 i, 64 i + 64)``, tokens and tiles in raster (t, h, w)
+    order; a partial tile's missing tokens are pad slots, which hold zeros."""
 
     grid: tuple[int, int, int]
     num_tiles: tuple[int, int, int]
@@ -47,7 +43,7 @@ class TileLayout:
     variable_block_sizes: torch.Tensor
     #: ``[n_tiles * 64]`` bool, False at pad slots (pad keys must get no attention weight).
     key_valid: torch.Tensor
-    #: The pad slots (zeroed in each new buffer).
+    #: The pad slots.
     pad_slots: torch.Tensor
 
     @property
@@ -63,8 +59,7 @@ class TileLayout:
         return self.n_tiles * TILE_TOKENS
 
     def new_buffer(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
-        """A ``[batch, n_tiles * 64, heads, head_dim]`` buffer for one call, pad slots zeroed (from the
-        caching allocator: consecutive calls reuse its memory without sharing it)."""
+        """A fresh ``[batch, n_tiles * 64, heads, head_dim]`` buffer, pad slots zeroed."""
         device = self.key_valid.device
         buf = torch.empty(batch, self.padded_length, heads, head_dim, dtype=dtype, device=device)
         return buf.index_fill_(1, self.pad_slots, 0)
@@ -79,7 +74,7 @@ class TileLayout:
         return out.index_copy_(1, self.untile_combined_index, x)
 
     def untile(self, x: torch.Tensor) -> torch.Tensor:
-        """Padded ``[B, n_tiles * 64, ...]`` back to original token order ``[B, S, ...]``: one gather."""
+        """Padded ``[B, n_tiles * 64, ...]`` back to original token order ``[B, S, ...]``."""
         return x.index_select(1, self.untile_combined_index)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,11 +118,6 @@ def tile_layout(grid: tuple[int, int, int], device: torch.device) -> TileLayout:
         token_tile_index=tile,
         variable_block_sizes=valid.view(n_tiles, TILE_TOKENS).sum(dim=1, dtype=torch.int32),
         key_valid=valid,
-        pad_slots=_pad_slots(valid, grid),
+        # No data-dependent shape: the number of pad slots follows from the grid.
+        pad_slots=torch.argsort(valid.to(torch.int8), stable=True)[: valid.numel() - math.prod(grid)],
     )
-
-
-def _pad_slots(valid: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-    """The pad slots without a data-dependent shape: their count follows from the grid."""
-    count = valid.numel() - math.prod(grid)
-    return torch.argsort(valid.to(torch.int8), stable=True)[:count]
