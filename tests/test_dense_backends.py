@@ -196,6 +196,19 @@ def test_fa_with_padded_keys_matches_reference(device, causal, dtype):
     queries) equals the float64 reference on each sample's valid keys, at a length that is not a
     multiple of 16 or 128. Causal with padding: query ``i`` sees key ``j <= i`` of the valid ones
     (the triangle is aligned to the sequence, as for an unpadded batch)."""
+    _check_fa_padded(device, causal, dtype)
+
+
+def test_fa_cpu_reference_chunks_padded_causal_queries(monkeypatch):
+    """The CPU kernel splits long query sequences into chunks; with causal attention and padding
+    together each chunk must take its own rows of the combined mask (12 query chunks here)."""
+    from attnbridge.attention.backends import fa
+
+    monkeypatch.setattr(fa, "_REFERENCE_CHUNK_BYTES", 4 * 3 * 4 * 150 * 13)
+    _check_fa_padded("cpu", True, torch.float32)
+
+
+def _check_fa_padded(device, causal, dtype):
     q, k, v = (x.to(device) for x in _qkv((3, 150, 150, 4, 2, 64), dtype))
     lengths = [150, 97, 1]
     context = AttentionContext(key_lengths=torch.tensor(lengths, device=device))

@@ -42,7 +42,7 @@ def reference_attention(q, k, v, *, causal: bool, scale: float, return_lse: bool
     for start in range(0, s_q, chunk):
         scores = torch.matmul(qf[:, :, start : start + chunk], kf.transpose(-1, -2)) * scale
         if visible is not None:
-            rows = visible if visible.dim() == 4 else visible[start : start + chunk]
+            rows = visible if visible.shape[-2] == 1 else visible[..., start : start + chunk, :]
             scores = scores.masked_fill(~rows, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - lse.unsqueeze(-1))
