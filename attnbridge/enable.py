@@ -4,7 +4,6 @@ built before anything changes, so an error leaves the object as it was."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,17 +29,17 @@ from attnbridge.platforms import get_platform
 HANDLE_ATTR = "_attnbridge_handle"
 
 
-@dataclass(eq=False, repr=False)
 class AttentionHandle:
     """What ``enable_npu_attention`` changed; ``disable()`` (or leaving a ``with`` block) undoes it."""
 
-    obj: Any
-    backend: str
-    _patch: Any
-    _models: list[torch.nn.Module]
-    #: The ring / Ulysses degrees or the CP size this object was enabled with.
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    enabled: bool = False
+    def __init__(self, obj: Any, backend: str, patch: Any, models: list[torch.nn.Module], parallel=None):
+        self.obj = obj
+        self.backend = backend
+        self._patch = patch
+        self._models = models
+        #: The ring / Ulysses degrees or the CP size this object was enabled with.
+        self.parallel = parallel or ParallelConfig()
+        self.enabled = False
 
     @property
     def layers(self) -> dict[str, AttentionLayer]:
@@ -178,8 +177,8 @@ def enable_npu_attention(
 
 
 def disable_npu_attention(obj: Any) -> bool:
-    """Restore ``obj``'s original attention (``obj``: what was enabled, a model of that pipeline, or the
-    handle); returns whether anything was enabled."""
+    """Restore ``obj``'s original attention, the same objects (``obj``: what was enabled, a model of that
+    pipeline, or the handle); returns whether anything was enabled."""
     handle = obj if isinstance(obj, AttentionHandle) else _active_handle(obj)
     if handle is None or not handle.enabled:
         return False

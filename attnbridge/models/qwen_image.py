@@ -37,7 +37,8 @@ def qwen_image_grid(model: torch.nn.Module, inputs: Mapping[str, Any]) -> Grid:
 
 def qwen_image_key_lengths(inputs: Mapping[str, Any]) -> torch.Tensor | None:
     """Valid keys per sample of ``[image, text]`` from ``encoder_hidden_states_mask`` ``[B, S_txt]`` (padding
-    last in each prompt); None without padding."""
+    last in each prompt, 1 = a real token); None without padding. Checking that padding comes last costs
+    one host sync per forward, outside ``torch.compile``."""
     mask = inputs.get("encoder_hidden_states_mask")
     hidden = inputs.get("hidden_states")
     if mask is None or not isinstance(hidden, torch.Tensor):

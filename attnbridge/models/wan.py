@@ -1,6 +1,7 @@
 """Wan 2.1 / 2.2 video DiT (diffusers ``WanTransformer3DModel``): ``blocks.N.attn1`` self-attention over
 the patched grid in ``(t, h, w)`` raster order; ``blocks.N.attn2`` cross-attention to the text (the last
-512 tokens) and, for I2V, the image tokens before it. A14B pipelines hold two (``transformer_2``)."""
+512 tokens) and, for I2V (``added_kv_proj_dim`` set), the image tokens before it. A14B pipelines hold
+two: ``transformer`` for high noise, ``transformer_2`` for low noise."""
 
 from __future__ import annotations
 

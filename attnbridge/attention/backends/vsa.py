@@ -95,7 +95,8 @@ def fine_attention(
     *,
     scale: float,
 ) -> torch.Tensor:
-    """Exact attention of each query tile over its key tiles, pad keys masked; tiled BSHD in and out."""
+    """Exact attention of each query tile over its key tiles, pad keys masked; tiled BSHD in and out
+    (rows at pad slots hold garbage, which untiling drops)."""
     kv_counts = torch.full(kv_indices.shape[:-1], kv_indices.shape[-1], dtype=torch.int32, device=qt.device)
     kernel = triton_kernel.block_sparse_attention if qt.is_cuda else flex.block_sparse_attention
     return kernel(

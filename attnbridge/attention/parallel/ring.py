@@ -44,7 +44,8 @@ def ring_attention(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """This rank's query chunk over the keys of every rank in ``group``. BSHD chunks of length ``C``, rank
     ``i`` holding tokens ``[i*C, (i+1)*C)`` of ``real_len`` real ones. ``causal``: global positions, top-left
-    aligned. ``return_lse``: also the float32 LSE ``[B, H, S_q]``, to merge with keys outside the ring."""
+    aligned. ``return_lse``: also the float32 LSE ``[B, H, S_q]``, to merge with keys outside the ring
+    (replicated text); non-causal queries may then be longer than the key chunk."""
     size, rank = group_size(group), group_rank(group)
     chunk = k.shape[1]
     buffers = [torch.stack([k, v]).contiguous(), None]

@@ -83,9 +83,10 @@ def pooled_scores(
 
 #: Sub-blocks per block in :func:`estimated_block_mass` (a 128-token block: 4 means of 32).
 SUB_BLOCKS = 4
-#: (logit factor, spread term) of the estimate that ranks and places blocks,
+#: (logit factor, spread term) of the estimate that ranks and places blocks.
 RANK_ESTIMATE = (1.0, True)
-#: and of the one that counts the blocks a ``mass`` threshold needs (calibrated: see block_sparse).
+#: (logit factor, spread term) of the estimate that counts the blocks a ``mass`` threshold needs
+#: (calibrated: see block_sparse).
 MASS_ESTIMATE = (2.0, False)
 #: Share of a head's budget that :func:`select_by_mass` spreads evenly over the query blocks.
 EVEN_SHARE = 0.75
@@ -106,7 +107,8 @@ def estimated_block_mass(
     ``V = σₐ² |k̄ᵦ|² + σᵦ² |q̄ₐ|² + D σₐ² σᵦ²`` is the variance of the pair's token logits (E exp of
     a normal = exp of mean + half variance), plus the log of the key sub-block's token count. Each
     query sub-block takes a softmax over the key sub-blocks; a pair's mass sums its sub-block pairs,
-    weighted by query sub-block size. ``estimates``: the ``(t, spread term)`` of each estimate.
+    weighted by query sub-block size. A partial tail block has fewer sub-blocks; key sub-blocks past
+    ``key_lengths`` get no mass. ``estimates``: the ``(t, spread term)`` of each estimate.
 
     Returns per estimate float32 ``[B, H_q, nq, nk]`` log mass (rows sum to 1), and bool
     ``nan_pairs`` ``[B, H_q, nq, nk]``: pairs with a NaN logit, to keep so the NaN reaches the output.
@@ -181,9 +183,11 @@ def select_by_mass(
     log_mass: torch.Tensor,
     budget: torch.Tensor,
     forced: torch.Tensor,
+    *,
     even_share: float = EVEN_SHARE,
 ) -> BlockSelection:
-    """Place ``budget`` (int ``[B, H]``) block pairs per head over ``log_mass`` ``[B, H, nq, nk]``.
+    """Place ``budget`` (int ``[B, H]``) block pairs per head over ``log_mass`` ``[B, H, nq, nk]`` (log
+    estimated mass, rows summing to 1).
 
     Rows take key blocks in :func:`_rank_rows` order (``forced``, bool broadcast to ``log_mass``,
     first). Each row keeps at least ``even_share`` of the budget left after forced pairs, over
