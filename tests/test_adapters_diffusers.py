@@ -131,19 +131,27 @@ def test_qwen_image_padded_text_batch_runs_the_backend_and_matches_unpatched(bac
 
 @pytest.mark.parametrize("family", ["qwen_image", "wan"])
 def test_a_backend_that_runs_padded_calls_dense_says_so_once_at_enable(family, caplog):
-    """``laser``'s kernel takes no key lengths: a model whose batches can be padded (Qwen-Image) is
-    told so when patched, once, and not per call; Wan's inputs are never padded: nothing is said."""
+    """``laser`` on CUDA runs padded calls dense (its per-sample lengths would sync): a model whose
+    batches can be padded (Qwen-Image) is told so when patched, once, and not per call; Wan's inputs
+    are never padded: nothing is said."""
     model = tiny_qwen_image_transformer() if family == "qwen_image" else tiny_wan_transformer()
     with caplog.at_level(logging.WARNING, logger="attnbridge"):
-        enable_npu_attention(model, "laser")
-    said = caplog.text.count("the Laser kernel takes no key lengths, so calls with padded keys")
+        enable_npu_attention(model, "laser", platform="cuda")
+    said = caplog.text.count("which would sync on CUDA, so calls with padded keys")
     assert said == (1 if family == "qwen_image" else 0), caplog.text
-    if family == "qwen_image":
+    if family == "qwen_image" and torch.cuda.is_available():
         caplog.clear()
         inputs = qwen_image_inputs(batch=2, text_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
         with caplog.at_level(logging.WARNING, logger="attnbridge"):
-            _run(model, inputs)
+            _run(model.cuda(), {k: v.cuda() if torch.is_tensor(v) else v for k, v in inputs.items()})
         assert "padded" not in caplog.text
+
+
+def test_laser_on_the_cpu_serves_padding_and_says_nothing_at_enable(caplog):
+    model = tiny_qwen_image_transformer()
+    with caplog.at_level(logging.WARNING, logger="attnbridge"):
+        enable_npu_attention(model, "laser", platform="cpu")
+    assert "padded keys" not in caplog.text
 
 
 def test_qwen_image_padding_in_the_middle_of_a_prompt_is_refused():

@@ -694,6 +694,28 @@ def test_laser_range_shift_keeps_the_kernel_scale_within_fp16():
     assert not uses_laser_kernel(q, q, causal=False, return_lse=False, scale=1e5, context=None)
 
 
+def test_laser_reference_serves_key_padding_per_sample(monkeypatch):
+    """The Laser contract on the CPU: sample 0 (2070 of 2100 keys) goes through the kernel's
+    ``pre_tokens`` tail (2304 - 2070 = 234 keys), sample 1 (1900) past it to dense ``fa``; each
+    equals exact attention over its valid keys."""
+    from attnbridge.attention.backends.laser import LaserReferenceImpl
+
+    seen = []
+    kernel = LaserReferenceImpl.run_kernel
+    monkeypatch.setattr(
+        LaserReferenceImpl, "run_kernel", lambda self, *a: seen.append(a[3]) or kernel(self, *a)
+    )
+    lengths = [2070, 1900]
+    q, k, v = _qkv(2, 2100, 2, 2, 64, torch.bfloat16)
+    for b, n in enumerate(lengths):
+        k[b, n:], v[b, n:] = 30.0, 1e4  # would swamp the output if seen
+    out = attend(q, k, v, backend="laser", context=AttentionContext(key_lengths=torch.tensor(lengths)))
+    assert seen == [2304 - 2070]
+    for b, n in enumerate(lengths):
+        want = dense_reference(q[b : b + 1], k[b : b + 1, :n], v[b : b + 1, :n])[0]
+        assert rel_l2(out[b : b + 1], want) < BF16_TOL, b
+
+
 def test_laser_reference_takes_a_prescaled_bf16_query_with_scale_1():
     """q already multiplied by 1/sqrt(D), scale=1.0: the shift drops to 128 (256 would put the
     kernel's scale at 65536, past fp16); the result is finite and right."""

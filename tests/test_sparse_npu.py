@@ -405,6 +405,43 @@ def test_laser_npu_runs_fia_for_a_scale_fp16_cannot_hold(fake_npu_layout, caplog
     assert torch.isfinite(out).all() and rel_l2(out, dense_reference(q, k, v, scale=1e5)[0]) < BF16_TOL
 
 
+@pytest.mark.parametrize("fake_npu_layout", ALL_LAYOUTS, indirect=True)
+def test_laser_npu_serves_key_padding_one_sample_at_a_time(fake_npu_layout):
+    """2100 tokens (256-aligned: 2304). Sample 0 keeps 2070 keys: the kernel masks its last 234 keys
+    through ``pre_tokens``. Sample 1 keeps 1900: 404 padded keys pass the 256-key tail, so it runs
+    dense FIA with its length."""
+    namespace = NAMESPACE[fake_npu_layout.layout]
+    lengths = [2070, 1900]
+    q, k, v = _qkv(2, 2100, 4, 2, 64)
+    for b, n in enumerate(lengths):
+        k[b, n:], v[b, n:] = 30.0, 1e4  # would swamp the output if seen
+    context = AttentionContext(key_lengths=torch.tensor(lengths))
+    out = attend(q, k, v, backend="laser", platform="npu", context=context)
+    assert _ops_called(fake_npu_layout) == [
+        (LASER_OP[namespace], namespace),
+        ("npu_fused_infer_attention_score", "torch_npu"),
+    ]
+    ((args, kwargs),) = _calls(fake_npu_layout, LASER_OP[namespace], namespace)
+    assert [a.shape for a in args] == [(1, 4, 2304, 128)] * 3 and kwargs["pre_tokens"] == 2304 - 2070
+    ((_, fia),) = _calls(fake_npu_layout, "npu_fused_infer_attention_score")
+    assert fia["actual_seq_lengths_kv"] == [1900]
+    for b, n in enumerate(lengths):
+        want = dense_reference(q[b : b + 1], k[b : b + 1, :n], v[b : b + 1, :n])[0]
+        assert rel_l2(out[b : b + 1], want) < BF16_TOL, b
+
+
+def test_laser_npu_refuses_key_lengths_past_the_keys(fake_npu):
+    """On an NPU the call's own check cannot read the lengths (that would sync); the Laser path,
+    which reads them on the host anyway, names a bad one."""
+    from attnbridge.attention.registry import make_impl
+
+    q, k, v = _qkv(1, 2100, 2, 2, 64)
+    context = AttentionContext(key_lengths=torch.tensor([2101]))
+    with pytest.raises(ValueError, match=r"'laser': key_lengths must lie in \[0, 2100\]; got 2101"):
+        make_impl("laser", "npu").forward(q, k, v, context=context)
+    assert fake_npu.calls == []
+
+
 def test_laser_npu_short_and_cross_calls_run_fia(fake_npu):
     q, k, v = _qkv(1, 1000, 2, 2, 64)
     attend(q, k, v, backend="laser", platform="npu")

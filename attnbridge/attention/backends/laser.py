@@ -6,16 +6,21 @@ and head_dim 128 (its kernel instantiates only ``half``). So each call:
 
 1. goes to the dense ``fa`` kernel instead when it is cross-attention (``S_q != S_kv`` or
    ``context.kind == "cross"``), shorter than 2048 tokens (the kernel misbehaves there), causal,
-   asks for the LSE, has key padding, has head_dim > 128, or its softmax scale cannot be stored in
-   fp16 (step 2);
+   asks for the LSE, has head_dim > 128, or its softmax scale cannot be stored in fp16 (step 2).
+   Key padding (``context.key_lengths``) goes to the kernel one sample at a time, each with its own
+   ``pre_tokens`` (step 3), where a sample's padded keys fit the kernel's 256-key tail; a sample with
+   more padding runs dense ``fa``. The lengths are read on the host, as the kernel takes
+   ``pre_tokens`` there (FIA's ``actual_seq_lengths_kv`` likewise); on CUDA, where that would sync,
+   padded calls run dense ``fa``;
 2. otherwise is cast to fp16 and zero-padded: sequence to a multiple of 256, head_dim to 128 (K/V
    heads repeated to the query heads). bf16 input is first divided by a power of two ``s <= 256``
    so values past fp16's 65504 stay finite (sglang's ``preserve_bf16_range``); the kernel's scale is
    then ``scale * s * s``, which it applies in fp16, so ``s`` is the largest with
    ``scale * s * s <= 65504``; the output is multiplied back by ``s``;
-3. passes ``pre_tokens = roundup(S_kv, 256) - S_kv`` (the zero-padded key rows) when padding was
-   needed, else 2**31 - 1, and ``next_tokens=1``. The kernel masks exactly the last ``pre_tokens``
-   key columns of the 256-aligned tail and never reads ``next_tokens`` (sgl-kernel-npu
+3. passes ``pre_tokens = roundup(S_kv, 256) - valid keys`` (the zero-padded key rows: alignment
+   and key padding) when there are any, else 2**31 - 1, and ``next_tokens=1``. The kernel masks
+   exactly the last ``pre_tokens`` key columns of the 256-aligned tail and
+   never reads ``next_tokens`` (sgl-kernel-npu
    ``laser_attention_tiling.cpp`` reads only ``pre_tokens``; ``VectorForward.h`` fills those
    columns with -60000);
 4. slices the (float32) output back to ``[:S_q, :D]`` and casts to the input dtype.
@@ -25,6 +30,8 @@ place of the kernel, so the contract is exercised where no Ascend device is.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -64,15 +71,13 @@ def uses_laser_kernel(q, k, *, causal: bool, return_lse: bool, scale: float, con
     """Whether a call goes to the Laser kernel (else to dense ``fa``)."""
     if causal or return_lse or q.shape[-1] > LASER_DIM_ALIGN or range_shift(q.dtype, scale) is None:
         return False
-    if context is not None and (context.kind == "cross" or context.key_lengths is not None):
+    if context is not None and context.kind == "cross":
         return False
     return q.shape[1] == k.shape[1] and q.shape[1] >= LASER_MIN_SEQ
 
 
 class LaserImplBase(AttentionImpl):
     """Steps 1-4 around :meth:`run_kernel`; the dense calls go to the platform's ``fa``."""
-
-    padding_fallback = "the Laser kernel takes no key lengths"
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -89,21 +94,42 @@ class LaserImplBase(AttentionImpl):
                 f"backend 'laser': softmax scale {scale:g} does not fit the kernel's float16 scale "
                 f"(scale x shift^2 <= {FP16_MAX:g}) whatever the range shift; such calls run dense 'fa'"
             )
-        if not uses_laser_kernel(q, k, causal=causal, return_lse=return_lse, scale=scale, context=context):
+        key_lengths = None if context is None else context.key_lengths
+        dense = not uses_laser_kernel(
+            q, k, causal=causal, return_lse=return_lse, scale=scale, context=context
+        )
+        if dense or (key_lengths is not None and self.padding_fallback):
             return self._dense.forward(
                 q, k, v, causal=causal, scale=scale, return_lse=return_lse, context=context
             )
-        k, v = repeat_kv_heads(q, k, v)
+        if key_lengths is None:
+            return self._laser(q, k, v, scale, q.shape[1])
+        outs, padded_seq = [], q.shape[1] + -q.shape[1] % LASER_SEQ_ALIGN
+        for b, valid in enumerate(key_lengths.tolist()):  # host-side: pre_tokens is a host integer
+            if not 0 <= valid <= k.shape[1]:
+                raise ValueError(f"backend 'laser': key_lengths must lie in [0, {k.shape[1]}]; got {valid}")
+            one = slice(b, b + 1)
+            if padded_seq - valid < LASER_SEQ_ALIGN:
+                outs.append(self._laser(q[one], k[one], v[one], scale, valid))
+            else:  # more padded keys than the kernel's tail masks
+                sample = dataclasses.replace(context, key_lengths=key_lengths[one])
+                outs.append(self._dense.forward(q[one], k[one], v[one], scale=scale, context=sample))
+        return torch.cat(outs)
+
+    def _laser(self, q, k, v, scale: float, valid: int) -> torch.Tensor:
+        """Steps 2-4 for keys ``[:valid]``, the later ones zeroed and masked through ``pre_tokens``."""
+        k, v = repeat_kv_heads(q, k[:, :valid], v[:, :valid])
         shift = range_shift(q.dtype, scale)
         seq_pad, dim_pad = -q.shape[1] % LASER_SEQ_ALIGN, -q.shape[3] % LASER_DIM_ALIGN
+        padded_seq = q.shape[1] + seq_pad
 
         def prepare(x: torch.Tensor) -> torch.Tensor:  # BSHD -> fp16 BNSD padded to (256, 128)
             if shift != 1.0:
                 x = x / shift  # exact in bf16: a power of two
-            x = torch.nn.functional.pad(x.to(torch.float16), (0, dim_pad, 0, 0, 0, seq_pad))
+            x = torch.nn.functional.pad(x.to(torch.float16), (0, dim_pad, 0, 0, 0, padded_seq - x.shape[1]))
             return x.transpose(1, 2).contiguous()
 
-        pre_tokens = seq_pad or 2**31 - 1  # 2**31 - 1: no padded keys
+        pre_tokens = padded_seq - valid or 2**31 - 1  # 2**31 - 1: no padded keys
         out = self.run_kernel(prepare(q), prepare(k), prepare(v), pre_tokens, scale * shift * shift)
         out = out[:, :, : q.shape[1], : q.shape[3]]
         # Other input rounds through fp16 as in the kernel; shifted bf16 scales back in float32 (no overflow).
@@ -133,6 +159,12 @@ class LaserReferenceImpl(LaserImplBase):
         return out.transpose(1, 2)
 
 
+class LaserCudaReferenceImpl(LaserReferenceImpl):
+    """The Laser contract on CUDA, where padded calls run dense ``fa`` (per-sample lengths would sync)."""
+
+    padding_fallback = "the Laser contract reads key lengths on the host, which would sync on CUDA"
+
+
 class NpuLaserImpl(LaserImplBase):
     """sgl-kernel-npu's Laser Attention on fp16 BNSD padded input; dense FIA for the calls it cannot take."""
 
@@ -141,8 +173,9 @@ class NpuLaserImpl(LaserImplBase):
     supported_dtypes = HALF_DTYPES
     install = (TORCH_NPU_INSTALL, SGL_KERNEL_NPU_INSTALL)
     notes = (
-        "unavailable on Ascend 950 (A5); calls that are causal, cross, padded, ask for the LSE, have "
-        "head_dim > 128, fewer than 2048 tokens or a scale fp16 cannot hold run dense FIA"
+        "unavailable on Ascend 950 (A5); calls that are causal, cross, ask for the LSE, have head_dim > "
+        "128, fewer than 2048 tokens or a scale fp16 cannot hold run dense FIA, as do samples with more "
+        "padded keys than the 256-key tail"
     )
 
     @classmethod
@@ -183,7 +216,7 @@ BACKEND = Backend(
     "Ascend Laser Attention (BNSD, padded to 256); fa elsewhere",
     platforms={
         "cpu": LaserReferenceImpl,
-        "cuda": LaserReferenceImpl,
+        "cuda": LaserCudaReferenceImpl,
         "musa": Unavailable("Laser Attention is an Ascend NPU kernel; use 'fa'"),
         "npu": NpuLaserImpl,
     },
