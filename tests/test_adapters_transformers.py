@@ -83,9 +83,13 @@ def test_causality_is_respected(spy):
     assert _max_abs(a[:, -1], b[:, -1]) > 1e-4
 
 
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))],
+)
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padded_batch_matches_unpatched(side, spy):
-    model = tiny_qwen3_moe()
+def test_padded_batch_matches_unpatched(side, device, spy):
+    model = tiny_qwen3_moe().to(device)
     ids = _ids(batch=3, length=9)
     mask = torch.ones_like(ids)
     pad = [0, 3, 5]
@@ -97,6 +101,7 @@ def test_padded_batch_matches_unpatched(side, spy):
             else:
                 mask[row, -n:] = 0
                 ids[row, -n:] = 0
+    ids, mask = ids.to(device), mask.to(device)
     reference = _logits(model, ids, mask)
     enable_npu_attention(model, "fa")
     patched = _logits(model, ids, mask)
@@ -105,7 +110,7 @@ def test_padded_batch_matches_unpatched(side, spy):
     if side == "right":
         # Right padding is valid key lengths per sample, which the backend itself serves (causal).
         assert len(spy) == 2 and all(causal for _, _, causal, _, _, _ in spy)
-        assert torch.equal(spy[0][3].key_lengths, torch.tensor([9, 6, 4], dtype=torch.int32))
+        assert torch.equal(spy[0][3].key_lengths.cpu(), torch.tensor([9, 6, 4], dtype=torch.int32))
     else:
         # Left padding is not a suffix of the keys: transformers' SDPA runs it, as unpatched.
         assert spy == []
