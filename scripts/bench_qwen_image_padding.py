@@ -6,7 +6,9 @@ with fewer layers (``--layers``, 20 of its 60 by default), random weights, bf16,
 then each ``--backends`` entry) timed twice on the same input: text unpadded, and with the last
 ``--pad`` text tokens marked as padding in ``encoder_hidden_states_mask`` (a batch of prompts of
 different lengths). Outputs are checked against the unpatched model on the same input, padded
-and unpadded. ``padded / unpadded`` is the cost of the mask (1.0: none).
+and unpadded. ``padded / unpadded`` is the cost of the mask (1.0: none). With one prompt its padding
+is padding in every sample, which attention leaves out; ``--pairs`` adds a batch of two prompts, the
+second padded (``mixed``), against the same two unpadded: there the mask itself is served.
 
     python scripts/bench_qwen_image_padding.py --backends fa block_sparse:0.75 --out out.json
     python scripts/bench_qwen_image_padding.py --small    # CPU smoke run on a tiny config
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side", type=int, default=1024, help="image side in pixels")
     parser.add_argument("--text", type=int, default=256, help="text tokens")
     parser.add_argument("--pad", type=int, default=64, help="padded text tokens (at the end)")
+    parser.add_argument("--pairs", action="store_true", help="also time batches of two prompts")
     add_timing_arguments(parser)
     args = parser.parse_args(argv)
 
@@ -68,24 +71,25 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     with torch.device(device):
         model = QwenImageTransformer2DModel(**{**config, "num_layers": layers}).to(dtype=dtype).eval()
-    image = torch.randn(1, grid * grid, config["in_channels"], device=device, dtype=dtype)
-    prompt = torch.randn(1, text, config["joint_attention_dim"], device=device, dtype=dtype)
-    masks = {
-        "unpadded": torch.ones(1, text, dtype=torch.long, device=device),
-        "padded": torch.cat(
-            [torch.ones(1, text - pad, dtype=torch.long), torch.zeros(1, pad, dtype=torch.long)], dim=1
-        ).to(device),
-    }
+    image = torch.randn(2, grid * grid, config["in_channels"], device=device, dtype=dtype)
+    prompt = torch.randn(2, text, config["joint_attention_dim"], device=device, dtype=dtype)
+    full = torch.ones(text, dtype=torch.long, device=device)
+    short = (torch.arange(text, device=device) < text - pad).long()
+    masks = {"unpadded": full[None], "padded": short[None]}
+    if args.pairs:
+        masks.update({"two": torch.stack([full, full]), "mixed": torch.stack([full, short])})
 
     def step(mask):
+        batch = mask.shape[0]
+
         @torch.inference_mode()
         def run():
             return model(
-                hidden_states=image,
-                encoder_hidden_states=prompt,
+                hidden_states=image[:batch],
+                encoder_hidden_states=prompt[:batch],
                 encoder_hidden_states_mask=mask,
-                timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
-                img_shapes=[[(1, grid, grid)]],
+                timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+                img_shapes=[[(1, grid, grid)]] * batch,
                 return_dict=False,
             )[0]
 
@@ -107,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             if backend != DEFAULT:
                 disable_npu_attention(model)
         row["padded / unpadded"] = f"{row['padded ms'] / row['unpadded ms']:.3f}"
+        if args.pairs:
+            row["mixed / two"] = f"{row['mixed ms'] / row['two ms']:.3f}"
         print(row, flush=True)
         rows.append(row)
 
@@ -121,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             "image_tokens": grid * grid,
             "text_tokens": text,
             "padded_text_tokens": pad,
+            "pairs": args.pairs,
             "dtype": str(dtype),
             "rows": rows,
         },

@@ -407,6 +407,10 @@ def _render_qwen_image_padding(results: list[BenchResult]) -> str:
         f"{data.get('text_tokens')} text tokens of which {data.get('padded_text_tokens')} padded; ms per "
         "transformer call, rel_l2 against the unpatched model on the same input"
     ]
+    if data.get("pairs"):
+        details.append(
+            "- `two`: two unpadded prompts; `mixed`: the same two, the second with the padded tokens"
+        )
     return _entry(
         f"Qwen-Image with a padded text mask (`{result.path.name}`)", results, details, _render_rows(results)
     )

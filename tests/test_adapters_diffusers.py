@@ -135,6 +135,43 @@ def test_qwen_image_padded_text_batch_runs_the_backend_and_matches_unpatched(bac
     assert len(spy) == 2 and spy[0][2].key_lengths is None  # no padding: no mask at all
 
 
+@pytest.mark.parametrize(
+    ("mask", "kept", "key_lengths"),
+    [
+        ([[1, 1, 1, 0, 0]], 3, None),  # one padded prompt: no mask left once its padding is dropped
+        ([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]], 4, [12 + 4, 12 + 2]),  # both padded, unequally
+    ],
+)
+@pytest.mark.parametrize(("backend", "device"), [(b, "cpu") for b in PADDED_BATCH_TOLERANCE] + CUDA_PADDED)
+def test_qwen_image_text_padded_in_every_prompt_is_left_out_of_the_keys(
+    backend, device, mask, kept, key_lengths, spy
+):
+    """Text past the batch's longest prompt is padding in every sample: the joint call leaves it out
+    (keys and queries), its queries get their rows from a second call over the same keys, and the
+    output equals the unpatched model's per sample."""
+    mask = torch.tensor(mask)
+    batch, text = mask.shape
+    model = tiny_qwen_image_transformer().to(device)
+    inputs = qwen_image_inputs(batch=batch, text_tokens=text, text_mask=mask)
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    reference = _run(model, inputs)
+    options = {"sparsity": 0.0} if backend in ("block_sparse", "rain_fusion") else {}
+    enable_npu_attention(model, backend, **options)
+    patched = _run(model, inputs)
+    for sample in range(batch):
+        assert _max_abs(patched[sample], reference[sample]) <= PADDED_BATCH_TOLERANCE[backend], sample
+    assert len(spy) == 2 * 2 and all(call[1] == backend for call in spy)
+    (_, _, joint, joint_q, joint_k), (_, _, tail, tail_q, tail_k) = spy[:2]
+    assert joint.kind == "joint" and joint.num_text_tokens == kept
+    assert joint_q[1] == joint_k[1] == 12 + kept
+    assert tail.kind == "cross" and tail_q[1] == text - kept and tail_k == joint_k
+    for context in (joint, tail):
+        if key_lengths is None:
+            assert context.key_lengths is None
+        else:
+            assert context.key_lengths.cpu().tolist() == key_lengths
+
+
 @pytest.mark.parametrize("family", ["qwen_image", "wan"])
 def test_a_backend_that_runs_padded_calls_dense_says_so_once_at_enable(family, caplog):
     """``laser`` on CUDA runs padded calls dense (its per-sample lengths would sync): a model whose

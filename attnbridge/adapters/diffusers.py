@@ -74,8 +74,8 @@ class DiffusersModelPatch:
                 )
             step = self.steps.observe(inputs.get(family.timestep_arg))
             dense_step = step is not None and step < self.skip_first_steps
-        key_lengths = family.key_lengths_from_inputs(inputs) if family.key_lengths_from_inputs else None
-        self.state.set(grid=grid, dense_step=dense_step, key_lengths=key_lengths)
+        padding = family.text_padding_from_inputs(inputs) if family.text_padding_from_inputs else (None, None)
+        self.state.set(grid=grid, dense_step=dense_step, key_lengths=padding[0], kept_text=padding[1])
 
     def _after_forward(self, module, args, output) -> None:
         self.state.set()
@@ -140,7 +140,7 @@ def plan_diffusers_model(
                 "processors do not support it (disable it first)"
             )
     specs = [(path, site.kind, _head_size(module)) for path, module, site in sites]
-    padded = family.key_lengths_from_inputs is not None
+    padded = family.text_padding_from_inputs is not None
     layers = make_layers(model, specs, backend, options, platform=platform, strict=strict, padded=padded)
     state = ForwardState()
     sharding = None

@@ -25,9 +25,11 @@ class PerThread:
 class ForwardState(PerThread):
     """The facts of this thread's forward call (defaults outside any call)."""
 
-    def set(self, *, grid=None, dense_step: bool = False, key_lengths=None, seq_len: int = 0) -> None:
+    def set(
+        self, *, grid=None, dense_step: bool = False, key_lengths=None, seq_len: int = 0, kept_text=None
+    ) -> None:
         self._local.grid, self._local.dense_step, self._local.key_lengths = grid, dense_step, key_lengths
-        self._local.seq_len = seq_len
+        self._local.seq_len, self._local.kept_text = seq_len, kept_text
 
     @property
     def grid(self):
@@ -41,6 +43,11 @@ class ForwardState(PerThread):
     def key_lengths(self):
         """Valid keys per sample, int ``[B]`` (None: no padding)."""
         return getattr(self._local, "key_lengths", None)
+
+    @property
+    def kept_text(self) -> int | None:
+        """Text tokens joint attention keeps (a host int); the rest is padding in every sample."""
+        return getattr(self._local, "kept_text", None)
 
     @property
     def seq_len(self) -> int:

@@ -8,6 +8,7 @@ import torch
 
 from attnbridge.adapters.joint_parallel import joint_attention_replicated_text
 from attnbridge.adapters.processor_base import BridgeProcessor
+from attnbridge.attention.contract import AttentionContext
 
 
 def _qwen_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -45,7 +46,6 @@ class QwenImageAttnBridgeProcessor(BridgeProcessor):
                 f"{self.layer_name}: Qwen-Image attention takes no attention_mask; pass encoder_hidden_states_mask"
             )
         self.refuse_diffusers_parallelism()
-        seq_txt = encoder_hidden_states.shape[1]
         head_dim = attn.inner_dim // attn.heads
         img_q, img_k, img_v = (
             _heads(proj(hidden_states), head_dim) for proj in (attn.to_q, attn.to_k, attn.to_v)
@@ -63,16 +63,24 @@ class QwenImageAttnBridgeProcessor(BridgeProcessor):
         text, image = (txt_q, txt_k, txt_v), (img_q, img_k, img_v)
         if self.shards is not None:
             return self._sharded(attn, text, image)
+        kept = self.state.kept_text
+        tail = None
+        if kept is not None:  # text past the longest prompt pads every sample: no key there is needed
+            tail, text = text[0][:, kept:], tuple(x[:, :kept] for x in text)
         # Image first, then text: the contract's joint order, and the text padding ends each sample.
         query, key, value = (torch.cat(pair, dim=1) for pair in zip(image, text))
-        context = self.state.context(self.kind, num_text_tokens=seq_txt)
-        joint = self.layer(query, key, value, context=context).flatten(2, 3).to(query.dtype)
+        context = self.state.context(self.kind, num_text_tokens=text[0].shape[1])
+        joint = self.layer(query, key, value, context=context)
+        if tail is not None:  # the padded queries left out still get their rows, over the same keys
+            tail_context = AttentionContext(kind="cross", key_lengths=context.key_lengths)
+            joint = torch.cat([joint, self.layer(tail, key, value, context=tail_context)], dim=1)
+        joint = joint.flatten(2, 3).to(query.dtype)
         seq_img = hidden_states.shape[1]
         return self._project(attn, joint[:, seq_img:], joint[:, :seq_img])
 
     def _sharded(self, attn, text, image):
         """Joint attention with this rank's image chunk and the whole (replicated) text."""
-        if self.state.key_lengths is not None:
+        if self.state.key_lengths is not None or self.state.kept_text is not None:
             raise ValueError(
                 f"{self.layer_name}: a padded text batch (encoder_hidden_states_mask with zeros) is not "
                 "supported with sequence parallelism; run prompts of one length per batch"

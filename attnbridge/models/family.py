@@ -42,8 +42,11 @@ class ModelFamily:
     grid_from_inputs: Callable[[torch.nn.Module, Mapping[str, Any]], Grid] | None = None
     #: Forward argument carrying the diffusion timestep (the step counter watches it).
     timestep_arg: str | None = None
-    #: Reads the valid keys per sample of a joint sequence with padded text (int ``[B]``), or None.
-    key_lengths_from_inputs: Callable[[Mapping[str, Any]], torch.Tensor | None] | None = None
+    #: Reads a joint sequence's text padding: (valid keys per sample, int ``[B]``, or None; the text
+    #: tokens attention keeps, a host int, or None for all).
+    text_padding_from_inputs: Callable[[Mapping[str, Any]], tuple[torch.Tensor | None, int | None]] | None = (
+        None
+    )
     #: Pipeline attributes that hold models of this family (Wan 2.2 A14B has two).
     pipeline_components: tuple[str, ...] = ()
     #: ``_cp_plan`` entries kept replicated, not split, as ``"<module key>/<input name or output index>"``.

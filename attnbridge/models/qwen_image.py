@@ -1,7 +1,8 @@
 """Qwen-Image MMDiT (diffusers ``QwenImageTransformer2DModel``).
 
 * ``transformer_blocks.N.attn``: joint attention. attnbridge orders it ``[image, text]`` (upstream:
-  ``[text, image]``; keys' order does not matter), so the text padding mask becomes valid key lengths.
+  ``[text, image]``; keys' order does not matter), so the text padding mask becomes valid key lengths;
+  text past the batch's longest prompt is left out of the keys.
 * ``img_shapes``: per sample a list of ``(frames, latent_h // 2, latent_w // 2)`` (2x2-packed latents);
   edit pipelines append the condition images as further frames.
 * Sequence parallelism splits the image tokens only; the text stays replicated on every rank.
@@ -35,23 +36,29 @@ def qwen_image_grid(model: torch.nn.Module, inputs: Mapping[str, Any]) -> Grid:
     return (1, 1, sum(f * h * w for f, h, w in shapes))
 
 
-def qwen_image_key_lengths(inputs: Mapping[str, Any]) -> torch.Tensor | None:
-    """Valid keys per sample of ``[image, text]`` from ``encoder_hidden_states_mask`` ``[B, S_txt]`` (padding
-    last in each prompt, 1 = a real token); None without padding. Checking that padding comes last costs
-    one host sync per forward, outside ``torch.compile``."""
+def qwen_image_text_padding(inputs: Mapping[str, Any]) -> tuple[torch.Tensor | None, int | None]:
+    """``(key_lengths, kept_text)`` from ``encoder_hidden_states_mask`` ``[B, S_txt]`` (padding last in each
+    prompt, 1 = a real token). ``kept_text``: the longest prompt, when shorter than ``S_txt`` (the text past
+    it is padding in every sample, which attention need not read); ``key_lengths``: valid keys per sample of
+    ``[image, text[:kept_text]]``, None when every sample has them all. Reading the lengths costs one host
+    sync per forward, outside ``torch.compile`` (under it: the lengths as a tensor, nothing kept apart)."""
     mask = inputs.get("encoder_hidden_states_mask")
     hidden = inputs.get("hidden_states")
     if mask is None or not isinstance(hidden, torch.Tensor):
-        return None
+        return None, None
     text = leading_lengths(mask)
     if text is None:
         raise ValueError(
             "encoder_hidden_states_mask must mark each prompt's real tokens first and its padding "
             "last (as the Qwen-Image pipelines' tokenizer makes it)"
         )
-    if not torch.compiler.is_compiling() and bool((text == mask.shape[-1]).all()):
-        return None
-    return (hidden.shape[1] + text).to(torch.int32)
+    key_lengths = (hidden.shape[1] + text).to(torch.int32)
+    if torch.compiler.is_compiling():
+        return key_lengths, None
+    lengths = text.tolist()
+    longest = max(lengths, default=mask.shape[-1])
+    kept_text = longest if longest < mask.shape[-1] else None
+    return (None if min(lengths, default=longest) == longest else key_lengths), kept_text
 
 
 QWEN_IMAGE = ModelFamily(
@@ -62,7 +69,7 @@ QWEN_IMAGE = ModelFamily(
     processor_names=("QwenDoubleStreamAttnProcessor2_0",),
     grid_from_inputs=qwen_image_grid,
     timestep_arg="timestep",
-    key_lengths_from_inputs=qwen_image_key_lengths,
+    text_padding_from_inputs=qwen_image_text_padding,
     pipeline_components=("transformer",),
     sequence_replicated=(
         "transformer_blocks.0/encoder_hidden_states",
