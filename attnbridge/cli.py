@@ -76,16 +76,11 @@ def npu_kernel_ops_found() -> list[str]:
 def generate_command(args: argparse.Namespace) -> int:
     from attnbridge.generation import run_generate
 
-    run_generate(
-        model=args.model,
-        backend=args.backend,
-        steps=args.steps,
-        output=args.output,
-        prompt=args.prompt,
-        seed=args.seed,
-        device=args.device,
-        config=dict(parse_option(o) for o in args.option),
-    )
+    given = {
+        name: getattr(args, name)
+        for name in ("model", "backend", "steps", "output", "prompt", "seed", "device")
+    }
+    run_generate(**given, config=dict(parse_option(o) for o in args.option))
     return 0
 
 

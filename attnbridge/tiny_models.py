@@ -104,14 +104,7 @@ def tiny_qwen_vl_encoder(*, seed: int = 0):
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def tiny_wan_transformer(
-    *,
-    image_dim: int | None = None,
-    layers: int = 2,
-    seed: int = 0,
-    head_dim: int = 12,
-    rope_max_seq_len: int = 32,
-):
+def tiny_wan_transformer(*, image_dim: int | None = None, layers: int = 2, seed: int = 0, head_dim: int = 12):
     """``WanTransformer3DModel`` with 2 heads of ``head_dim`` (divisible by 6 for rotary's three axes, or
     64: 22 + 21 + 21); ``image_dim`` makes it I2V (image cross-attention through ``add_k_proj``)."""
     from diffusers import WanTransformer3DModel
@@ -127,35 +120,11 @@ def tiny_wan_transformer(
         freq_dim=16,
         ffn_dim=32,
         num_layers=layers,
-        rope_max_seq_len=rope_max_seq_len,
+        rope_max_seq_len=32,
         image_dim=image_dim,
         added_kv_proj_dim=None if image_dim is None else 24,
     )
     return model.eval()
-
-
-def wan_inputs(
-    *,
-    frames: int = 2,
-    height: int = 8,
-    width: int = 6,
-    text_tokens: int = 7,
-    image_tokens: int = 0,
-    seed: int = 1,
-):
-    """Keyword inputs of a Wan transformer call; patched grid (frames, height/2, width/2). With
-    ``image_tokens`` the text is 512 tokens, as I2V models read the last 512 as text."""
-    gen = torch.Generator().manual_seed(seed)
-    inputs = {
-        "hidden_states": torch.randn(1, 4, frames, height, width, generator=gen),
-        "timestep": torch.tensor([700.0]),
-        "encoder_hidden_states": torch.randn(
-            1, 512 if image_tokens else text_tokens, WAN_TEXT_DIM, generator=gen
-        ),
-    }
-    if image_tokens:
-        inputs["encoder_hidden_states_image"] = torch.randn(1, image_tokens, 8, generator=gen)
-    return inputs
 
 
 def tiny_wan_pipeline(*, two_stage: bool = False, seed: int = 0, complete: bool = False, head_dim: int = 12):
@@ -173,29 +142,6 @@ def tiny_wan_pipeline(*, two_stage: bool = False, seed: int = 0, complete: bool 
         transformer_2=tiny_wan_transformer(seed=seed + 1, head_dim=head_dim) if two_stage else None,
         boundary_ratio=0.5 if two_stage else None,
     )
-
-
-def _pipeline_kwargs(
-    seed: int, steps: int, cfg: bool, text_dim: int, tokens: int, negative_tokens: int, **call
-):
-    """Latent-output call arguments with random prompt embeddings (and negative ones with ``cfg``)."""
-    gen = torch.Generator().manual_seed(seed)
-    kwargs = {
-        "prompt_embeds": torch.randn(1, tokens, text_dim, generator=gen),
-        "num_inference_steps": steps,
-        "output_type": "latent",
-        "generator": torch.Generator().manual_seed(seed + 1),
-        **call,
-    }
-    if cfg:
-        kwargs["negative_prompt_embeds"] = torch.randn(1, negative_tokens, text_dim, generator=gen)
-    return kwargs
-
-
-def wan_pipeline_kwargs(*, steps: int = 3, cfg: bool = True, seed: int = 2):
-    """Call arguments: 5 frames of 32x32 -> latents 2 x 4 x 4 -> patched grid (2, 2, 2)."""
-    sizes = {"height": 32, "width": 32, "num_frames": 5}
-    return _pipeline_kwargs(seed, steps, cfg, WAN_TEXT_DIM, 7, 7, guidance_scale=5.0 if cfg else 1.0, **sizes)
 
 
 def tiny_qwen_image_transformer(*, layers: int = 2, seed: int = 0, head_dim: int = 16):
@@ -218,20 +164,6 @@ def tiny_qwen_image_transformer(*, layers: int = 2, seed: int = 0, head_dim: int
     return model.eval()
 
 
-def qwen_image_inputs(
-    *, batch: int = 1, grid_h: int = 3, grid_w: int = 4, text_tokens: int = 5, text_mask=None, seed: int = 1
-):
-    """Keyword inputs of a Qwen-Image transformer call with a packed (1, grid_h, grid_w) image."""
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        "hidden_states": torch.randn(batch, grid_h * grid_w, 16, generator=gen),
-        "encoder_hidden_states": torch.randn(batch, text_tokens, QWEN_TEXT_DIM, generator=gen),
-        "encoder_hidden_states_mask": text_mask,
-        "timestep": torch.full((batch,), 0.7),
-        "img_shapes": [[(1, grid_h, grid_w)]] * batch,
-    }
-
-
 def tiny_qwen_image_pipeline(*, seed: int = 0, complete: bool = False):
     """``QwenImagePipeline``; ``complete``: sides multiples of 8."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
@@ -243,18 +175,6 @@ def tiny_qwen_image_pipeline(*, seed: int = 0, complete: bool = False):
         tokenizer=tiny_tokenizer() if complete else None,
         transformer=tiny_qwen_image_transformer(seed=seed),
     )
-
-
-def qwen_image_pipeline_kwargs(*, steps: int = 3, cfg: bool = True, seed: int = 2):
-    """64x64 pixels -> 8x8 latents -> packed grid (1, 4, 4) of 16 image tokens."""
-    mask = torch.ones(1, 5, dtype=torch.long)
-    kwargs = _pipeline_kwargs(
-        seed, steps, cfg, QWEN_TEXT_DIM, 5, 3, prompt_embeds_mask=mask, height=64, width=64
-    )
-    if cfg:
-        kwargs["negative_prompt_embeds_mask"] = torch.ones(1, 3, dtype=torch.long)
-        kwargs["true_cfg_scale"] = 4.0
-    return kwargs
 
 
 def tiny_qwen3_moe(

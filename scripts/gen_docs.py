@@ -19,11 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from attnbridge.adapters.layers import backend_for_kind  # noqa: E402
-from attnbridge.attention.registry import backends, declaring_module, get_backend  # noqa: E402
-from attnbridge.attention.sparse import layout as sparse_layout  # noqa: E402
-from attnbridge.attention.sparse.impl import SparseImpl  # noqa: E402
-from attnbridge.support import (  # noqa: E402
+from support_table import (  # noqa: E402
     CROSS_IS_DENSE_REASON,
     KINDS,
     KernelSupport,
@@ -31,6 +27,11 @@ from attnbridge.support import (  # noqa: E402
     kind_support,
     support_table,
 )
+
+from attnbridge.adapters.layers import backend_for_kind  # noqa: E402
+from attnbridge.attention.registry import backends, declaring_module, get_backend  # noqa: E402
+from attnbridge.attention.sparse import layout as sparse_layout  # noqa: E402
+from attnbridge.attention.sparse.impl import SparseImpl  # noqa: E402
 
 REGENERATE = "python scripts/gen_docs.py"
 HEADER = (

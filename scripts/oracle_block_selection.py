@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import print_table, write_json  # noqa: E402
 from bench_sparse import FULL, structured_qkv  # noqa: E402
+from pooled_baseline import dense_blocks, dense_rows, select_top_blocks  # noqa: E402
 
 from attnbridge.attention.backends.block_sparse import BlockSparseOptions, select_block_sparse  # noqa: E402
 from attnbridge.attention.backends.rain_fusion import rain_fusion_order  # noqa: E402
@@ -40,7 +41,6 @@ from attnbridge.attention.sparse.layout import resolve_layout  # noqa: E402
 from attnbridge.attention.sparse.selection import (  # noqa: E402
     indices_to_mask,
     pooled_scores,
-    select_top_blocks,
 )
 
 BLOCK = 128
@@ -96,18 +96,18 @@ def main(argv=None) -> int:
     q, k, v = structured_qkv(grid, args.heads, dim, device="cpu", dtype=FULL["dtype"])
     layout = resolve_layout("block_sparse", q, AttentionContext(kind="self", grid=grid, step=10))
     nb = layout.num_blocks
-    dense = layout.dense_blocks("cpu")
+    dense = dense_blocks(layout, "cpu")
     forced = dense[None, :] | dense[:, None] | torch.eye(nb, dtype=torch.bool)
     rows = []
     for order_name, order in (("raster", None), ("8x8 patches", rain_fusion_order(grid))):
         qo, ko, vo = (x if order is None else x.index_select(1, order) for x in (q, k, v))
         scores = pooled_scores(qo, ko, layout.block_size, scale)
-        pooled_keep = select_top_blocks(scores, args.sparsity, dense, layout.num_dense_blocks).mask()[0]
+        pooled_keep = select_top_blocks(scores, args.sparsity, dense, len(dense_rows(layout))).mask()[0]
         current = select_block_sparse(qo, ko, scale, BlockSparseOptions(sparsity=args.sparsity), layout)
         current_keep = indices_to_mask(current.indices, current.counts, nb)[0]
         qh, kh, vh = (x[0].float().transpose(0, 1).contiguous() for x in (qo, ko, vo))  # [H, S, D]
         mass = block_mass(qh, kh, scale)
-        row = select_top_blocks(mass[None], args.sparsity, dense, layout.num_dense_blocks)
+        row = select_top_blocks(mass[None], args.sparsity, dense, len(dense_rows(layout)))
         row_keep = indices_to_mask(row.indices, row.counts, nb)[0]
         total = int(row_keep[0].sum())
         for name, keep in (

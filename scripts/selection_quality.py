@@ -11,7 +11,7 @@ Two input generators over a (T, H, W) latent grid in raster token order:
 For each generator and sparsity, rel-L2 and cosine similarity against dense attention of:
 
 * ``pooled top-k``: the simple baseline (mean-pooled ``q̄ · k̄`` per row; diagonal, first frame
-  forced and paid from the budget; :func:`~attnbridge.attention.sparse.selection.select_top_blocks`);
+  forced and paid from the budget; :func:`pooled_baseline.select_top_blocks`);
 * ``block_sparse``: the backend's selection;
 * ``row oracle``: the same number of blocks per head, each row keeping its blocks of highest *exact*
   attention mass (no forced blocks), the reference the selector is measured against;
@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import print_table, write_json  # noqa: E402
 from bench_sparse import structured_qkv  # noqa: E402
 from oracle_block_selection import block_mass  # noqa: E402
+from pooled_baseline import dense_blocks, dense_rows, select_top_blocks  # noqa: E402
 
 from attnbridge.attention.backends.block_sparse import BlockSparseOptions, select_block_sparse  # noqa: E402
 from attnbridge.attention.contract import AttentionContext  # noqa: E402
@@ -53,7 +54,6 @@ from attnbridge.attention.sparse.selection import (  # noqa: E402
     mass_counts,
     pooled_scores,
     select_by_mass,
-    select_top_blocks,
 )
 
 BLOCK = 128
@@ -204,7 +204,7 @@ def evaluate_masks(q, k, v, masks, scale):
 def pooled_top_k(q, k, scale, sparsity, layout):
     """The previous rule: pooled scores, diagonal and first frame forced and paid from the budget."""
     scores = pooled_scores(q, k, layout.block_size, scale)
-    selection = select_top_blocks(scores, sparsity, layout.dense_blocks(q.device), layout.num_dense_blocks)
+    selection = select_top_blocks(scores, sparsity, dense_blocks(layout, q.device), len(dense_rows(layout)))
     return selection.mask()[0]
 
 
@@ -259,7 +259,7 @@ def measure(generator, grid, heads, dim, sparsities, thresholds, sharpness=1.0):
     nb = layout.num_blocks
     qh, kh, vh = (x[0].transpose(0, 1).contiguous() for x in (q, k, v))  # [H, S, D]
     mass = block_mass(qh, kh, scale)
-    dense = layout.dense_blocks("cpu")
+    dense = dense_blocks(layout, "cpu")
     masks = {}
     for sparsity in sparsities:
         total = kept_count(sparsity, nb * nb)
@@ -268,7 +268,7 @@ def measure(generator, grid, heads, dim, sparsities, thresholds, sharpness=1.0):
             "block_sparse": selector_mask(q, k, scale, layout, sparsity=sparsity),
             "row oracle": row_oracle(mass, total),
             "row oracle, forced priors": select_top_blocks(
-                mass[None], sparsity, dense, layout.num_dense_blocks
+                mass[None], sparsity, dense, len(dense_rows(layout))
             ).mask()[0],
             "exact-mass placement": exact_placement(mass, total),
         }

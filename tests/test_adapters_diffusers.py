@@ -16,15 +16,12 @@ import torch
 from attnbridge.attention.api import AttentionLayer
 from attnbridge.enable import disable_npu_attention, enable_npu_attention
 from attnbridge.tiny_models import (
-    qwen_image_inputs,
-    qwen_image_pipeline_kwargs,
     tiny_qwen_image_pipeline,
     tiny_qwen_image_transformer,
     tiny_wan_pipeline,
     tiny_wan_transformer,
-    wan_inputs,
-    wan_pipeline_kwargs,
 )
+from tests.tiny_inputs import qwen_image_inputs, qwen_image_pipeline_kwargs, wan_inputs, wan_pipeline_kwargs
 
 TOLERANCE = {"sdpa": 1e-5, "fa": 1e-4}
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")

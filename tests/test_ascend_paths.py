@@ -32,9 +32,10 @@ from attnbridge.attention.parallel import (
 )
 from attnbridge.attention.parallel.cp_fia import FIA_TND_MAX_TOKENS, fia_tnd_refusal
 from attnbridge.enable import enable_npu_attention
-from attnbridge.tiny_models import qwen_image_inputs, tiny_qwen3_moe, tiny_qwen_image_transformer
+from attnbridge.tiny_models import tiny_qwen3_moe, tiny_qwen_image_transformer
 from tests.emulation.reference import dense_reference, rel_l2
 from tests.test_cp_fia import causal_reference
+from tests.tiny_inputs import qwen_image_inputs
 
 FIA = "npu_fused_infer_attention_score"
 FUSION = "npu_fusion_attention"

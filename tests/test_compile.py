@@ -12,12 +12,8 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from attnbridge import enable_npu_attention
-from attnbridge.tiny_models import (
-    qwen_image_inputs,
-    tiny_qwen_image_transformer,
-    tiny_wan_transformer,
-    wan_inputs,
-)
+from attnbridge.tiny_models import tiny_qwen_image_transformer, tiny_wan_transformer
+from tests.tiny_inputs import qwen_image_inputs, wan_inputs
 
 #: Compiled (aot_eager) against eager: the same ops in the same order, up to fused reorderings.
 TOLERANCE = 1e-5

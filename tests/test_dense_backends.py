@@ -64,10 +64,9 @@ def test_custom_scale_is_used():
 
 
 def test_sage_falls_back_to_fa_with_warning_once_on_cpu(caplog, monkeypatch):
-    from attnbridge import AttentionLayer
-    from attnbridge.attention import registry
+    from attnbridge import AttentionLayer, notices
 
-    monkeypatch.setattr(registry, "_fallbacks_logged", set())
+    monkeypatch.setattr(notices, "_given", set())
     q, k, v = _qkv((1, 9, 9, 2, 2, 64), torch.float32)
     with caplog.at_level("WARNING", logger="attnbridge"):
         out = attend(q, k, v, backend="sage")

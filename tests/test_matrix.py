@@ -31,15 +31,10 @@ from attnbridge.attention.backends.fa import reference_attention
 from attnbridge.attention.registry import backends
 from attnbridge.errors import BackendUnavailableError
 from attnbridge.platforms import get_platform
-from attnbridge.support import KernelSupport, support_table
-from attnbridge.tiny_models import (
-    qwen_image_inputs,
-    tiny_qwen3_moe,
-    tiny_qwen_image_transformer,
-    tiny_wan_transformer,
-    wan_inputs,
-)
+from attnbridge.tiny_models import tiny_qwen3_moe, tiny_qwen_image_transformer, tiny_wan_transformer
 from tests.emulation.install import installed_fake_npu
+from tests.scripts_path import KernelSupport, support_table
+from tests.tiny_inputs import qwen_image_inputs, wan_inputs
 
 #: Relative L2 error of a patched model's output against its reference, per model dtype.
 #: float32: kernels differ from the unpatched model only in summation order (measured <= 3e-7).

@@ -17,13 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from attnbridge import AttentionContext, AttentionLayer, attend, disable_npu_attention, enable_npu_attention
-from attnbridge.tiny_models import (
-    tiny_qwen3_moe,
-    tiny_wan_pipeline,
-    tiny_wan_transformer,
-    wan_inputs,
-    wan_pipeline_kwargs,
-)
+from attnbridge.tiny_models import tiny_qwen3_moe, tiny_wan_pipeline, tiny_wan_transformer
+from tests.tiny_inputs import wan_inputs, wan_pipeline_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ["sdpa", "fa", "sage", "laser", "block_sparse", "rain_fusion", "vsa"]

@@ -22,14 +22,9 @@ import pytest
 import torch
 
 from attnbridge.enable import HANDLE_ATTR, disable_npu_attention, enable_npu_attention
-from attnbridge.tiny_models import (
-    qwen_image_inputs,
-    tiny_qwen3_moe,
-    tiny_qwen_image_transformer,
-    tiny_wan_transformer,
-    wan_inputs,
-)
+from attnbridge.tiny_models import tiny_qwen3_moe, tiny_qwen_image_transformer, tiny_wan_transformer
 from tests.parallel_utils import run_cases, values
+from tests.tiny_inputs import qwen_image_inputs, wan_inputs
 
 TOL = 1e-5
 
@@ -114,7 +109,8 @@ def diffusers_case(info, *, family, ring, ulysses, variant="t2v"):
 
 def wan_pipeline_case(info):
     """A whole (tiny) WanPipeline run, 2 steps, with the transformer's sequence split over the ranks."""
-    from attnbridge.tiny_models import tiny_wan_pipeline, wan_pipeline_kwargs
+    from attnbridge.tiny_models import tiny_wan_pipeline
+    from tests.tiny_inputs import wan_pipeline_kwargs
 
     pipe = tiny_wan_pipeline()
     reference = pipe(**wan_pipeline_kwargs(steps=2, cfg=False)).frames

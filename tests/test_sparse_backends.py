@@ -40,10 +40,10 @@ from attnbridge.attention.sparse.selection import (
     indices_to_mask,
     mask_to_selection,
     pool_blocks,
-    select_top_blocks,
     threshold_mask,
 )
 from tests.emulation.reference import dense_reference, rel_l2
+from tests.scripts_path import dense_rows, select_top_blocks
 from tests.test_block_selection import documented_estimate, documented_mask
 
 FP32_TOL = 1e-5
@@ -366,7 +366,7 @@ def test_joint_attention_keeps_text_dense_both_ways(backend, grid):
     layout, mask = _selection_mask(backend, q, k, context, 0.75)
     text_start = n_image // 128  # 3 in both: blocks 3-4 hold text (400 image tokens: block 3 mixes)
     assert layout.first_frame_blocks == 0  # an image has no first frame to protect
-    assert layout.text_start_block == text_start and layout.dense_rows == (text_start, text_start + 1)
+    assert layout.text_start_block == text_start and dense_rows(layout) == (text_start, text_start + 1)
     assert mask[..., text_start:, :].all() and mask[..., :, text_start:].all()
     assert not mask.all()  # the image part is sparse
     ref, _ = dense_reference(q, k, v)
@@ -443,7 +443,7 @@ def test_rain_fusion_keeps_the_first_frame_dense_both_ways():
     context = AttentionContext(kind="self", grid=GRID, step=7)
     layout, mask = _selection_mask("rain_fusion", q, k, context, 0.9)
     assert layout.first_frame_blocks == 3  # ceil(8 * 40 / 128)
-    assert layout.dense_rows == (0, 1, 2) and layout.text_start_block == layout.num_blocks == 8
+    assert dense_rows(layout) == (0, 1, 2) and layout.text_start_block == layout.num_blocks == 8
     assert mask[..., :3, :].all() and mask[..., :, :3].all()
 
 

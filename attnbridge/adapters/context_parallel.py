@@ -33,16 +33,5 @@ def check_world(config: ParallelConfig, platform: str | None) -> None:
         init_distributed(platform=platform)
         initialized = True
     world = dist.get_world_size() if initialized else 1
-    if world != config.world_size:
-        hint = "" if initialized else " (torch.distributed is not initialised: launch with torchrun)"
-        raise ValueError(
-            f"{config.describe()} = {config.world_size} must equal the world size ({world}){hint}"
-        )
-
-
-def check_heads(where: str, heads: int, ulysses_degree: int) -> None:
-    if heads % ulysses_degree != 0:
-        raise ValueError(
-            f"{where} has {heads} attention heads, which ulysses_degree={ulysses_degree} does not "
-            "divide (Ulysses gives each rank an equal share of the heads)"
-        )
+    hint = "" if initialized else " (torch.distributed is not initialised: launch with torchrun)"
+    config.check_world_size(world, hint)

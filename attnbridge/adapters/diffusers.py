@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from attnbridge.adapters.context_parallel import check_heads
 from attnbridge.adapters.forward_state import ForwardState
 from attnbridge.adapters.layers import make_layers
 from attnbridge.adapters.qwen_image_processor import QwenImageAttnBridgeProcessor
@@ -20,6 +19,7 @@ from attnbridge.adapters.steps import step_source
 from attnbridge.adapters.wan_processor import WanAttnBridgeProcessor
 from attnbridge.attention.api import AttentionLayer
 from attnbridge.attention.parallel import ParallelGroups
+from attnbridge.attention.parallel.ulysses import check_heads_divisible
 from attnbridge.attention.registry import Backend
 from attnbridge.models import FAMILIES, ModelFamily, find_family
 
@@ -146,7 +146,9 @@ def plan_diffusers_model(
     sharding = None
     if groups is not None:
         for path, module, _ in sites:
-            check_heads(f"{type(model).__name__}.{path}", module.heads, groups.config.ulysses_degree)
+            check_heads_divisible(
+                module.heads, groups.config.ulysses_degree, f"{type(model).__name__}.{path}"
+            )
         sharding = plan_sequence_shards(model, groups, family.sequence_replicated)
     shards = None if sharding is None else sharding.state
     processor_cls = PROCESSORS[family.name]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import logging
 import pkgutil
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -16,11 +15,8 @@ from typing import Any
 from attnbridge.attention.contract import AttentionImpl
 from attnbridge.attention.options import NoOptions, parse_options
 from attnbridge.errors import BackendUnavailableError
+from attnbridge.notices import warn_once
 from attnbridge.platforms import get_platform
-
-logger = logging.getLogger("attnbridge")
-#: (platform, backend) pairs whose fallback was logged (once per process, not per layer).
-_fallbacks_logged: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -117,15 +113,10 @@ def resolve(name: str, platform: str, *, strict: bool = False) -> tuple[Backend,
     except BackendUnavailableError:
         if strict or backend.fallback is None:
             raise
-        if (platform, name) not in _fallbacks_logged:
-            _fallbacks_logged.add((platform, name))
-            logger.warning(
-                "attention backend %r cannot run on %s, using %r instead (pass strict=True to make "
-                "this an error)",
-                name,
-                platform,
-                backend.fallback,
-            )
+        warn_once(
+            f"attention backend {name!r} cannot run on {platform}, using {backend.fallback!r} instead (pass "
+            "strict=True to make this an error)"
+        )
         return resolve(backend.fallback, platform, strict=True)
 
 
@@ -137,8 +128,25 @@ def make_impl(name: str, platform: str, options: Any = None, *, strict: bool = F
     return impl_cls(backend=name, platform=platform, options=options)
 
 
+class DenseFallbackImpl(AttentionImpl):
+    """An impl whose kernel hands the calls it cannot take to the platform's dense ``fa`` kernel
+    (:meth:`dense`); inputs are checked against both."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._dense = make_impl("fa", self.platform)
+
+    def check_inputs(self, q, k, v, *, causal, return_lse):
+        super().check_inputs(q, k, v, causal=causal, return_lse=return_lse)
+        self._dense.check_inputs(q, k, v, causal=causal, return_lse=return_lse)
+
+    def dense(self, q, k, v, **kwargs):
+        return self._dense.forward(q, k, v, **kwargs)
+
+
 __all__ = [
     "Backend",
+    "DenseFallbackImpl",
     "Unavailable",
     "backend_names",
     "backends",

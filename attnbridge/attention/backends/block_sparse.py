@@ -53,7 +53,6 @@ from attnbridge.attention.options import fraction, kept_count, option
 from attnbridge.attention.registry import Backend
 from attnbridge.attention.sparse.ascend import ASCEND_BLOCK_SPARSE
 from attnbridge.attention.sparse.impl import Selector, SparseOptions
-from attnbridge.attention.sparse.layout import compiled_on_gpu
 from attnbridge.attention.sparse.platforms import block_mask_platforms
 from attnbridge.attention.sparse.selection import (
     MASS_ESTIMATE,
@@ -130,20 +129,11 @@ class BlockSparseOptions(SparseOptions):
 def select_block_sparse(q, k, scale: float, options, layout) -> BlockSelection:
     """The kept key blocks of every query block (q, k in mask order): see the module docstring.
     ``options`` may be plain :class:`SparseOptions` (a fixed budget)."""
-    select = compiled_on_gpu(_selection_lists, q.device)
-    indices, counts, mask = select(
-        q,
-        k,
-        scale,
-        options.sparsity,
-        getattr(options, "mass", None),
-        getattr(options, "min_kept", 0.0),
-        getattr(options, "max_kept", 1.0),
-        layout.text_start_block,
-        layout.block_size,
-        layout.key_lengths,
-    )
-    return BlockSelection(indices, counts, layout.num_blocks, kept_mask=mask)
+    budget = [
+        getattr(options, name, default)
+        for name, default in (("mass", None), ("min_kept", 0.0), ("max_kept", 1.0))
+    ]
+    return layout.select(_selection_lists, q, k, scale, options.sparsity, *budget, layout.text_start_block)
 
 
 def _selection_lists(

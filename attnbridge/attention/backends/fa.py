@@ -212,6 +212,21 @@ def check_fia_limits(backend: str, q: torch.Tensor, k: torch.Tensor, layout: str
         )
 
 
+def fia(q, k, v, layout: str, scale: float, backend: str = "fa", **extra):
+    """``torch_npu.npu_fused_infer_attention_score`` on ``layout`` (BSND or TND: heads are dim -2)."""
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    return load_torch_npu(backend).npu_fused_infer_attention_score(
+        q,
+        k,
+        v,
+        num_heads=q.shape[-2],
+        num_key_value_heads=k.shape[-2],
+        input_layout=layout,
+        scale=scale,
+        **extra,
+    )
+
+
 def npu_fia(q, k, v, *, causal: bool, scale: float, return_lse: bool, key_lengths=None, backend: str = "fa"):
     """``npu_fused_infer_attention_score`` on BSHD (BSND) tensors; LSE ``[B, N, S]`` float32. Padding goes
     in as ``actual_seq_lengths_kv``; causal + padded as an explicit ``[B, 1, S_q, S_kv]`` mask
@@ -222,7 +237,6 @@ def npu_fia(q, k, v, *, causal: bool, scale: float, return_lse: bool, key_length
             f"backend {backend!r} on Ascend: causal attention with more queries ({q.shape[1]}) than keys "
             f"({k.shape[1]}) leaves rows with no visible key, which FIA does not define"
         )
-    torch_npu = load_torch_npu(backend)
     extra = {}
     if causal and key_lengths is not None:
         visible = key_padding_mask(key_lengths, k.shape[1]) & bottom_right_causal_mask(
@@ -233,17 +247,7 @@ def npu_fia(q, k, v, *, causal: bool, scale: float, return_lse: bool, key_length
         extra = {"atten_mask": npu_compressed_causal_mask(q.device), "sparse_mode": 3}
     elif key_lengths is not None:
         extra["actual_seq_lengths_kv"] = key_lengths.tolist()  # the op takes host-side lengths
-    out, lse = torch_npu.npu_fused_infer_attention_score(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        num_heads=q.shape[2],
-        num_key_value_heads=k.shape[2],
-        input_layout="BSND",
-        scale=scale,
-        softmax_lse_flag=return_lse,
-        **extra,
-    )
+    out, lse = fia(q, k, v, "BSND", scale, backend, softmax_lse_flag=return_lse, **extra)
     if not return_lse:
         return out
     # Documented LSE layout for BSND input: [B, N, S, 1].

@@ -35,8 +35,8 @@ import dataclasses
 
 import torch
 
-from attnbridge.attention.contract import HALF_DTYPES, AttentionImpl, default_scale, repeat_kv_heads
-from attnbridge.attention.registry import Backend, Unavailable, make_impl
+from attnbridge.attention.contract import HALF_DTYPES, default_scale, repeat_kv_heads
+from attnbridge.attention.registry import Backend, DenseFallbackImpl, Unavailable
 from attnbridge.errors import BackendUnavailableError
 from attnbridge.notices import warn_once
 from attnbridge.platforms.npu import (
@@ -76,16 +76,8 @@ def uses_laser_kernel(q, k, *, causal: bool, return_lse: bool, scale: float, con
     return q.shape[1] == k.shape[1] and q.shape[1] >= LASER_MIN_SEQ
 
 
-class LaserImplBase(AttentionImpl):
+class LaserImplBase(DenseFallbackImpl):
     """Steps 1-4 around :meth:`run_kernel`; the dense calls go to the platform's ``fa``."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self._dense = make_impl("fa", self.platform)
-
-    def check_inputs(self, q, k, v, *, causal, return_lse):
-        super().check_inputs(q, k, v, causal=causal, return_lse=return_lse)
-        self._dense.check_inputs(q, k, v, causal=causal, return_lse=return_lse)
 
     def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, context=None):
         scale = default_scale(q.shape[-1], scale)
@@ -99,9 +91,7 @@ class LaserImplBase(AttentionImpl):
             q, k, causal=causal, return_lse=return_lse, scale=scale, context=context
         )
         if dense or (key_lengths is not None and self.padding_fallback):
-            return self._dense.forward(
-                q, k, v, causal=causal, scale=scale, return_lse=return_lse, context=context
-            )
+            return self.dense(q, k, v, causal=causal, scale=scale, return_lse=return_lse, context=context)
         if key_lengths is None:
             return self._laser(q, k, v, scale, q.shape[1])
         outs, padded_seq = [], q.shape[1] + -q.shape[1] % LASER_SEQ_ALIGN

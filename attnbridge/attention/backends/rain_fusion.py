@@ -22,7 +22,7 @@ import torch
 from attnbridge.attention.registry import Backend
 from attnbridge.attention.sparse.ascend import ASCEND_RAIN_FUSION
 from attnbridge.attention.sparse.impl import Selector, SparseOptions
-from attnbridge.attention.sparse.layout import compiled_on_gpu, dense_block_flags
+from attnbridge.attention.sparse.layout import dense_block_flags
 from attnbridge.attention.sparse.platforms import block_mask_platforms
 from attnbridge.attention.sparse.selection import (
     BlockSelection,
@@ -66,18 +66,8 @@ def rain_fusion_order(grid: tuple[int, int, int]) -> torch.Tensor | None:
 
 def select_rain_fusion(q, k, scale: float, options, layout) -> BlockSelection:
     """RainFusion's pooled-probability threshold mask, with the layout's dense blocks forced."""
-    select = compiled_on_gpu(_threshold_lists, q.device)
-    indices, counts, mask = select(
-        q,
-        k,
-        scale,
-        options.sparsity,
-        layout.first_frame_blocks,
-        layout.text_start_block,
-        layout.block_size,
-        layout.key_lengths,
-    )
-    return BlockSelection(indices, counts, layout.num_blocks, kept_mask=mask)
+    dense = (layout.first_frame_blocks, layout.text_start_block)
+    return layout.select(_threshold_lists, q, k, scale, options.sparsity, *dense)
 
 
 def _threshold_lists(q, k, scale, sparsity, first_frame_blocks, text_start_block, block_size, key_lengths):

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import importlib
 
-from attnbridge.attention.contract import HALF_DTYPES, AttentionImpl, default_scale, repeat_kv_heads
-from attnbridge.attention.registry import Backend, Unavailable, make_impl
+from attnbridge.attention.contract import HALF_DTYPES, default_scale, repeat_kv_heads
+from attnbridge.attention.registry import Backend, DenseFallbackImpl, Unavailable
 from attnbridge.errors import BackendUnavailableError
 from attnbridge.notices import warn_once
 
@@ -31,7 +31,7 @@ def _load_sageattn(platform: str):
         ) from error
 
 
-class SageImpl(AttentionImpl):
+class SageImpl(DenseFallbackImpl):
     """``sageattention.sageattn`` in NHD (= BSHD) layout; other calls run dense ``fa``."""
 
     description = "sageattention.sageattn (int8 QK, NHD)"
@@ -52,11 +52,6 @@ class SageImpl(AttentionImpl):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._sageattn = _load_sageattn(self.platform)
-        self._dense = make_impl("fa", self.platform)
-
-    def check_inputs(self, q, k, v, *, causal, return_lse):
-        self._dense.check_inputs(q, k, v, causal=causal, return_lse=return_lse)
-        super().check_inputs(q, k, v, causal=causal, return_lse=return_lse)
 
     def _refusal(self, q, k, causal) -> str | None:
         """Why ``sageattn`` cannot take this call, or None."""
@@ -72,9 +67,7 @@ class SageImpl(AttentionImpl):
         if refusal is not None or padded:
             if refusal is not None:
                 warn_once(f"backend 'sage': {refusal} runs dense 'fa'")
-            return self._dense.forward(
-                q, k, v, causal=causal, scale=scale, return_lse=return_lse, context=context
-            )
+            return self.dense(q, k, v, causal=causal, scale=scale, return_lse=return_lse, context=context)
         k, v = repeat_kv_heads(q, k, v)
         k = k - k.mean(dim=1, keepdim=True, dtype=k.dtype)
         kwargs = {

@@ -24,9 +24,9 @@ import math
 
 import torch
 
-from attnbridge.attention.contract import AttentionImpl, default_scale, repeat_kv_heads
+from attnbridge.attention.contract import default_scale, repeat_kv_heads
 from attnbridge.attention.options import flag, fraction, option, optional_fraction
-from attnbridge.attention.registry import Backend, Unavailable, make_impl
+from attnbridge.attention.registry import Backend, DenseFallbackImpl, Unavailable
 from attnbridge.attention.sparse import flex, triton_kernel
 from attnbridge.attention.sparse.platforms import NO_MUSA
 from attnbridge.attention.sparse.vsa_tiling import (
@@ -177,7 +177,7 @@ def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
         return False
 
 
-class VSAImpl(AttentionImpl):
+class VSAImpl(DenseFallbackImpl):
     """VSA with the block-sparse fine stage (CUDA and CPU)."""
 
     description = "block-sparse attention over 4x4x4 tiles (64-token blocks) + pooled coarse attention"
@@ -189,7 +189,6 @@ class VSAImpl(AttentionImpl):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self._dense = make_impl("fa", self.platform)
         self._fastvideo_refusal_logged = False
 
     @staticmethod
@@ -205,9 +204,7 @@ class VSAImpl(AttentionImpl):
 
     def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, context=None):
         if self._runs_dense(q, k, context):
-            return self._dense.forward(
-                q, k, v, causal=causal, scale=scale, return_lse=return_lse, context=context
-            )
+            return self.dense(q, k, v, causal=causal, scale=scale, return_lse=return_lse, context=context)
         if context.kind == "joint" and context.num_text_tokens or context.key_lengths is not None:
             raise ValueError(
                 "backend 'vsa' runs self-attention over video tokens only; this call has text tokens or "

@@ -45,10 +45,10 @@ class ParallelConfig:
             return f"cp_size ({self.cp_size})"
         return f"ring_degree ({self.ring_degree}) x ulysses_degree ({self.ulysses_degree})"
 
-    def check_world_size(self, world_size: int) -> None:
+    def check_world_size(self, world_size: int, hint: str = "") -> None:
         if self.world_size != world_size:
             raise ValueError(
-                f"{self.describe()} = {self.world_size} must equal the world size ({world_size})"
+                f"{self.describe()} = {self.world_size} must equal the world size ({world_size}){hint}"
             )
 
 

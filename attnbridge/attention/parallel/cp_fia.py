@@ -11,17 +11,16 @@ prev and next query halves attend bottom-right causally to the first ``kv_len_pr
 from __future__ import annotations
 
 import functools
-import itertools
+from itertools import accumulate
 
 import torch
 
 from attnbridge.attention.api import attend, platform_for
-from attnbridge.attention.backends.fa import check_fia_limits, npu_fia
+from attnbridge.attention.backends.fa import check_fia_limits, fia, npu_fia
 from attnbridge.attention.contract import default_scale
 from attnbridge.attention.masks import npu_compressed_causal_mask
 from attnbridge.attention.parallel.zigzag import ZigzagMetadata
 from attnbridge.notices import warn_once
-from attnbridge.platforms.npu import load_torch_npu
 
 
 def zigzag_cp_attention(
@@ -101,23 +100,13 @@ def _check(q_local, k, v, meta: ZigzagMetadata) -> None:
 
 
 def _npu_fia_half(q, k, v, q_lens, kv_lens, scale):
-    torch_npu = load_torch_npu("fa")
-    out, _ = torch_npu.npu_fused_infer_attention_score(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        num_heads=q.shape[1],
-        num_key_value_heads=k.shape[1],
-        input_layout="TND",
-        atten_mask=npu_compressed_causal_mask(q.device),
-        sparse_mode=3,
-        next_tokens=0,
-        scale=default_scale(q.shape[-1], scale),
-        # Python int lists: the op takes host-side lengths.
-        actual_seq_lengths=list(itertools.accumulate(q_lens)),
-        actual_seq_lengths_kv=list(itertools.accumulate(kv_lens)),
-    )
-    return out
+    # Python int lists: the op takes host-side lengths.
+    lengths = {
+        "actual_seq_lengths": list(accumulate(q_lens)),
+        "actual_seq_lengths_kv": list(accumulate(kv_lens)),
+    }
+    causal = {"atten_mask": npu_compressed_causal_mask(q.device), "sparse_mode": 3, "next_tokens": 0}
+    return fia(q, k, v, "TND", default_scale(q.shape[-1], scale), **causal, **lengths)[0]
 
 
 def _per_sequence(q, k, v, q_lens, kv_lens, meta: ZigzagMetadata, attention):

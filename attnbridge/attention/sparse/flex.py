@@ -17,57 +17,35 @@ except ImportError:  # pragma: no cover - older torch
     AuxRequest = None
 
 from attnbridge.attention.contract import default_scale
-from attnbridge.attention.sparse.impl import Kernel
-from attnbridge.attention.sparse.selection import indices_to_mask
+from attnbridge.attention.sparse.impl import Kernel, list_kernel
+from attnbridge.attention.sparse.selection import check_block_lists, indices_to_mask
 
 #: Bytes of float32 scores one CPU chunk may hold (same budget as the dense CPU reference).
 _CPU_CHUNK_BYTES = 256 * 1024 * 1024
 
 
 def block_sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_indices: torch.Tensor,
-    kv_counts: torch.Tensor,
+    q,
+    k,
+    v,
+    kv_indices,
+    kv_counts,
     *,
     block_size: int,
-    scale: float | None = None,
-    key_valid: torch.Tensor | None = None,
-    key_lengths: torch.Tensor | None = None,
-    return_lse: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Attention of each ``block_size`` query block over its listed key blocks, on BSHD tensors.
-    ``kv_indices`` int ``[B, H_q, n_q_blocks, max_k]`` (entries past the row's count ignored),
-    ``kv_counts`` int ``[B, H_q, n_q_blocks]`` (B, H may be 1), ``key_valid`` bool ``[S_kv]`` (False: pad
-    key), ``key_lengths`` int ``[B]``. Returns ``out`` (q's dtype), with ``return_lse`` float32 LSE
-    ``[B, H_q, S_q]``."""
-    _check_args(q, k, kv_indices, kv_counts, block_size, key_valid)
+    scale=None,
+    key_valid=None,
+    key_lengths=None,
+    return_lse=False,
+):
+    """The contract of :func:`attnbridge.attention.sparse.triton_kernel.block_sparse_attention` (BSHD
+    tensors; ``kv_indices`` ``[B or 1, H_q or 1, n_q_blocks, width]``, the first ``kv_counts`` entries of a
+    row its key blocks; ``key_valid`` bool ``[S_kv]``, ``key_lengths`` int ``[B]``), computed exactly:
+    ``out`` in q's dtype, with ``return_lse`` the float32 LSE ``[B, H_q, S_q]``."""
+    check_block_lists(q, k, kv_indices, kv_counts, block_size, key_valid)
     scale = default_scale(q.shape[-1], scale)
     n_kv_blocks = math.ceil(k.shape[1] / block_size)
     valid = _valid_keys(k, key_valid, key_lengths)
     return _chunked_forward(q, k, v, kv_indices, kv_counts, n_kv_blocks, block_size, scale, valid, return_lse)
-
-
-def _check_args(q, k, kv_indices, kv_counts, block_size, key_valid) -> None:
-    batch, s_q, heads = q.shape[0], q.shape[1], q.shape[2]
-    n_q_blocks = math.ceil(s_q / block_size)
-    if kv_indices.dim() != 4 or kv_counts.shape != kv_indices.shape[:3]:
-        raise ValueError(
-            "block_sparse_attention: kv_indices must be [B, H, n_q_blocks, max_k] and kv_counts "
-            f"[B, H, n_q_blocks]; got {tuple(kv_indices.shape)} and {tuple(kv_counts.shape)}"
-        )
-    b, h, nq = kv_indices.shape[:3]
-    if b not in (1, batch) or h not in (1, heads) or nq != n_q_blocks:
-        raise ValueError(
-            f"block_sparse_attention: kv_indices {tuple(kv_indices.shape)} does not fit q {tuple(q.shape)} "
-            f"with block_size {block_size} (expected [{batch} or 1, {heads} or 1, {n_q_blocks}, max_k])"
-        )
-    if key_valid is not None and (key_valid.dtype != torch.bool or key_valid.shape != (k.shape[1],)):
-        raise ValueError(
-            f"block_sparse_attention: key_valid must be a bool tensor of shape [{k.shape[1]}] (S_kv); "
-            f"got {key_valid.dtype} {tuple(key_valid.shape)}"
-        )
 
 
 def _valid_keys(k, key_valid, key_lengths) -> torch.Tensor | None:
@@ -136,19 +114,4 @@ def _chunked_forward(q, k, v, kv_indices, kv_counts, n_kv_blocks, block_size, sc
     return (out, torch.cat(lses, dim=2)) if return_lse else out
 
 
-def run_flex(q, k, v, selection, scale: float, return_lse: bool, layout, key_lengths=None):
-    """The :class:`~attnbridge.attention.sparse.impl.Kernel` entry: FlexAttention over ``selection``."""
-    return block_sparse_attention(
-        q,
-        k,
-        v,
-        selection.indices,
-        selection.counts,
-        block_size=layout.block_size,
-        scale=scale,
-        key_lengths=key_lengths,
-        return_lse=return_lse,
-    )
-
-
-FLEX = Kernel("FlexAttention with an exact block mask (float32)", run_flex)
+FLEX = Kernel("FlexAttention with an exact block mask (float32)", list_kernel(block_sparse_attention))

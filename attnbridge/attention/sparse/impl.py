@@ -10,9 +10,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from attnbridge.attention.contract import DENSE_DTYPES, AttentionImpl, default_scale
+from attnbridge.attention.contract import DENSE_DTYPES, default_scale
 from attnbridge.attention.options import count, fraction, option
-from attnbridge.attention.registry import make_impl
+from attnbridge.attention.registry import DenseFallbackImpl
 from attnbridge.attention.sparse.layout import is_dense_step, resolve_layout
 from attnbridge.attention.sparse.selection import BlockSelection
 from attnbridge.notices import warn_once
@@ -54,7 +54,17 @@ class Kernel:
     notes: str = ""
 
 
-class SparseImpl(AttentionImpl):
+def list_kernel(attention: Callable[..., Any]) -> Callable[..., Any]:
+    """A :attr:`Kernel.run` calling ``attention`` (a ``block_sparse_attention``) on the selection's lists."""
+
+    def run(q, k, v, selection, scale: float, return_lse: bool, layout, key_lengths=None):
+        lists = {"block_size": layout.block_size, "key_lengths": key_lengths, "return_lse": return_lse}
+        return attention(q, k, v, selection.indices, selection.counts, scale=scale, **lists)
+
+    return run
+
+
+class SparseImpl(DenseFallbackImpl):
     """Dense when the rules of :mod:`.layout` say so, else reorder -> select -> kernel -> restore."""
 
     selector: ClassVar[Selector]
@@ -67,16 +77,11 @@ class SparseImpl(AttentionImpl):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self._dense = make_impl("fa", self.platform)
         if self.options.sparsity == 0.0:
             warn_once(
                 f"attention backend {self.backend!r} with sparsity=0 keeps every block; a dense backend "
                 "('fa' or 'sdpa') computes the same result faster"
             )
-
-    def check_inputs(self, q, k, v, *, causal, return_lse):
-        super().check_inputs(q, k, v, causal=causal, return_lse=return_lse)
-        self._dense.check_inputs(q, k, v, causal=causal, return_lse=return_lse)
 
     def runs_dense(self, q, k, return_lse: bool, context) -> bool:
         """Calls no block mask applies to (see :mod:`.layout`), and those the kernel cannot answer."""
@@ -107,9 +112,7 @@ class SparseImpl(AttentionImpl):
 
     def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, context=None):
         if self.runs_dense(q, k, return_lse, context):
-            return self._dense.forward(
-                q, k, v, causal=causal, scale=scale, return_lse=return_lse, context=context
-            )
+            return self.dense(q, k, v, causal=causal, scale=scale, return_lse=return_lse, context=context)
         scale = default_scale(q.shape[-1], scale)
         layout, qs, ks, selection = self._select(q, k, scale, context)
         vs = layout.to_mask_order(v)

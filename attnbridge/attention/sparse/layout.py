@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from attnbridge.attention.contract import AttentionContext
+from attnbridge.attention.sparse.selection import BlockSelection
 
 #: Tokens per block of every block mask here (the Ascend kernels' ``sparse_size``).
 BLOCK_SIZE = 128
@@ -95,19 +96,12 @@ class SparseLayout:
             return self.num_blocks
         return (self.seq_len - self.num_text) // self.block_size
 
-    @property
-    def dense_rows(self) -> tuple[int, ...]:
-        """Query blocks that attend every key block (first frame, text)."""
-        first = min(self.first_frame_blocks, self.text_start_block)
-        return tuple(range(first)) + tuple(range(self.text_start_block, self.num_blocks))
-
-    @property
-    def num_dense_blocks(self) -> int:
-        return len(self.dense_rows)
-
-    def dense_blocks(self, device: torch.device) -> torch.Tensor:
-        """Bool ``[num_blocks]``: blocks that are dense rows and dense columns (first frame, text)."""
-        return dense_block_flags(self.num_blocks, self.first_frame_blocks, self.text_start_block, device)
+    def select(self, lists: Callable, q, k, scale: float, *params):
+        """The kept blocks from ``lists(q, k, scale, *params, block_size, key_lengths)`` -> (indices, counts,
+        mask), compiled on GPUs (:func:`compiled_on_gpu`)."""
+        select = compiled_on_gpu(lists, q.device)
+        indices, counts, mask = select(q, k, scale, *params, self.block_size, self.key_lengths)
+        return BlockSelection(indices, counts, self.num_blocks, kept_mask=mask)
 
     def to_mask_order(self, x: torch.Tensor) -> torch.Tensor:
         """BSHD tokens in the caller's order -> mask order."""

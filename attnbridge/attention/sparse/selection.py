@@ -217,39 +217,6 @@ def select_by_mass(
     return BlockSelection(indices.contiguous(), counts.to(torch.int32).contiguous(), nk, kept_mask=mask)
 
 
-def select_top_blocks(
-    scores: torch.Tensor, sparsity: float, dense_blocks: torch.Tensor, num_dense: int
-) -> BlockSelection:
-    """Pooled top-k baseline of the selection scripts: per row the best :func:`row_budget` key blocks
-    plus the forced ones (the diagonal, and the ``num_dense`` ``dense_blocks`` bool ``[nb]``, which
-    are dense rows and columns), so the work is ``1 - sparsity`` of dense."""
-    batch, heads, nq, nk = scores.shape
-    device = scores.device
-    keep = row_budget(sparsity, nq, nk, num_dense)
-    if keep == nk:
-        return dense_selection(batch, heads, nq, nk, device)
-    cols = torch.arange(nk, device=device)
-    rows = torch.arange(nq, device=device)
-    forced = dense_blocks[None, :] | (rows[:, None] == cols[None, :])  # [nq, nk]
-    ranked = scores.masked_fill(forced, float("inf"))
-    top = ranked.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values.to(torch.int32)
-    all_blocks = cols.to(torch.int32).expand(batch, heads, nq, nk)
-    top = torch.nn.functional.pad(top, (0, nk - keep))
-    dense_rows = dense_blocks[:nq, None]
-    indices = torch.where(dense_rows, all_blocks, top)
-    counts = torch.where(dense_blocks[:nq], nk, keep).to(torch.int32).expand(batch, heads, nq)
-    return BlockSelection(indices.contiguous(), counts.contiguous(), nk)
-
-
-def row_budget(sparsity: float, nq: int, nk: int, num_dense: int) -> int:
-    """Blocks each non-dense row keeps so that all keep ``1 - sparsity`` of the pairs (at least its
-    forced ones)."""
-    total = kept_count(sparsity, nq * nk)
-    other_rows = nq - num_dense
-    keep = (total - num_dense * nk) // other_rows if other_rows > 0 else nk
-    return min(nk, max(keep, num_dense + 1))
-
-
 def threshold_mask(scores: torch.Tensor, sparsity: float, dense_blocks: torch.Tensor) -> torch.Tensor:
     """RainFusion's mask: ``softmax(scores) >= k-th largest`` per row (ties may keep more),
     ``k = ceil(nk * (1 - sparsity))``; ``dense_blocks`` rows and columns forced."""
@@ -282,3 +249,25 @@ def indices_to_mask(indices: torch.Tensor, counts: torch.Tensor, num_kv_blocks: 
     target = torch.where(valid, indices.long(), num_kv_blocks)
     mask = torch.zeros(*indices.shape[:-1], num_kv_blocks + 1, dtype=torch.bool, device=indices.device)
     return mask.scatter_(-1, target, True)[..., :num_kv_blocks]
+
+
+def check_block_lists(q, k, kv_indices, kv_counts, block_size: int, key_valid) -> None:
+    """The index lists and ``key_valid`` of a ``block_sparse_attention`` call against q and k (BSHD)."""
+    batch, s_q, heads = q.shape[0], q.shape[1], q.shape[2]
+    n_q_blocks = -(-s_q // block_size)
+    if kv_indices.dim() != 4 or kv_counts.dim() != 3 or kv_counts.shape != kv_indices.shape[:3]:
+        raise ValueError(
+            "block_sparse_attention: kv_indices must be [B, H, n_q_blocks, width] and kv_counts "
+            f"[B, H, n_q_blocks]; got {tuple(kv_indices.shape)} and {tuple(kv_counts.shape)}"
+        )
+    b, h, nq = kv_indices.shape[:3]
+    if b not in (1, batch) or h not in (1, heads) or nq != n_q_blocks:
+        raise ValueError(
+            f"block_sparse_attention: kv_indices {tuple(kv_indices.shape)} does not fit q {tuple(q.shape)} "
+            f"with block_size {block_size} (expected [{batch} or 1, {heads} or 1, {n_q_blocks}, width])"
+        )
+    if key_valid is not None and (key_valid.dtype != torch.bool or tuple(key_valid.shape) != (k.shape[1],)):
+        raise ValueError(
+            f"block_sparse_attention: key_valid must be a bool tensor of shape [{k.shape[1]}] (S_kv); "
+            f"got {key_valid.dtype} {tuple(key_valid.shape)}"
+        )

@@ -27,7 +27,8 @@ import typing
 
 import torch
 
-from attnbridge.attention.sparse.impl import Kernel
+from attnbridge.attention.sparse.impl import Kernel, list_kernel
+from attnbridge.attention.sparse.selection import check_block_lists
 from attnbridge.errors import BackendUnavailableError
 
 try:
@@ -153,7 +154,7 @@ def _check_args(q, k, v, kv_indices, kv_counts, block_size, scale, key_valid, ke
         _fail(f"dtype {q.dtype} is not supported (bfloat16, float16, float32)")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         _fail(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    batch, s_q, h_q, dim = q.shape
+    batch, _, h_q, dim = q.shape
     if k.shape != v.shape:
         _fail(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[0] != batch or k.shape[3] != dim:
@@ -180,23 +181,7 @@ def _check_args(q, k, v, kv_indices, kv_counts, block_size, scale, key_valid, ke
         torch.int64,
     ):
         _fail(f"kv_indices and kv_counts must be int32; got {kv_indices.dtype} and {kv_counts.dtype}")
-    n_q_blocks = -(-s_q // block_size)
-    if kv_indices.dim() != 4 or kv_counts.dim() != 3 or kv_counts.shape != kv_indices.shape[:3]:
-        _fail(
-            f"kv_indices must be [B, H, n_q_blocks, width] and kv_counts [B, H, n_q_blocks]; "
-            f"got {tuple(kv_indices.shape)} and {tuple(kv_counts.shape)}"
-        )
-    b, h, nq = kv_indices.shape[:3]
-    if b not in (1, batch) or h not in (1, h_q) or nq != n_q_blocks:
-        _fail(
-            f"kv_indices {tuple(kv_indices.shape)} does not fit q {tuple(q.shape)} with block_size "
-            f"{block_size} (expected [{batch} or 1, {h_q} or 1, {n_q_blocks}, width])"
-        )
-    if key_valid is not None and (key_valid.dtype != torch.bool or tuple(key_valid.shape) != (k.shape[1],)):
-        _fail(
-            f"key_valid must be a bool tensor of shape [{k.shape[1]}] (S_kv); "
-            f"got {key_valid.dtype} {tuple(key_valid.shape)}"
-        )
+    check_block_lists(q, k, kv_indices, kv_counts, block_size, key_valid)
     if key_lengths is not None and (
         key_lengths.dtype not in (torch.int32, torch.int64) or tuple(key_lengths.shape) != (batch,)
     ):
@@ -452,7 +437,6 @@ def launch(
     v: torch.Tensor,
     kv_indices: torch.Tensor,
     kv_counts: torch.Tensor,
-    *,
     block_size: int,
     scale: float,
     key_valid: torch.Tensor | None = None,
@@ -541,31 +525,9 @@ def launch(
 # Registered op (torch.compile traces it as one node)
 
 
-def _op_body(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_indices: torch.Tensor,
-    kv_counts: torch.Tensor,
-    key_valid: torch.Tensor | None,
-    key_lengths: torch.Tensor | None,
-    block_size: int,
-    scale: float,
-    return_lse: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return launch(
-        q,
-        k,
-        v,
-        kv_indices,
-        kv_counts,
-        block_size=block_size,
-        scale=scale,
-        key_valid=key_valid,
-        key_lengths=key_lengths,
-        return_lse=return_lse,
-        wrap=torch.library.wrap_triton,
-    )
+def _op_body(q, k, v, kv_indices, kv_counts, block_size, scale, key_valid, key_lengths, return_lse):
+    args = (q, k, v, kv_indices, kv_counts, block_size, scale, key_valid, key_lengths, return_lse)
+    return launch(*args, wrap=torch.library.wrap_triton)
 
 
 # The op's schema is inferred from these; given as objects, not the strings this module's
@@ -621,8 +583,9 @@ def block_sparse_attention(
     """
     _check_args(q, k, v, kv_indices, kv_counts, block_size, scale, key_valid, key_lengths)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    args = (q, k, v, kv_indices, kv_counts, block_size, scale, key_valid, key_lengths, return_lse)
     if q.device.type == "cuda" and _OP is not None:
-        out, lse = _OP(q, k, v, kv_indices, kv_counts, key_valid, key_lengths, block_size, scale, return_lse)
+        out, lse = _OP(*args)
     else:
         if not available():
             raise RuntimeError(
@@ -630,34 +593,8 @@ def block_sparse_attention(
             )
         if q.device.type != "cuda" and not _interpreting():
             _fail(f"tensors must be on a CUDA device, got {q.device}")
-        out, lse = launch(
-            q,
-            k,
-            v,
-            kv_indices,
-            kv_counts,
-            block_size=block_size,
-            scale=scale,
-            key_valid=key_valid,
-            key_lengths=key_lengths,
-            return_lse=return_lse,
-        )
+        out, lse = launch(*args)
     return (out, lse) if return_lse else out
-
-
-def run_triton(q, k, v, selection, scale: float, return_lse: bool, layout, key_lengths=None):
-    """The :class:`~attnbridge.attention.sparse.impl.Kernel` entry: this kernel over ``selection``."""
-    return block_sparse_attention(
-        q,
-        k,
-        v,
-        selection.indices,
-        selection.counts,
-        block_size=layout.block_size,
-        scale=scale,
-        key_lengths=key_lengths,
-        return_lse=return_lse,
-    )
 
 
 TRITON_INSTALL = "pip install triton"
@@ -675,7 +612,7 @@ def check_triton(platform: str) -> None:
 
 TRITON = Kernel(
     "attnbridge Triton block-sparse kernel (longest rows first; TMA on Hopper)",
-    run_triton,
+    list_kernel(block_sparse_attention),
     install=(TRITON_INSTALL,),
     check_available=check_triton,
 )
