@@ -340,3 +340,23 @@ def test_output_names_carry_the_options(tmp_path):
     )
     assert first["files"]["text"] != second["files"]["text"]
     assert Path(first["files"]["text"]).is_file() and Path(second["files"]["text"]).is_file()
+
+
+def test_kept_fraction_is_read_from_joint_calls_not_from_the_padded_queries_call():
+    """Text padded in every prompt adds a dense cross call per layer (its padded queries): the kept
+    fraction still comes from the layer's second joint call, as without padding."""
+    from attnbridge.enable import enable_npu_attention
+    from attnbridge.generation.timing import AttentionTimer
+    from attnbridge.tiny_models import tiny_qwen_image_transformer
+    from tests.tiny_inputs import qwen_image_inputs
+
+    model = tiny_qwen_image_transformer()
+    inputs = qwen_image_inputs(text_tokens=5, text_mask=torch.tensor([[1, 1, 1, 0, 0]]))
+    handle = enable_npu_attention(model, "block_sparse", sparsity=0.5)
+    timer = AttentionTimer(handle.layers, {"": model})
+    with timer, torch.no_grad():
+        for _ in range(2):
+            model(**inputs)
+    records = timer.records.values()
+    assert all(r.kinds == {"joint": 2, "cross": 2} for r in records)
+    assert all(r.kept_fraction == 1.0 for r in records)  # 15 tokens: one block, always kept

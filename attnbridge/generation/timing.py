@@ -1,6 +1,6 @@
 """Time in attention per backend, kind and layer, through an observer: wall clock on CPU, device events
 elsewhere (read at the end). First calls (compilation, warm-up) are reported apart; sparse backends' kept
-fraction is measured once per layer, on its second call, untimed."""
+fraction is measured once per layer, on its second self or joint call, untimed."""
 
 from __future__ import annotations
 
@@ -73,9 +73,10 @@ class AttentionTimer:
         record = self._by_layer.get(id(layer))
         if record is None:
             return None
-        record.kinds[context.kind if context is not None else "self"] += 1
+        kind = context.kind if context is not None else "self"
+        record.kinds[kind] += 1
         record.calls += 1
-        if record.calls == 2 and layer.spec.sparse:
+        if kind != "cross" and record.kinds[kind] == 2 and layer.spec.sparse:  # cross calls run dense
             record.kept_fraction = layer.impl_for(q.device).kept_fraction(q, k, context)
         module = device_module(q.device)
         event_cls = getattr(module, "Event", None) if module is not None else None
