@@ -40,8 +40,9 @@ def qwen_image_text_padding(inputs: Mapping[str, Any]) -> tuple[torch.Tensor | N
     """``(key_lengths, kept_text)`` from ``encoder_hidden_states_mask`` ``[B, S_txt]`` (padding last in each
     prompt, 1 = a real token). ``kept_text``: the longest prompt, when shorter than ``S_txt`` (the text past
     it is padding in every sample, which attention need not read); ``key_lengths``: valid keys per sample of
-    ``[image, text[:kept_text]]``, None when every sample has them all. Reading the lengths costs one host
-    sync per forward, outside ``torch.compile`` (under it: the lengths as a tensor, nothing kept apart)."""
+    ``[image, text[:kept_text]]``, None when every sample has them all. Outside ``torch.compile`` this costs
+    two host syncs per forward (the padding-last check, then the lengths); under it, the lengths stay a
+    tensor and nothing is kept apart."""
     mask = inputs.get("encoder_hidden_states_mask")
     hidden = inputs.get("hidden_states")
     if mask is None or not isinstance(hidden, torch.Tensor):
