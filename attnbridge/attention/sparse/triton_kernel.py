@@ -584,8 +584,8 @@ def block_sparse_attention(
     _check_args(q, k, v, kv_indices, kv_counts, block_size, scale, key_valid, key_lengths)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     args = (q, k, v, kv_indices, kv_counts, block_size, scale, key_valid, key_lengths, return_lse)
-    if q.device.type == "cuda" and _OP is not None:
-        out, lse = _OP(*args)
+    if q.device.type == "cuda" and _OP is not None and torch.compiler.is_compiling():
+        out, lse = _OP(*args)  # one graph node; in eager the op's dispatch would only add host time
     else:
         if not available():
             raise RuntimeError(
@@ -615,4 +615,5 @@ TRITON = Kernel(
     list_kernel(block_sparse_attention),
     install=(TRITON_INSTALL,),
     check_available=check_triton,
+    query_tail=True,
 )
