@@ -345,3 +345,37 @@ def test_selection_traces_into_one_graph():
         args = (q, k, 32**-0.5, 0.75, mass, 0.0, 1.0, 6, BLOCK, lengths)
         for got, want in zip(traced(*args), block_sparse._selection_lists(*args)):
             assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_selection_replayed_from_a_cuda_graph_equals_the_compiled_selection():
+    """On CUDA the compiled selection replays from a graph per signature: the lists equal the compiled
+    function's on fresh inputs (tail blocks, per-sample key lengths, ``mass``), a result survives
+    later calls, and two threads selecting at once each get their own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from attnbridge.attention.sparse.layout import compiled_on_gpu
+
+    lists = block_sparse._selection_lists
+    replayed, compiled = compiled_on_gpu(lists, torch.device("cuda")), torch.compile(lists, dynamic=False)
+
+    def case(seed, seq, lengths, mass):
+        q, k, _ = (x.cuda() for x in _qkv(len(lengths or [1]), seq, 4, 2, 32, seed=seed))
+        key_lengths = None if lengths is None else torch.tensor(lengths, device="cuda", dtype=torch.int32)
+        args = (q, k, 32**-0.5, 0.75, mass, 0.0, 1.0, seq // BLOCK, BLOCK, key_lengths)
+        return replayed(*args), compiled(*args)
+
+    cases = [
+        (0, 864, None, None),
+        (1, 1000, [700, 1000], None),
+        (2, 1000, [990, 640], 0.9),
+        (3, 864, None, None),
+    ]
+    results = [case(*c) for c in cases]
+    with ThreadPoolExecutor(2) as pool:
+        results += list(
+            pool.map(lambda c: case(*c), [(4, 1000, [1000, 333], None), (5, 1000, [512, 900], None)])
+        )
+    for got, want in results:
+        for name, g, w in zip(("indices", "counts", "mask"), got, want):
+            assert torch.equal(g, w), name

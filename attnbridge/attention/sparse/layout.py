@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from attnbridge.attention.contract import AttentionContext
+from attnbridge.attention.sparse.graphs import replayed
 from attnbridge.attention.sparse.selection import BlockSelection
 
 #: Tokens per block of every block mask here (the Ascend kernels' ``sparse_size``).
@@ -49,17 +50,21 @@ def cached_in_eager(fn: Callable) -> Callable:
     return wrapper
 
 
-_compiled: dict[Callable, Callable] = {}
+_compiled: dict[tuple[Callable, str], Callable] = {}
 
 
 def compiled_on_gpu(fn: Callable, device: torch.device) -> Callable:
-    """``fn`` compiled once (``dynamic=False``) for GPU tensors in eager mode, as is on the CPU and under a
-    caller's ``torch.compile``: block selection's dozen small ops fuse into a few kernels."""
+    """``fn`` compiled once (``dynamic=False``) for accelerator tensors in eager mode, as is on the CPU and
+    under a caller's ``torch.compile``: block selection's dozen small ops fuse into a few kernels, which
+    on CUDA replay as one graph (:mod:`.graphs`)."""
     if device.type == "cpu" or torch.compiler.is_compiling():
         return fn
-    compiled = _compiled.get(fn)
+    compiled = _compiled.get((fn, device.type))
     if compiled is None:
-        compiled = _compiled[fn] = torch.compile(fn, dynamic=False)
+        compiled = torch.compile(fn, dynamic=False)
+        if device.type == "cuda":
+            compiled = replayed(compiled)
+        _compiled[fn, device.type] = compiled
     return compiled
 
 
