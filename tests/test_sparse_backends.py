@@ -851,3 +851,39 @@ def test_a_reordering_backend_says_once_that_padded_calls_run_dense(caplog, monk
             out = attend(q, k, v, backend="rain_fusion", sparsity=0.5, context=context)
     assert caplog.text.count("would move the padded keys off the end") == 1, caplog.text
     assert torch.equal(out, attend(q, k, v, backend="fa", context=context))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize(
+    ("grid", "kept_text", "tail", "key_lengths"),
+    [
+        ((1, 16, 20), 40, 24, None),  # the tail ends the keys' last (partial) block
+        ((1, 16, 20), 40, 300, None),  # the tail adds query blocks of its own
+        ((1, 12, 24), 20, 37, [300, 250]),  # 2 samples, padded keys
+    ],
+)
+def test_a_joint_call_with_text_queries_past_its_keys_equals_the_split_calls(
+    backend, device, grid, kept_text, tail, key_lengths
+):
+    """A joint call whose last ``tail`` text queries have no keys (text padding left out of them) runs in one
+    kernel call: the queries with keys attend the blocks a call without the tail selects, the tail
+    attends every key, as ``fa`` gives it; at sparsity 0.75, on fresh inputs."""
+    s_kv = math.prod(grid) + kept_text
+    batch = 1 if key_lengths is None else len(key_lengths)
+    q, k, v = _qkv(batch, s_kv + tail, 4, 2, 32, device=device)
+    k, v = k[:, :s_kv].contiguous(), v[:, :s_kv].contiguous()
+    lengths = None if key_lengths is None else torch.tensor(key_lengths, dtype=torch.int32, device=device)
+    context = AttentionContext(kind="joint", grid=grid, num_text_tokens=kept_text, key_lengths=lengths)
+    layer = AttentionLayer(backend, sparsity=0.75)
+    assert layer.impl_for(q.device).serves_text_tail(context)
+    got = layer(q, k, v, context=context)
+    head = layer(q[:, :s_kv], k, v, context=context)
+    rest = attend(
+        q[:, s_kv:], k, v, backend="fa", context=AttentionContext(kind="cross", key_lengths=lengths)
+    )
+    want = torch.cat([head, rest], dim=1)
+    assert got.shape == q.shape and (got - want).abs().max() <= 1e-5
+    dense_context = AttentionContext(kind="joint", grid=grid, dense_step=True, key_lengths=lengths)
+    dense = layer(q[:, :s_kv], k, v, context=dense_context)
+    assert rel_l2(head, dense) > 1e-3  # the head is sparse: the comparison above is not of dense calls

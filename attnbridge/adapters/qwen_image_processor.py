@@ -63,20 +63,26 @@ class QwenImageAttnBridgeProcessor(BridgeProcessor):
         text, image = (txt_q, txt_k, txt_v), (img_q, img_k, img_v)
         if self.shards is not None:
             return self._sharded(attn, text, image)
-        kept = self.state.kept_text
-        tail = None
-        if kept is not None:  # text past the longest prompt pads every sample: no key there is needed
-            tail, text = text[0][:, kept:], tuple(x[:, :kept] for x in text)
+        kept = self.state.kept_text  # text past the longest prompt pads every sample: no key needs it
+        key_text = text if kept is None else tuple(x[:, :kept] for x in text)
         # Image first, then text: the contract's joint order, and the text padding ends each sample.
-        query, key, value = (torch.cat(pair, dim=1) for pair in zip(image, text))
-        context = self.state.context(self.kind, num_text_tokens=text[0].shape[1])
-        joint = self.layer(query, key, value, context=context)
-        if tail is not None:  # the padded queries left out still get their rows, over the same keys
-            tail_context = AttentionContext(kind="cross", key_lengths=context.key_lengths)
-            joint = torch.cat([joint, self.layer(tail, key, value, context=tail_context)], dim=1)
+        query = torch.cat([image[0], text[0]], dim=1)
+        key, value = (torch.cat(pair, dim=1) for pair in zip(image[1:], key_text[1:]))
+        context = self.state.context(self.kind, num_text_tokens=key_text[0].shape[1])
+        joint = self._joint(query, key, value, context)
         joint = joint.flatten(2, 3).to(query.dtype)
         seq_img = hidden_states.shape[1]
         return self._project(attn, joint[:, seq_img:], joint[:, :seq_img])
+
+    def _joint(self, query, key, value, context):
+        """Joint attention; text queries past the keys (padding left out of them) still get their rows, in
+        the same call where the kernel takes them, else in a second one over the same keys."""
+        s_kv = key.shape[1]
+        if query.shape[1] == s_kv or self.layer.impl_for(query.device).serves_text_tail(context):
+            return self.layer(query, key, value, context=context)
+        tail_context = AttentionContext(kind="cross", key_lengths=context.key_lengths)
+        head = self.layer(query[:, :s_kv], key, value, context=context)
+        return torch.cat([head, self.layer(query[:, s_kv:], key, value, context=tail_context)], dim=1)
 
     def _sharded(self, attn, text, image):
         """Joint attention with this rank's image chunk and the whole (replicated) text."""

@@ -21,7 +21,9 @@ HALF_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
 @dataclass(frozen=True)
 class AttentionContext:
     """What the adapter knows about one call. ``kind``: ``"self"``, ``"cross"`` or ``"joint"`` (image
-    tokens, then ``num_text_tokens`` text tokens); ``grid``: the image tokens' latent grid ``(T, H, W)``;
+    tokens, then ``num_text_tokens`` text tokens; the queries may hold ``S_q - S_kv`` more text tokens
+    after those, text padding in every sample left out of the keys, when the impl
+    :meth:`~AttentionImpl.serves_text_tail`); ``grid``: the image tokens' latent grid ``(T, H, W)``;
     ``dense_step``: this denoising step runs dense; ``key_lengths``: valid keys per sample (int ``[B]``,
     the rest is padding); ``gate``: VSA's compress-branch gate (BSHD)."""
 
@@ -70,6 +72,11 @@ class AttentionImpl(ABC):
         self.backend = backend
         self.platform = platform
         self.options = options
+
+    def serves_text_tail(self, context: AttentionContext) -> bool:
+        """Whether a joint call may hold text queries past its keys, in one call: a dense kernel takes
+        any query length."""
+        return True
 
     def check_inputs(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, return_lse: bool

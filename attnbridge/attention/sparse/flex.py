@@ -114,4 +114,6 @@ def _chunked_forward(q, k, v, kv_indices, kv_counts, n_kv_blocks, block_size, sc
     return (out, torch.cat(lses, dim=2)) if return_lse else out
 
 
-FLEX = Kernel("FlexAttention with an exact block mask (float32)", list_kernel(block_sparse_attention))
+FLEX = Kernel(
+    "FlexAttention with an exact block mask (float32)", list_kernel(block_sparse_attention), query_tail=True
+)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -49,6 +50,8 @@ class Kernel:
     returns_lse: bool = True
     #: Whether ``run`` honours key padding; if not, padded calls run dense ``fa``.
     key_padding: bool = True
+    #: Whether ``run`` takes more query blocks than key blocks (rows past the selection's).
+    query_tail: bool = False
     install: tuple[str, ...] = ()
     check_available: Callable[[str], None] = lambda platform: None
     notes: str = ""
@@ -83,9 +86,22 @@ class SparseImpl(DenseFallbackImpl):
                 "('fa' or 'sdpa') computes the same result faster"
             )
 
+    def _reorders(self, context) -> bool:
+        order = self.selector.image_order
+        return order is not None and order(tuple(context.grid or (1, 1, 1))) is not None
+
+    def serves_text_tail(self, context) -> bool:
+        """The text queries past the keys are dense rows after the selection's, which a list kernel takes;
+        the keys' last block must then hold text (a dense row too) and keep the caller's order."""
+        return self.kernel.query_tail and context.num_text_tokens > 0 and not self._reorders(context)
+
     def runs_dense(self, q, k, return_lse: bool, context) -> bool:
         """Calls no block mask applies to (see :mod:`.layout`), and those the kernel cannot answer."""
-        if context is None or context.kind == "cross" or q.shape[1] != k.shape[1]:
+        if context is None or context.kind == "cross":
+            return True
+        if q.shape[1] != k.shape[1] and not (
+            q.shape[1] > k.shape[1] and context.kind == "joint" and self.serves_text_tail(context)
+        ):
             return True
         if is_dense_step(context, self.options.skip_first_steps):
             return True
@@ -93,10 +109,7 @@ class SparseImpl(DenseFallbackImpl):
             return True
         if context.key_lengths is None:
             return False
-        reorders = (
-            self.selector.image_order is not None
-            and self.selector.image_order(tuple(context.grid or (1, 1, 1))) is not None
-        )
+        reorders = self._reorders(context)
         if reorders and self.kernel.key_padding:
             warn_once(
                 f"backend {self.backend!r}: its token order on a grid of more than one frame would move "
@@ -105,10 +118,12 @@ class SparseImpl(DenseFallbackImpl):
         return not self.kernel.key_padding or reorders
 
     def _select(self, q, k, scale: float, context):
-        """The call's layout, q and k in mask order, and the blocks the selector keeps."""
-        layout = resolve_layout(self.backend, q, context, self.selector.image_order)
+        """The call's layout (over the keys), q and k in mask order, and the blocks the selector keeps;
+        query blocks past the key blocks (a joint call's text tail) keep every key block."""
+        layout = resolve_layout(self.backend, k, context, self.selector.image_order)
         qs, ks = layout.to_mask_order(q), layout.to_mask_order(k)
-        return layout, qs, ks, self.selector.select(qs, ks, scale, self.options, layout)
+        selection = self.selector.select(qs[:, : k.shape[1]], ks, scale, self.options, layout)
+        return layout, qs, ks, _with_dense_rows(selection, math.ceil(q.shape[1] / layout.block_size))
 
     def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, context=None):
         if self.runs_dense(q, k, return_lse, context):
@@ -129,6 +144,21 @@ class SparseImpl(DenseFallbackImpl):
         selection = self._select(q, k, default_scale(q.shape[-1], None), context)[3]
         pairs = selection.counts.numel() * selection.num_kv_blocks
         return float(selection.counts.sum()) / pairs
+
+
+def _with_dense_rows(selection: BlockSelection, n_rows: int) -> BlockSelection:
+    """``selection`` with query blocks added up to ``n_rows``, each keeping every key block."""
+    indices, counts, nk = selection.indices, selection.counts, selection.num_kv_blocks
+    extra = n_rows - counts.shape[-1]
+    if extra <= 0:
+        return selection
+    batch, heads = counts.shape[:2]
+    rows = torch.arange(nk, dtype=indices.dtype, device=indices.device).expand(batch, heads, extra, nk)
+    return BlockSelection(
+        torch.cat([indices, rows], dim=2),
+        torch.cat([counts, counts.new_full((batch, heads, extra), nk)], dim=2),
+        nk,
+    )
 
 
 def compose(selector: Selector, kernel: Kernel) -> type[SparseImpl]:
