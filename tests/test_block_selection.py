@@ -351,7 +351,7 @@ def test_selection_traces_into_one_graph():
 def test_selection_replayed_from_a_cuda_graph_equals_the_compiled_selection():
     """On CUDA the compiled selection replays from a graph per signature: the lists equal the compiled
     function's on fresh inputs (tail blocks, per-sample key lengths, ``mass``), a result survives
-    later calls, and two threads selecting at once each get their own."""
+    later calls, and another stream or two threads selecting at once each get their own."""
     from concurrent.futures import ThreadPoolExecutor
 
     from attnbridge.attention.sparse.layout import compiled_on_gpu
@@ -372,6 +372,9 @@ def test_selection_replayed_from_a_cuda_graph_equals_the_compiled_selection():
         (3, 864, None, None),
     ]
     results = [case(*c) for c in cases]
+    with torch.cuda.stream(torch.cuda.Stream()):  # another stream: a graph of its own
+        results.append(case(6, 864, None, None))
+    torch.cuda.synchronize()
     with ThreadPoolExecutor(2) as pool:
         results += list(
             pool.map(lambda c: case(*c), [(4, 1000, [1000, 333], None), (5, 1000, [512, 900], None)])

@@ -2,9 +2,9 @@
 took the host longer than the GPU took to run the whole attention layer, so a model of many
 sparse layers waited on the host.
 
-A graph is captured per thread and per input signature (the shapes, strides, dtypes and devices of
-the tensor arguments, the values of the others), into its own memory pool, and never shared
-between threads. Each call copies its tensors into the graph's inputs, replays it and returns
+A graph is captured per thread, per stream and per input signature (the shapes, strides, dtypes
+and devices of the tensor arguments, the values of the others), into its own memory pool: two
+threads or two streams never write one graph's inputs at once. Each call copies its tensors into the graph's inputs, replays it and returns
 clones of its outputs, so nothing a call returns is overwritten by a later one."""
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def replayed(fn: Callable) -> Callable:
         graphs = getattr(_local, "graphs", None)
         if graphs is None:
             graphs = _local.graphs = collections.OrderedDict()
-        key = (fn, *(_signature(x) for x in args))
         device = next(x.device for x in args if isinstance(x, torch.Tensor))
+        key = (fn, torch.cuda.current_stream(device).cuda_stream, *(_signature(x) for x in args))
         # The graph's inputs are written in place: they stay inference tensors, whatever the caller's mode.
         with torch.inference_mode(), torch.cuda.device(device):
             captured = graphs.get(key)
