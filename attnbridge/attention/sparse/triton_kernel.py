@@ -12,7 +12,8 @@ and do not run alone at the end. On Hopper (sm_90+) Q/K/V tiles come through TMA
 built on the device; elsewhere, or for strides TMA cannot address, plain pointer loads are used.
 
 The op is registered as ``attnbridge::block_sparse_attention`` (``torch.library.triton_op``), so
-``torch.compile(fullgraph=True)`` traces it without a graph break. Forward only (no autograd).
+``torch.compile(fullgraph=True)`` traces it without a graph break; in eager mode the kernel is
+launched directly, as the op's dispatch costs host time. Forward only (no autograd).
 
 Importing this module never needs triton: :func:`available` says whether the kernel can run.
 """
