@@ -342,9 +342,9 @@ def test_output_names_carry_the_options(tmp_path):
     assert Path(first["files"]["text"]).is_file() and Path(second["files"]["text"]).is_file()
 
 
-def test_kept_fraction_is_read_from_joint_calls_not_from_the_padded_queries_call():
-    """Text padded in every prompt adds a dense cross call per layer (its padded queries): the kept
-    fraction still comes from the layer's second joint call, as without padding."""
+def test_kept_fraction_is_read_from_the_joint_calls_that_carry_the_padded_queries():
+    """Text padded in every prompt: its queries ride in the joint call (dense rows after the selection's,
+    no second call), and the kept fraction comes from the layer's second joint call, as without padding."""
     from attnbridge.enable import enable_npu_attention
     from attnbridge.generation.timing import AttentionTimer
     from attnbridge.tiny_models import tiny_qwen_image_transformer
@@ -358,5 +358,5 @@ def test_kept_fraction_is_read_from_joint_calls_not_from_the_padded_queries_call
         for _ in range(2):
             model(**inputs)
     records = timer.records.values()
-    assert all(r.kinds == {"joint": 2, "cross": 2} for r in records)
+    assert all(r.kinds == {"joint": 2} for r in records)
     assert all(r.kept_fraction == 1.0 for r in records)  # 15 tokens: one block, always kept
