@@ -1,32 +1,14 @@
 """The ``laser`` backend: Ascend's Laser Attention kernel (dense), and its contract off Ascend.
 
-Laser Attention (sgl-kernel-npu: ``torch.ops.npu.laser_attn`` in newer builds, ``torch.ops.attentions.la``
-in older ones; it returns ``(softmax_stats, out)``) takes fp16 BNSD with the sequence a multiple of 256
-and head_dim 128 (its kernel instantiates only ``half``). So each call:
-
-1. goes to the dense ``fa`` kernel instead when it is cross-attention (``S_q != S_kv`` or
-   ``context.kind == "cross"``), shorter than 2048 tokens (the kernel misbehaves there), causal,
-   asks for the LSE, has head_dim > 128, or its softmax scale cannot be stored in fp16 (step 2).
-   Key padding (``context.key_lengths``) goes to the kernel one sample at a time, each with its own
-   ``pre_tokens`` (step 3), where a sample's padded keys fit the kernel's 256-key tail; a sample with
-   more padding runs dense ``fa``. The lengths are read on the host, as the kernel takes
-   ``pre_tokens`` there (FIA's ``actual_seq_lengths_kv`` likewise); on CUDA, where that would sync,
-   padded calls run dense ``fa``;
-2. otherwise is cast to fp16 and zero-padded: sequence to a multiple of 256, head_dim to 128 (K/V
-   heads repeated to the query heads). bf16 input is first divided by a power of two ``s <= 256``
-   so values past fp16's 65504 stay finite (sglang's ``preserve_bf16_range``); the kernel's scale is
-   then ``scale * s * s``, which it applies in fp16, so ``s`` is the largest with
-   ``scale * s * s <= 65504``; the output is multiplied back by ``s``;
-3. passes ``pre_tokens = roundup(S_kv, 256) - valid keys`` (the zero-padded key rows: alignment
-   and key padding) when there are any, else 2**31 - 1, and ``next_tokens=1``. The kernel masks
-   exactly the last ``pre_tokens`` key columns of the 256-aligned tail and
-   never reads ``next_tokens`` (sgl-kernel-npu
-   ``laser_attention_tiling.cpp`` reads only ``pre_tokens``; ``VectorForward.h`` fills those
-   columns with -60000);
-4. slices the (float32) output back to ``[:S_q, :D]`` and casts to the input dtype.
-
-:class:`LaserReferenceImpl` (CPU, CUDA) runs steps 1-4 with the platform's dense ``fa`` kernel in
-place of the kernel, so the contract is exercised where no Ascend device is.
+The kernel (sgl-kernel-npu ``torch.ops.npu.laser_attn``, older ``torch.ops.attentions.la``) takes only
+fp16 BNSD, so q, k, v are cast, zero-padded to a multiple of 256 tokens and head_dim 128 (K/V heads
+repeated); bf16 is first divided by a power of two ``s <= 256`` to stay finite in fp16, with the scale
+``scale * s * s`` and the output multiplied back by ``s``. ``pre_tokens`` masks exactly the zero-padded
+tail keys and the kernel never reads ``next_tokens`` (sgl-kernel-npu ``VectorForward.h``,
+``laser_attention_tiling.cpp``); key padding goes to the kernel one sample at a time where it fits that
+256-key tail. Cross-attention, fewer than 2048 tokens (the kernel misbehaves there), causal calls, LSE
+requests, head_dim > 128 and a scale fp16 cannot hold run dense ``fa``. On CPU and CUDA the same
+contract runs on the platform's dense ``fa`` kernel. Arguments and sources: ``docs/ascend.md``.
 """
 
 from __future__ import annotations
@@ -77,7 +59,7 @@ def uses_laser_kernel(q, k, *, causal: bool, return_lse: bool, scale: float, con
 
 
 class LaserImplBase(DenseFallbackImpl):
-    """Steps 1-4 around :meth:`run_kernel`; the dense calls go to the platform's ``fa``."""
+    """The contract around :meth:`run_kernel`; the calls it cannot take go to the platform's ``fa``."""
 
     def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, context=None):
         scale = default_scale(q.shape[-1], scale)
@@ -92,26 +74,25 @@ class LaserImplBase(DenseFallbackImpl):
         )
         if dense or (key_lengths is not None and self.padding_fallback):
             return self.dense(q, k, v, causal=causal, scale=scale, return_lse=return_lse, context=context)
+        padded_seq, outs = q.shape[1] + -q.shape[1] % LASER_SEQ_ALIGN, []
         if key_lengths is None:
-            return self._laser(q, k, v, scale, q.shape[1])
-        outs, padded_seq = [], q.shape[1] + -q.shape[1] % LASER_SEQ_ALIGN
+            return self._laser(q, k, v, scale, q.shape[1], padded_seq)
         for b, valid in enumerate(key_lengths.tolist()):  # host-side: pre_tokens is a host integer
             if not 0 <= valid <= k.shape[1]:
                 raise ValueError(f"backend 'laser': key_lengths must lie in [0, {k.shape[1]}]; got {valid}")
             one = slice(b, b + 1)
             if padded_seq - valid < LASER_SEQ_ALIGN:
-                outs.append(self._laser(q[one], k[one], v[one], scale, valid))
+                outs.append(self._laser(q[one], k[one], v[one], scale, valid, padded_seq))
             else:  # more padded keys than the kernel's tail masks
                 sample = dataclasses.replace(context, key_lengths=key_lengths[one])
                 outs.append(self._dense.forward(q[one], k[one], v[one], scale=scale, context=sample))
         return torch.cat(outs)
 
-    def _laser(self, q, k, v, scale: float, valid: int) -> torch.Tensor:
-        """Steps 2-4 for keys ``[:valid]``, the later ones zeroed and masked through ``pre_tokens``."""
+    def _laser(self, q, k, v, scale: float, valid: int, padded_seq: int) -> torch.Tensor:
+        """The kernel over keys ``[:valid]``, the later ones zeroed and masked through ``pre_tokens``;
+        ``padded_seq``: the sequence rounded up to 256."""
         k, v = repeat_kv_heads(q, k[:, :valid], v[:, :valid])
-        shift = range_shift(q.dtype, scale)
-        seq_pad, dim_pad = -q.shape[1] % LASER_SEQ_ALIGN, -q.shape[3] % LASER_DIM_ALIGN
-        padded_seq = q.shape[1] + seq_pad
+        shift, dim_pad = range_shift(q.dtype, scale), -q.shape[3] % LASER_DIM_ALIGN
 
         def prepare(x: torch.Tensor) -> torch.Tensor:  # BSHD -> fp16 BNSD padded to (256, 128)
             if shift != 1.0:

@@ -7,12 +7,7 @@ above the ``ceil(nb * (1 - sparsity))``-th largest probability. A *spatial* head
 blocks of its own frame, a *temporal* head the same patch in other frames, a *textural* head a
 scattered set; no head is forced into one of those shapes. First frame (video) and text (joint)
 blocks are dense rows and columns; rules shared with ``block_sparse`` are in
-:mod:`attnbridge.attention.sparse.layout`.
-
-* CPU: the mask runs through FlexAttention (the reference); CUDA: attnbridge's Triton kernel.
-* Ascend: ``torch_npu.npu_block_sparse_attention`` (BNSD, int8 mask) where torch_npu has it, else
-  sgl-kernel-npu's ``rainfusionattention`` (TND, index lists), called per batch element since it
-  takes one index list for the whole batch (sglang used batch 0's mask for every element).
+:mod:`attnbridge.attention.sparse.layout`. The Ascend kernels and their arguments: ``docs/ascend.md``.
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """Causal prefill attention of a rank's zigzag queries over the gathered keys of their sequences: the
 prev and next query halves attend bottom-right causally to the first ``kv_len_prev[s]`` resp.
-``kv_len_next[s]`` keys of sequence ``s``.
-
-* Ascend: one FIA call per half in ``TND`` layout, ``sparse_mode=3``. TND takes both length lists as
-  cumulative (per-sequence kv lengths need paged K/V), so each half gets a compacted K/V of just the
-  keys it sees. Calls outside TND's documented limits run one BSND causal FIA call per sequence.
-* CUDA / MUSA / CPU: a loop over sequences with ``attend(..., causal=True)``.
-"""
+``kv_len_next[s]`` keys of sequence ``s``. Ascend: one FIA call per half in TND layout where its
+documented limits allow, else BSND FIA per sequence (``docs/ascend.md``); elsewhere ``attend`` per
+sequence."""
 
 from __future__ import annotations
 
@@ -58,6 +54,7 @@ def zigzag_cp_attention(
             )
         if refusal is None:
             check_fia_limits("fa", q_half[None], k[None], layout="TND")  # TND [T, H, D] as a batch of one
+            # TND takes cumulative kv lengths (per-sequence ones need paged K/V): keep just the keys seen.
             kv_rows = meta.index_tensor(kv_key, k.device)
             k_half, v_half = k.index_select(0, kv_rows), v.index_select(0, kv_rows)
             outs.append(_npu_fia_half(q_half, k_half, v_half, q_lens, kv_lens, scale))

@@ -1,13 +1,6 @@
 """The Ascend block-sparse kernels, fed attnbridge's own selection (same blocks on every platform).
-Neither returns an LSE nor takes key padding here: those calls run dense FIA.
-
-* :data:`ASCEND_BLOCK_SPARSE`: sgl-kernel-npu's ``ada_block_sparse_attention`` (``torch.ops.npu``;
-  older builds: ``torch.ops.attentions``, also as ``block_sparse_attention``). It builds no band
-  mask, so ``pre_tokens``/``next_tokens`` are ignored (passed as sglang does); fp16 needs
-  ``inner_precise`` 1 (the kernel's only fp16 tiling keys).
-* :data:`ASCEND_RAIN_FUSION`: ``torch_npu.npu_block_sparse_attention`` (BNSD, int8 mask), else
-  sgl-kernel-npu's ``rainfusionattention`` (TND, one index list for the whole batch: called per batch
-  element). Both get K/V heads repeated to the query heads: their GQA head mapping is undocumented.
+Neither returns an LSE nor takes key padding here: those calls run dense FIA. The ops, their arguments
+and the sources they follow: ``docs/ascend.md``.
 """
 
 from __future__ import annotations
@@ -59,8 +52,8 @@ def _run_block_sparse(q, k, v, selection, scale, return_lse, layout, key_lengths
         num_key_value_heads=k.shape[2],
         scale_value=scale,
         causal=False,
-        inner_precise=1,
-        pre_tokens=NPU_NO_WINDOW,
+        inner_precise=1,  # the kernel's only fp16 tiling keys are high-performance ones
+        pre_tokens=NPU_NO_WINDOW,  # ignored: the kernel builds no band mask (passed as sglang does)
         next_tokens=NPU_NO_WINDOW,
     )
     return out.transpose(1, 2)
@@ -81,7 +74,7 @@ ASCEND_BLOCK_SPARSE = Kernel(
 
 def _torch_npu_block_sparse(torch_npu, q, k, v, selection, scale, block_size):
     batch, seq = q.shape[0], q.shape[1]
-    k, v = repeat_kv_heads(q, k, v)
+    k, v = repeat_kv_heads(q, k, v)  # the op's GQA head mapping is undocumented
     qb, kb, vb = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     out, _ = torch_npu.npu_block_sparse_attention(
         qb,
@@ -105,7 +98,7 @@ def _torch_npu_block_sparse(torch_npu, q, k, v, selection, scale, block_size):
 def _rainfusionattention(q, k, v, selection, scale, block_size):
     op = load_kernel_op("rain_fusion", RAIN_FUSION_OPS)
     heads, seq = q.shape[2], q.shape[1]
-    k, v = repeat_kv_heads(q, k, v)
+    k, v = repeat_kv_heads(q, k, v)  # the kernel's GQA is undocumented
     width = selection.indices.shape[-1]
     listed = torch.arange(width, device=q.device) < selection.counts[..., None]
     # [B, N, nq, nk] -> per batch [nq, N, nk], ascending kept blocks then -1, as int64.
