@@ -4,11 +4,12 @@ built before anything changes, so an error leaves the object as it was."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from attnbridge.adapters.context_parallel import check_library, check_world
 from attnbridge.adapters.diffusers import (
     is_pipeline,
     pipeline_transformers,
@@ -19,7 +20,7 @@ from attnbridge.adapters.diffusers import (
 from attnbridge.adapters.steps import step_source
 from attnbridge.adapters.transformers import plan_transformers_model
 from attnbridge.attention.api import AttentionLayer
-from attnbridge.attention.parallel import ParallelConfig, build_parallel_groups
+from attnbridge.attention.parallel import ParallelConfig, build_parallel_groups, init_distributed
 from attnbridge.attention.parallel.usp import check_ring_backend
 from attnbridge.attention.registry import get_backend
 from attnbridge.models import find_family, supported_models
@@ -131,6 +132,33 @@ def _previous_handles(obj: Any) -> list[AttentionHandle]:
     targets = [obj] + ([m for _, m, _ in pipeline_transformers(obj)] if is_pipeline(obj) else [])
     handles = {id(h): h for h in map(_active_handle, targets) if h is not None and h.enabled}
     return list(handles.values())
+
+
+def check_library(config: ParallelConfig, library: str) -> None:
+    """The model's library versus the requested parallelism (needs no process group)."""
+    if config.sequence_parallel and library != "diffusers":
+        raise ValueError(
+            "ring_degree/ulysses_degree split a DiT's token sequence (Wan, Qwen-Image); for causal LLMs "
+            "use cp_size=N and attnbridge.parallel_prefill.cp_prefill"
+        )
+    if config.cp_size > 1 and library != "transformers":
+        raise ValueError(
+            "cp_size is zigzag context parallelism for causal LLM prefill (Qwen3-MoE); for diffusers "
+            "transformers use ring_degree and/or ulysses_degree"
+        )
+
+
+def check_world(config: ParallelConfig, platform: str | None) -> None:
+    """Start torch.distributed from a launcher's ``WORLD_SIZE`` if needed; check the world size."""
+    if config.world_size == 1:
+        return
+    initialized = dist.is_available() and dist.is_initialized()
+    if not initialized and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        init_distributed(platform=platform)
+        initialized = True
+    world = dist.get_world_size() if initialized else 1
+    hint = "" if initialized else " (torch.distributed is not initialised: launch with torchrun)"
+    config.check_world_size(world, hint)
 
 
 def enable_npu_attention(

@@ -104,14 +104,12 @@ def test_worked_example_metadata():
     rank0 = build_zigzag_metadata([6, 10], 0, 2)
     rank1 = build_zigzag_metadata([6, 10], 1, 2)
     for meta in (rank0, rank1):
-        assert meta.block_lens == [[2, 2, 1, 1], [3, 3, 2, 2]]
         assert meta.split_list == [2, 2, 1, 1, 3, 3, 2, 2]
         assert meta.reverse_split_len == [2, 3, 1, 2, 2, 3, 1, 2]
         assert meta.cp_reverse_index == [0, 4, 6, 2, 1, 5, 7, 3]
         assert meta.per_rank_actual_token == [8, 8] and meta.max_rank_len == 8
         assert meta.actual_seq_q_prev == [2, 3] and meta.actual_seq_q_next == [1, 2]
-        assert meta.total_q_prev_tokens == 5 and meta.total_q_next_tokens == 3
-        assert meta.cu_seqlens_q_prev == [0, 2, 5] and meta.cu_seqlens_q_next == [0, 1, 3]
+        assert meta.total_q_prev_tokens == 5 and meta.local_tokens - meta.total_q_prev_tokens == 3
     assert rank0.zigzag_index == [0, 4, 3, 7] and rank1.zigzag_index == [1, 5, 2, 6]
     assert rank0.kv_len_prev == [2, 3] and rank0.kv_len_next == [6, 10]
     assert rank1.kv_len_prev == [4, 6] and rank1.kv_len_next == [5, 8]

@@ -19,7 +19,7 @@ from attnbridge.adapters.steps import step_source
 from attnbridge.adapters.wan_processor import WanAttnBridgeProcessor
 from attnbridge.attention.api import AttentionLayer
 from attnbridge.attention.parallel import ParallelGroups
-from attnbridge.attention.parallel.ulysses import check_heads_divisible
+from attnbridge.attention.parallel.usp import check_heads_divisible
 from attnbridge.attention.registry import Backend
 from attnbridge.models import FAMILIES, ModelFamily, find_family
 

@@ -19,7 +19,7 @@ from attnbridge.attention.parallel import (
     sequence_to_heads,
 )
 from attnbridge.attention.parallel.distributed import all_gather_rows
-from attnbridge.attention.parallel.ulysses import check_heads_divisible
+from attnbridge.attention.parallel.usp import check_heads_divisible
 
 
 def _head_slice(x: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:

@@ -12,10 +12,13 @@ from attnbridge.attention.lse import merge_partials
 from attnbridge.attention.parallel.config import ParallelConfig, ParallelGroups, build_parallel_groups
 from attnbridge.attention.parallel.cp_fia import zigzag_cp_attention
 from attnbridge.attention.parallel.distributed import DistributedInfo, init_distributed
-from attnbridge.attention.parallel.ring import ring_attention
 from attnbridge.attention.parallel.sharding import gather_sequence, padded_length, shard_sequence
-from attnbridge.attention.parallel.ulysses import heads_to_sequence, sequence_to_heads
-from attnbridge.attention.parallel.usp import ParallelAttention
+from attnbridge.attention.parallel.usp import (
+    ParallelAttention,
+    heads_to_sequence,
+    ring_attention,
+    sequence_to_heads,
+)
 from attnbridge.attention.parallel.zigzag import (
     ZigzagMetadata,
     build_zigzag_metadata,

@@ -38,7 +38,6 @@ class ZigzagMetadata:
     cp_rank: int
     seq_lens: list[int]
     prefix_lens: list[int]
-    block_lens: list[list[int]]
     split_list: list[int]
     zigzag_index: list[int]
     reverse_split_len: list[int]
@@ -49,15 +48,8 @@ class ZigzagMetadata:
     actual_seq_q_next: list[int]
     kv_len_prev: list[int]
     kv_len_next: list[int]
-    cu_seqlens_q_prev: list[int]
-    cu_seqlens_q_next: list[int]
     total_q_prev_tokens: int
-    total_q_next_tokens: int
     _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def bs(self) -> int:
-        return len(self.seq_lens)
 
     @property
     def local_tokens(self) -> int:
@@ -70,7 +62,7 @@ class ZigzagMetadata:
 
     def natural_index(self) -> list[int]:
         """Each natural-order token's row in the gathered buffer (rank ``q`` from ``q * max_rank_len``)."""
-        pieces_per_rank = 2 * self.bs
+        pieces_per_rank = 2 * len(self.seq_lens)
         starts = []
         for q in range(self.cp_size):
             lens = self.reverse_split_len[q * pieces_per_rank : (q + 1) * pieces_per_rank]
@@ -128,27 +120,22 @@ def build_zigzag_metadata(
         return owner * 2 * bs + is_next * bs + seq
 
     per_rank = [sum(prev_of(q)) + sum(next_of(q)) for q in range(cp_size)]
-    actual_prev, actual_next = prev_of(r), next_of(r)
     return ZigzagMetadata(
         cp_size=cp_size,
         cp_rank=cp_rank,
         seq_lens=seq_lens,
         prefix_lens=prefix_lens,
-        block_lens=block_lens,
         split_list=[n for b in block_lens for n in b],
         zigzag_index=list(range(r, bs * blocks, blocks)) + list(range(blocks - 1 - r, bs * blocks, blocks)),
         reverse_split_len=[n for q in range(cp_size) for n in prev_of(q) + next_of(q)],
         cp_reverse_index=[stream_piece(s, b) for s in range(bs) for b in range(blocks)],
         per_rank_actual_token=per_rank,
         max_rank_len=max(per_rank),
-        actual_seq_q_prev=actual_prev,
-        actual_seq_q_next=actual_next,
+        actual_seq_q_prev=prev_of(r),
+        actual_seq_q_next=next_of(r),
         kv_len_prev=[p + sum(b[: r + 1]) for p, b in zip(prefix_lens, block_lens)],
         kv_len_next=[p + sum(b[: blocks - r]) for p, b in zip(prefix_lens, block_lens)],
-        cu_seqlens_q_prev=_cumulative(actual_prev),
-        cu_seqlens_q_next=_cumulative(actual_next),
-        total_q_prev_tokens=sum(actual_prev),
-        total_q_next_tokens=sum(actual_next),
+        total_q_prev_tokens=sum(prev_of(r)),
     )
 
 
