@@ -12,6 +12,7 @@ QWEN_TEXT_DIM = 16
 #: Special tokens of :func:`tiny_tokenizer`, at ids 0..3 (the tiny configs' pad/eos/bos ids).
 TINY_SPECIAL_TOKENS = ("<pad>", "</s>", "<s>", "<unk>")
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
+TOKEN_IDS = {"pad_token_id": PAD_ID, "eos_token_id": EOS_ID, "bos_token_id": BOS_ID}
 
 
 def tiny_tokenizer():
@@ -76,7 +77,6 @@ def tiny_qwen_vl_encoder(*, seed: int = 0):
     (1, 1, 2), and a 1-block vision tower that text-only prompts never run."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    ids = {"pad_token_id": PAD_ID, "eos_token_id": EOS_ID, "bos_token_id": BOS_ID}
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": tiny_vocab_size(),
@@ -87,7 +87,7 @@ def tiny_qwen_vl_encoder(*, seed: int = 0):
             "num_key_value_heads": 1,
             "max_position_embeddings": 2048,
             "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
-            **ids,
+            **TOKEN_IDS,
         },
         vision_config={
             "depth": 1,
@@ -98,7 +98,7 @@ def tiny_qwen_vl_encoder(*, seed: int = 0):
             "fullatt_block_indexes": [0],
         },
         vocab_size=tiny_vocab_size(),
-        **ids,
+        **TOKEN_IDS,
     )
     torch.manual_seed(seed)
     return Qwen2_5_VLForConditionalGeneration(config).eval()
@@ -201,9 +201,7 @@ def tiny_qwen3_moe(
         num_experts=4,
         num_experts_per_tok=2,
         max_position_embeddings=128,
-        pad_token_id=PAD_ID,
-        eos_token_id=EOS_ID,
-        bos_token_id=BOS_ID,
+        **TOKEN_IDS,
     )
     torch.manual_seed(seed)
     model = Qwen3MoeForCausalLM(config)

@@ -516,9 +516,10 @@ def test_fastvideo_kernel_matches_flex_path():
     torch.testing.assert_close(fused.float(), flex.float(), atol=3e-2, rtol=3e-2)
 
 
-def test_fastvideo_kernel_that_cannot_run_is_logged_once_not_silently_dropped(caplog):
-    from attnbridge import AttentionContext, AttentionLayer
+def test_fastvideo_kernel_that_cannot_run_is_logged_once_not_silently_dropped(caplog, monkeypatch):
+    from attnbridge import AttentionContext, AttentionLayer, notices
 
+    monkeypatch.setattr(notices, "_given", set())
     layer = AttentionLayer("vsa", sparsity=0.0, fastvideo_kernel=True)
     q, k, v = (torch.randn(1, 2 * 4 * 4, 2, 64) for _ in range(3))
     context = AttentionContext(kind="self", grid=(2, 4, 4))

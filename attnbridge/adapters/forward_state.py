@@ -22,6 +22,11 @@ class PerThread:
         self.__init__()
 
 
+def _fact(name: str, default: object = None) -> property:
+    """A fact of this thread's call, read through ``getattr`` with a default (see the module docstring)."""
+    return property(lambda self: getattr(self._local, name, default))
+
+
 class ForwardState(PerThread):
     """The facts of this thread's forward call (defaults outside any call)."""
 
@@ -31,28 +36,14 @@ class ForwardState(PerThread):
         self._local.grid, self._local.dense_step, self._local.key_lengths = grid, dense_step, key_lengths
         self._local.seq_len, self._local.kept_text = seq_len, kept_text
 
-    @property
-    def grid(self):
-        return getattr(self._local, "grid", None)
-
-    @property
-    def dense_step(self) -> bool:
-        return getattr(self._local, "dense_step", False)
-
-    @property
-    def key_lengths(self):
-        """Valid keys per sample, int ``[B]`` (None: no padding)."""
-        return getattr(self._local, "key_lengths", None)
-
-    @property
-    def kept_text(self) -> int | None:
-        """Text tokens joint attention keeps (a host int); the rest is padding in every sample."""
-        return getattr(self._local, "kept_text", None)
-
-    @property
-    def seq_len(self) -> int:
-        """Length of the 2-D mask ``key_lengths`` was read from (transformers)."""
-        return getattr(self._local, "seq_len", 0)
+    grid = _fact("grid")
+    dense_step = _fact("dense_step", False)
+    #: Valid keys per sample, int ``[B]`` (None: no padding).
+    key_lengths = _fact("key_lengths")
+    #: Text tokens joint attention keeps (a host int); the rest is padding in every sample.
+    kept_text = _fact("kept_text")
+    #: Length of the 2-D mask ``key_lengths`` was read from (transformers).
+    seq_len = _fact("seq_len", 0)
 
     def context(self, kind: str, *, num_text_tokens: int = 0) -> AttentionContext:
         return AttentionContext(

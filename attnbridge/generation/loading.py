@@ -33,7 +33,6 @@ class TinyModel:
     kind: str
     build: Callable[[int], Any]
     call_defaults: dict[str, Any]
-    summary: str
 
 
 def _tiny_llm(seed: int):
@@ -55,17 +54,13 @@ TINY_MODELS: dict[str, TinyModel] = {
             "guidance_scale": 5.0,
             "negative_prompt": "blurry",
         },
-        "WanPipeline: UMT5 text encoder, 2-block Wan transformer (heads of 64), Wan VAE",
     ),
     "qwen-image-tiny": TinyModel(
         "diffusion",
         lambda seed: tiny_models.tiny_qwen_image_pipeline(seed=seed, complete=True),
         {"height": 32, "width": 32, "true_cfg_scale": 4.0, "negative_prompt": "blurry"},
-        "QwenImagePipeline: Qwen2.5-VL text encoder, 2-block Qwen-Image transformer, Qwen-Image VAE",
     ),
-    "qwen3-moe-tiny": TinyModel(
-        "text", _tiny_llm, {}, "Qwen3MoeForCausalLM: 2 layers, 4 experts, byte-level tokenizer"
-    ),
+    "qwen3-moe-tiny": TinyModel("text", _tiny_llm, {}),
 }
 
 

@@ -3,27 +3,23 @@ Under ``torchrun`` / ``accelerate launch`` every rank runs its share of the sequ
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from attnbridge.adapters.diffusers import pipeline_transformers
 from attnbridge.attention.registry import get_backend
 from attnbridge.enable import enable_npu_attention
-from attnbridge.generation import outputs
 from attnbridge.generation.loading import LoadedModel, load_model
 from attnbridge.generation.options import GenerateOptions, split_options
-from attnbridge.generation.runtime import (
-    launched_world_size,
-    pick_device,
-    pick_dtype,
-    rank,
-    start_distributed,
-)
 from attnbridge.generation.timing import AttentionTimer, format_summary, synchronize
 
 DEFAULT_PROMPT = "a red fox running through snow"
@@ -159,14 +155,14 @@ def _report(summary: dict[str, Any], result: dict[str, Any], output: Path) -> No
     options = "".join(f"-{k}{v}" for k, v in sorted(given.items()))
     stem = output / f"{summary['model']}-{summary['backend']}{options}"
     if result["type"] == "video":
-        written = outputs.write_video(result["data"], stem, fps=result["fps"])
+        written = write_video(result["data"], stem, fps=result["fps"])
     elif result["type"] == "image":
-        written = outputs.write_image(result["data"], stem)
+        written = write_image(result["data"], stem)
     else:
-        written = outputs.write_text(result["prompt"], result["data"], stem)
+        written = write_text(result["prompt"], result["data"], stem)
         summary["completion"] = result["data"]
-    summary["files"] = {result["type"]: str(written), "timing": str(outputs._named(stem, ".timing.json"))}
-    outputs.write_summary(summary, stem)
+    summary["files"] = {result["type"]: str(written), "timing": str(_named(stem, ".timing.json"))}
+    write_summary(summary, stem)
     print(
         f"attnbridge generate: {summary['model']} with backend {summary['backend']!r} on "
         f"{summary['device']} ({summary['dtype']}), {summary['steps']} steps"
@@ -175,3 +171,120 @@ def _report(summary: dict[str, Any], result: dict[str, Any], output: Path) -> No
     for note in summary["notes"]:
         print(f"note: {note}")
     print(f"wrote {written} and {summary['files']['timing']}")
+
+
+# Where the run computes: the process group (under a launcher), the device and the dtype.
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def launched_world_size() -> int:
+    """Processes started by ``torchrun`` / ``accelerate launch`` (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE") or 1)
+
+
+def start_distributed() -> tuple[torch.device | None, bool]:
+    """``(this rank's device, whether we started the group)``; ``(None, False)`` without a launcher."""
+    if launched_world_size() <= 1:
+        return None, False
+    from attnbridge.attention.parallel import init_distributed
+
+    started = not (dist.is_available() and dist.is_initialized())
+    return init_distributed().device, started
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def pick_device(requested: str | None, launcher_device: torch.device | None = None) -> torch.device:
+    """``requested``, else the launcher's device for this rank, else the accelerator found, else CPU."""
+    if requested:
+        if requested.startswith("npu"):
+            from attnbridge.platforms.npu import TORCH_NPU_INSTALL, load_torch_npu
+
+            try:
+                load_torch_npu()  # registers the "npu" device type
+            except ImportError as error:
+                raise ValueError(
+                    f"--device {requested!r}: torch_npu cannot be imported ({error.__cause__}); "
+                    f"install it with: {TORCH_NPU_INSTALL}"
+                ) from None
+        try:
+            device = torch.device(requested)
+        except RuntimeError as error:
+            raise ValueError(f"--device {requested!r} is not a device torch knows ({error})") from None
+        module = getattr(torch, device.type, None) if device.type != "cpu" else None
+        if device.type != "cpu" and not (module is not None and module.is_available()):
+            raise ValueError(f"--device {requested!r}: no {device.type} device is available on this machine")
+        return device
+    if launcher_device is not None:
+        return launcher_device
+    from attnbridge.platforms import detect_platform
+
+    platform = detect_platform()
+    return torch.device("cpu" if platform.name == "cpu" else platform.device_type)
+
+
+def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
+    """bfloat16 on accelerators, float32 on CPU (bf16 matmuls there are slow), or ``requested``."""
+    if requested is not None:
+        try:
+            return DTYPES[str(requested)]
+        except KeyError:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {requested!r}") from None
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+# Writing the video, image or text and the timing summary.
+
+
+def _named(stem: Path, suffix: str) -> Path:
+    """``stem`` + ``suffix`` (``with_suffix`` would eat a dotted model name such as ``Wan2.1``)."""
+    return stem.with_name(stem.name + suffix)
+
+
+def _to_uint8_frames(frames: Any) -> list[np.ndarray]:
+    """``[F, H, W, C]`` floats in [0, 1] (diffusers' ``np`` output) or PIL images -> uint8 arrays."""
+    if isinstance(frames, np.ndarray) and frames.dtype != np.uint8:
+        return [(np.clip(f, 0.0, 1.0) * 255).round().astype(np.uint8) for f in frames]
+    return [np.asarray(f, dtype=np.uint8) for f in frames]
+
+
+def write_video(frames: Any, stem: Path, fps: int = 8) -> Path:
+    """MP4 when imageio and imageio-ffmpeg are installed, else an animated GIF through Pillow."""
+    frames = _to_uint8_frames(frames)
+    if all(importlib.util.find_spec(name) is not None for name in ("imageio", "imageio_ffmpeg")):
+        from diffusers.utils import export_to_video
+
+        path = _named(stem, ".mp4")
+        export_to_video([f.astype(np.float32) / 255.0 for f in frames], str(path), fps=fps)
+        return path
+    from PIL import Image
+
+    path = _named(stem, ".gif")
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return path
+
+
+def write_image(image: Any, stem: Path) -> Path:
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(_to_uint8_frames(np.asarray(image)[None])[0])
+    path = _named(stem, ".png")
+    image.save(path)
+    return path
+
+
+def write_text(prompt: str, completion: str, stem: Path) -> Path:
+    path = _named(stem, ".txt")
+    path.write_text(f"{prompt}{completion}\n", encoding="utf-8")
+    return path
+
+
+def write_summary(summary: dict[str, Any], stem: Path) -> Path:
+    path = _named(stem, ".timing.json")
+    path.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    return path

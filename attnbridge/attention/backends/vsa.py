@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import logging
 import math
 
 import torch
@@ -37,8 +36,7 @@ from attnbridge.attention.sparse.vsa_tiling import (
     tile_layout,
     topk_tiles,
 )
-
-logger = logging.getLogger("attnbridge")
+from attnbridge.notices import logger, warn_once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,10 +169,7 @@ def fastvideo_attention(
 
 
 def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
-    try:
-        return torch.broadcast_shapes(shape, target) == target
-    except RuntimeError:
-        return False
+    return len(shape) <= len(target) and all(n in (1, t) for n, t in zip(reversed(shape), reversed(target)))
 
 
 class VSAImpl(DenseFallbackImpl):
@@ -184,12 +179,7 @@ class VSAImpl(DenseFallbackImpl):
     supported_head_sizes = (64, 128)
     supports_lse = False
     supports_causal = False
-    # Joint text + video sequences (Qwen-Image) are refused at enable time: VSA tiles video tokens only.
     attention_kinds = ("self", "cross")
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self._fastvideo_refusal_logged = False
 
     @staticmethod
     def _runs_dense(q, k, context) -> bool:
@@ -221,12 +211,10 @@ class VSAImpl(DenseFallbackImpl):
             kernel = load_fastvideo_kernel() if q.is_cuda and scale is None else None
             if kernel is not None:
                 return fastvideo_attention(kernel, q, k, v, layout, topk=topk, gate=gate)
-            if not self._fastvideo_refusal_logged:
-                self._fastvideo_refusal_logged = True
-                logger.warning(
-                    "backend 'vsa': fastvideo_kernel=True but FastVideo's kernel cannot run here "
-                    "(needs CUDA, the default scale and the `vsa` package); using the block-sparse path"
-                )
+            warn_once(
+                "backend 'vsa': fastvideo_kernel=True but FastVideo's kernel cannot run here "
+                "(needs CUDA, the default scale and the `vsa` package); using the block-sparse path"
+            )
         return vsa_attention(q, k, v, layout, topk=topk, scale=default_scale(q.shape[-1], scale), gate=gate)
 
 
