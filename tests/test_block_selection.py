@@ -382,3 +382,35 @@ def test_selection_replayed_from_a_cuda_graph_equals_the_compiled_selection():
     for got, want in results:
         for name, g, w in zip(("indices", "counts", "mask"), got, want):
             assert torch.equal(g, w), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("backend", ["block_sparse", "rain_fusion"])
+def test_eager_selection_code_is_capturable_in_a_cuda_graph(backend):
+    """Past its recompile limit ``torch.compile`` runs the selection eagerly, and the graph then captures
+    eager code: it must copy nothing from the host, and replay the eager lists."""
+    from attnbridge.attention.backends import rain_fusion
+    from attnbridge.attention.sparse.graphs import replayed
+
+    for seed, seq, lengths in ((0, 1000, None), (1, 1000, [990, 640])):
+        q, k, _ = (x.cuda() for x in _qkv(len(lengths or [1]), seq, 4, 2, 32, seed=seed))
+        key_lengths = None if lengths is None else torch.tensor(lengths, device="cuda", dtype=torch.int32)
+        if backend == "block_sparse":
+            lists = block_sparse._selection_lists
+            args = (
+                q,
+                k,
+                32**-0.5,
+                0.75,
+                0.9 if lengths else None,
+                0.0,
+                1.0,
+                seq // BLOCK,
+                BLOCK,
+                key_lengths,
+            )
+        else:
+            lists = rain_fusion._threshold_lists
+            args = (q, k, 32**-0.5, 0.75, 0, seq // BLOCK, BLOCK, key_lengths)
+        for name, got, want in zip(("indices", "counts", "mask"), replayed(lists)(*args), lists(*args)):
+            assert torch.equal(got, want), name

@@ -137,8 +137,8 @@ def estimated_block_mass(
     padded = nb * sub_blocks - ns
     nan_pairs = torch.nn.functional.pad(nan, (0, padded, 0, padded))
     nan_pairs = nan_pairs.view(batch, -1, nb, sub_blocks, nb, sub_blocks).any(dim=5).any(dim=3)
-    sizes = torch.full((ns,), float(sub), device=q.device)
-    sizes[-1] = seq - sub * (ns - 1)
+    # Sub-block sizes built on the device (no host-to-device copy, so a CUDA graph can capture it).
+    sizes = (seq - sub * torch.arange(ns, device=q.device)).clamp(max=sub).float()
     log_sizes = sizes.log()
     key_bias = log_sizes.expand(batch, ns)
     if key_lengths is not None:  # each key sub-block weighs its valid keys; one with none, nothing
