@@ -4,8 +4,9 @@ sparse layers waited on the host.
 
 A graph is captured per thread, per stream and per input signature (the shapes, strides, dtypes
 and devices of the tensor arguments, the values of the others), into its own memory pool: two
-threads or two streams never write one graph's inputs at once. Each call copies its tensors into the graph's inputs, replays it and returns
-clones of its outputs, so nothing a call returns is overwritten by a later one."""
+threads or two streams never write one graph's inputs at once. Each call copies its tensors into
+the graph's inputs, replays it and returns clones of its outputs, so nothing a call returns is
+overwritten by a later one."""
 
 from __future__ import annotations
 
