@@ -15,7 +15,7 @@ from attnbridge.attention.contract import DENSE_DTYPES, default_scale
 from attnbridge.attention.options import count, fraction, option
 from attnbridge.attention.registry import DenseFallbackImpl
 from attnbridge.attention.sparse.layout import is_dense_step, resolve_layout
-from attnbridge.attention.sparse.selection import BlockSelection
+from attnbridge.attention.sparse.selection import BlockSelection, dense_selection
 from attnbridge.notices import warn_once
 
 
@@ -148,16 +148,15 @@ class SparseImpl(DenseFallbackImpl):
 
 def _with_dense_rows(selection: BlockSelection, n_rows: int) -> BlockSelection:
     """``selection`` with query blocks added up to ``n_rows``, each keeping every key block."""
-    indices, counts, nk = selection.indices, selection.counts, selection.num_kv_blocks
-    extra = n_rows - counts.shape[-1]
+    extra = n_rows - selection.counts.shape[-1]
     if extra <= 0:
         return selection
-    batch, heads = counts.shape[:2]
-    rows = torch.arange(nk, dtype=indices.dtype, device=indices.device).expand(batch, heads, extra, nk)
+    batch, heads = selection.counts.shape[:2]
+    dense = dense_selection(batch, heads, extra, selection.num_kv_blocks, selection.counts.device)
     return BlockSelection(
-        torch.cat([indices, rows], dim=2),
-        torch.cat([counts, counts.new_full((batch, heads, extra), nk)], dim=2),
-        nk,
+        torch.cat([selection.indices, dense.indices], dim=2),
+        torch.cat([selection.counts, dense.counts], dim=2),
+        selection.num_kv_blocks,
     )
 
 
