@@ -114,6 +114,25 @@ def wall_ms(
     return statistics.median(times)
 
 
+def interleaved_wall_ms(
+    fns: dict[str, Callable[[], object]], *, warmup: int, repeat: int
+) -> dict[str, float]:
+    """Median wall time in ms of each of ``fns``, called in turn ``repeat`` times after ``warmup``
+    rounds: the cases share the device's clock and thermal drift, so their ratios hold within a run."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            synchronize()
+            start = time.perf_counter()
+            fn()
+            synchronize()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def median_ms(
     fn: Callable[[], object],
     *,
