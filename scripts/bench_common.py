@@ -100,22 +100,15 @@ def wall_ms(
 ) -> float:
     """Median wall time of ``repeat`` calls in ms after ``warmup``, the device synchronised around
     each call; ``before_each`` runs untimed first (a barrier, so ranks start together)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        synchronize()
-        if before_each is not None:
-            before_each()
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return interleaved_wall_ms({"": fn}, warmup=warmup, repeat=repeat, before_each=before_each)[""]
 
 
 def interleaved_wall_ms(
-    fns: dict[str, Callable[[], object]], *, warmup: int, repeat: int
+    fns: dict[str, Callable[[], object]],
+    *,
+    warmup: int,
+    repeat: int,
+    before_each: Callable[[], object] | None = None,
 ) -> dict[str, float]:
     """Median wall time in ms of each of ``fns``, called in turn ``repeat`` times after ``warmup``
     rounds: the cases share the device's clock and thermal drift, so their ratios hold within a run."""
@@ -126,6 +119,8 @@ def interleaved_wall_ms(
     for _ in range(repeat):
         for name, fn in fns.items():
             synchronize()
+            if before_each is not None:
+                before_each()
             start = time.perf_counter()
             fn()
             synchronize()
