@@ -34,7 +34,7 @@ from attnbridge.attention.options import kept_count
 from attnbridge.attention.registry import get_backend
 from attnbridge.attention.sparse import triton_kernel
 from attnbridge.attention.sparse.flex import block_sparse_attention
-from attnbridge.attention.sparse.layout import is_dense_step, resolve_layout
+from attnbridge.attention.sparse.layout import is_dense_step, reorders, resolve_layout
 from attnbridge.attention.sparse.selection import (
     RANK_ESTIMATE,
     indices_to_mask,
@@ -490,6 +490,21 @@ def test_layout_permutation_is_built_once_per_grid():
     other = resolve_layout("rain_fusion", q, AttentionContext(grid=(3, 16, 20), step=3), rain_fusion_order)
     assert other.perm is not first.perm and torch.equal(other.perm, documented_rain_fusion_order((3, 16, 20)))
     assert resolve_layout("block_sparse", q, context).perm is None  # raster order: no gather
+
+
+def test_whether_an_order_moves_tokens_is_asked_once_per_grid():
+    """A sparse call asks whether its token order moves the grid's tokens; the order, built on the
+    host, is computed once per grid in eager mode."""
+    calls = []
+
+    def order(grid):
+        calls.append(grid)
+        return rain_fusion_order(grid)
+
+    assert reorders(order, GRID) and reorders(order, GRID)
+    assert not reorders(order, (1, 16, 16)) and not reorders(order, (1, 16, 16))
+    assert not reorders(None, GRID)
+    assert calls == [GRID, (1, 16, 16)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 from attnbridge.attention.contract import DENSE_DTYPES, default_scale
 from attnbridge.attention.options import count, fraction, option
 from attnbridge.attention.registry import DenseFallbackImpl
-from attnbridge.attention.sparse.layout import is_dense_step, resolve_layout
+from attnbridge.attention.sparse.layout import is_dense_step, reorders, resolve_layout
 from attnbridge.attention.sparse.selection import BlockSelection, dense_selection
 from attnbridge.notices import warn_once
 
@@ -87,8 +87,7 @@ class SparseImpl(DenseFallbackImpl):
             )
 
     def _reorders(self, context) -> bool:
-        order = self.selector.image_order
-        return order is not None and order(tuple(context.grid or (1, 1, 1))) is not None
+        return reorders(self.selector.image_order, tuple(context.grid or (1, 1, 1)))
 
     def serves_text_tail(self, context) -> bool:
         """The text queries past the keys are dense rows after the selection's, which a list kernel takes;

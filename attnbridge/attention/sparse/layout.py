@@ -164,6 +164,13 @@ def resolve_layout(
 
 
 @cached_in_eager
+def reorders(image_order, grid: tuple[int, int, int]) -> bool:
+    """Whether ``image_order`` moves the image tokens of ``grid``; asked once per grid in eager mode,
+    as an order is built on the host."""
+    return image_order is not None and image_order(grid) is not None
+
+
+@cached_in_eager
 def _layout_permutation(num_text: int, grid: tuple[int, int, int], image_order, device: torch.device):
     """(perm, inverse) gather indices on ``device``, or (None, None) when the order is unchanged."""
     image_perm = image_order(grid) if image_order is not None else None
