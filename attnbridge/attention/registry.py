@@ -143,9 +143,6 @@ class DenseFallbackImpl(AttentionImpl):
     def dense(self, q, k, v, **kwargs):
         return self._dense.forward(q, k, v, **kwargs)
 
-    def serves_text_tail(self, context) -> bool:
-        return False  # its kernel wants S_q == S_kv: the text queries past the keys take a dense call
-
 
 __all__ = [
     "Backend",

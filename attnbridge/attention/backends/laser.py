@@ -61,6 +61,9 @@ def uses_laser_kernel(q, k, *, causal: bool, return_lse: bool, scale: float, con
 class LaserImplBase(DenseFallbackImpl):
     """The contract around :meth:`run_kernel`; the calls it cannot take go to the platform's ``fa``."""
 
+    def serves_text_tail(self, context) -> bool:
+        return False  # its kernel wants S_q == S_kv: the text queries past the keys take a dense call
+
     def forward(self, q, k, v, *, causal=False, scale=None, return_lse=False, context=None):
         scale = default_scale(q.shape[-1], scale)
         if range_shift(q.dtype, scale) is None:
@@ -85,7 +88,7 @@ class LaserImplBase(DenseFallbackImpl):
                 outs.append(self._laser(q[one], k[one], v[one], scale, valid, padded_seq))
             else:  # more padded keys than the kernel's tail masks
                 sample = dataclasses.replace(context, key_lengths=key_lengths[one])
-                outs.append(self._dense.forward(q[one], k[one], v[one], scale=scale, context=sample))
+                outs.append(self.dense(q[one], k[one], v[one], scale=scale, context=sample))
         return torch.cat(outs)
 
     def _laser(self, q, k, v, scale: float, valid: int, padded_seq: int) -> torch.Tensor:

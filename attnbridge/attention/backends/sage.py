@@ -53,9 +53,6 @@ class SageImpl(DenseFallbackImpl):
         super().__init__(**kwargs)
         self._sageattn = _load_sageattn(self.platform)
 
-    def serves_text_tail(self, context) -> bool:
-        return True  # sageattn takes S_q != S_kv
-
     def _refusal(self, q, k, causal) -> str | None:
         """Why ``sageattn`` cannot take this call, or None."""
         if q.shape[-1] not in SAGE_HEAD_SIZES:
