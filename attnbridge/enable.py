@@ -4,7 +4,6 @@ built before anything changes, so an error leaves the object as it was."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from attnbridge.adapters.steps import step_source
 from attnbridge.adapters.transformers import plan_transformers_model
 from attnbridge.attention.api import AttentionLayer
 from attnbridge.attention.parallel import ParallelConfig, build_parallel_groups, init_distributed
+from attnbridge.attention.parallel.distributed import launched_world_size
 from attnbridge.attention.parallel.usp import check_ring_backend
 from attnbridge.attention.registry import get_backend
 from attnbridge.models import find_family, supported_models
@@ -153,7 +153,7 @@ def check_world(config: ParallelConfig, platform: str | None) -> None:
     if config.world_size == 1:
         return
     initialized = dist.is_available() and dist.is_initialized()
-    if not initialized and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if not initialized and launched_world_size() > 1:
         init_distributed(platform=platform)
         initialized = True
     world = dist.get_world_size() if initialized else 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from attnbridge.adapters.diffusers import pipeline_transformers
+from attnbridge.attention.parallel.distributed import init_distributed, launched_world_size
 from attnbridge.attention.registry import get_backend
 from attnbridge.enable import enable_npu_attention
 from attnbridge.generation.loading import LoadedModel, load_model
@@ -178,17 +178,10 @@ def _report(summary: dict[str, Any], result: dict[str, Any], output: Path) -> No
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def launched_world_size() -> int:
-    """Processes started by ``torchrun`` / ``accelerate launch`` (1 without a launcher)."""
-    return int(os.environ.get("WORLD_SIZE") or 1)
-
-
 def start_distributed() -> tuple[torch.device | None, bool]:
     """``(this rank's device, whether we started the group)``; ``(None, False)`` without a launcher."""
     if launched_world_size() <= 1:
         return None, False
-    from attnbridge.attention.parallel import init_distributed
-
     started = not (dist.is_available() and dist.is_initialized())
     return init_distributed().device, started
 

@@ -27,6 +27,11 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value not in (None, "") else default
 
 
+def launched_world_size() -> int:
+    """Processes started by ``torchrun`` / ``accelerate launch`` (1 without a launcher)."""
+    return _env_int("WORLD_SIZE", 1)
+
+
 #: Seconds to wait for every rank to join (and any collective): a missing rank fails the others, not hangs.
 TIMEOUT_ENV = "ATTNBRIDGE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300
@@ -60,7 +65,7 @@ def init_distributed(
     if dist.is_available() and dist.is_initialized():
         return DistributedInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), device)
     rank = _env_int("RANK", 0)
-    world_size = _env_int("WORLD_SIZE", 1)
+    world_size = launched_world_size()
     if world_size == 1 and init_method is None:
         return DistributedInfo(0, 1, local_rank, None, device)
     backend = backend or COLLECTIVE_BACKENDS[platform_info.name]
