@@ -48,12 +48,16 @@ class ZigzagMetadata:
     actual_seq_q_next: list[int]
     kv_len_prev: list[int]
     kv_len_next: list[int]
-    total_q_prev_tokens: int
     _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def local_tokens(self) -> int:
         return self.per_rank_actual_token[self.cp_rank]
+
+    @property
+    def total_q_prev_tokens(self) -> int:
+        """This rank's queries in prev blocks: they come first, the next blocks' after them."""
+        return sum(self.actual_seq_q_prev)
 
     @property
     def kv_starts(self) -> list[int]:
@@ -135,7 +139,6 @@ def build_zigzag_metadata(
         actual_seq_q_next=next_of(r),
         kv_len_prev=[p + sum(b[: r + 1]) for p, b in zip(prefix_lens, block_lens)],
         kv_len_next=[p + sum(b[: blocks - r]) for p, b in zip(prefix_lens, block_lens)],
-        total_q_prev_tokens=sum(prev_of(r)),
     )
 
 
